@@ -1,0 +1,16 @@
+"""minielm: exact equivalent linear mappings of decoder language models.
+
+    import minielm, torch
+    model = minielm.load("weights/kjv-tiny", dtype=torch.float64)
+    elm = minielm.equivalent_linear_map(model, model.tokenizer.encode("In the beginning"))
+    elm.relative_error()        # ‖Σ_t J_t x_t − y‖ / ‖y‖, float64 round-off
+"""
+
+from .errors import CheckpointError, ConfigError, InputError, MinielmError, NumericalError, TokenizerError
+from .loader import load
+from .model import Model
+
+__all__ = [
+    "load", "Model",
+    "MinielmError", "CheckpointError", "ConfigError", "TokenizerError", "InputError", "NumericalError",
+]

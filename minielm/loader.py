@@ -1,0 +1,51 @@
+"""`minielm.load`: a local checkpoint directory -> a Model in one compute dtype on one device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_weights
+from .config import Config
+from .errors import CheckpointError, InputError
+from .model import Model
+from .tokenizer import load_tokenizer
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """A torch floating dtype, from a dtype or its name ('float64', 'float32', ...)."""
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype not in DTYPES.values():
+        raise InputError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def resolve_device(device) -> torch.device:
+    """A usable torch device, or an InputError saying why not."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {str(device)!r} is not available: no CUDA device on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise InputError(f"unsupported device {str(device)!r}; expected 'cpu' or 'cuda'")
+    return device
+
+
+def load(path, dtype=torch.float64, device="cpu") -> Model:
+    """Load a local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)."""
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    config = Config.from_file(directory / "config.json")
+    weights = load_weights(directory, config, dtype, device)
+    return Model(config, weights, load_tokenizer(directory), directory)

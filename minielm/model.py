@@ -1,0 +1,318 @@
+"""The decoder, from embedding to logits, every operation written as A(x)·x.
+
+Read this file top to bottom. Each nonlinear operation is a function that
+computes a factor A from its input and returns both A·x and A:
+
+    RMSNorm     N(h) = diag(w̃)/ρ(h) · h          A = 1/ρ(h)            (T, 1)
+    attention   o_t = Σ_s P[t,s] W_V u_s           A = P                 (H, T, S)
+    gated MLP   W_D (φ(W_G u) ⊙ W_U u)             A = φ(W_G u)          (T, f)
+
+Hand a function its factor back (`frozen=`) and it skips computing it: the
+operation becomes linear in its input. Running the whole forward pass with the
+factors recorded for one input x* ("frozen") is therefore a linear map of the
+input embeddings that reproduces the model's output at x* exactly; that map is
+what `minielm.linear_map` assembles. Embedding scale, RoPE, projections and
+residual adds are linear already.
+
+Shapes: T tokens in this call, S = cached + T keys, d = hidden_size,
+H / Hkv query / key-value heads of size hd, f = intermediate_size, V = vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .errors import InputError, NumericalError, TokenizerError
+from .rope import apply_rotary, rotation
+
+ACTIVATIONS = {
+    "silu": F.silu,  # φ(g) = g·σ(g)
+    "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh"),  # φ(g) = g·Φ̃(g), tanh approximation
+}
+
+
+# ---- the frozen factors ----------------------------------------------------------------
+@dataclass
+class FrozenLayer:
+    """The factors A(x*) of one decoder layer; None where the layer has no such operation."""
+
+    attn_norm: torch.Tensor | None = None  # (T, 1) 1/ρ of the pre-attention norm
+    probs: torch.Tensor | None = None  # (H, T, S) attention probabilities P
+    attn_post_norm: torch.Tensor | None = None  # (T, 1) 1/ρ of the post-attention norm
+    mlp_norm: torch.Tensor | None = None  # (T, 1) 1/ρ of the pre-MLP norm
+    gate: torch.Tensor | None = None  # (T, f) φ(W_G u), the frozen gate of the MLP
+    mlp_post_norm: torch.Tensor | None = None  # (T, 1) 1/ρ of the post-MLP norm
+
+
+@dataclass
+class Frozen:
+    """The factors of a whole forward pass: one FrozenLayer per layer, and the final norm's."""
+
+    layers: list = field(default_factory=list)
+    final_norm: torch.Tensor | None = None  # (T, 1)
+
+
+# ---- the operations --------------------------------------------------------------------
+def rms_norm(h, weight, offset, eps, inv_rho=None):
+    """N(h) = (offset + w) ⊙ h / ρ(h),  ρ(h) = sqrt(mean(h²) + eps).
+
+    A(h) = diag(offset + w) / ρ(h): one scalar 1/ρ per row, times a fixed diagonal.
+    h: (..., n) -> (..., n), and 1/ρ: (..., 1).
+    """
+    if inv_rho is None:
+        inv_rho = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return h * inv_rho * (offset + weight), inv_rho
+
+
+def linear(x, weight, bias=None):
+    """x W^T (+ b): Hugging Face stores weights as (out, in)."""
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
+def gated_mlp(u, w, activation, gate=None):
+    """W_D (φ(W_G u) ⊙ W_U u).
+
+    A(u) = W_D diag(φ(W_G u)) W_U: the gate branch is frozen, the up branch carries the signal.
+    u: (T, d) -> (T, d); gate: (T, f).
+    """
+    if gate is None:
+        gate = activation(linear(u, w["w_gate"]))  # (T, f)
+    up = linear(u, w["w_up"])  # (T, f)
+    return linear(gate * up, w["w_down"]), gate  # (T, d)
+
+
+def causal_mask(query_pos, key_pos, window=None):
+    """(T, S) True where query t may attend to key s: s ≤ t, and t - s < window when sliding."""
+    allowed = key_pos[None, :] <= query_pos[:, None]
+    if window is not None:
+        allowed &= query_pos[:, None] - key_pos[None, :] < window
+    return allowed
+
+
+class KVCache:
+    """Keys (after RoPE) and values of every layer, for generation one token at a time."""
+
+    def __init__(self, num_layers):
+        self.keys = [None] * num_layers  # each (S, Hkv, hd)
+        self.values = [None] * num_layers
+        self.length = 0  # S: the positions already cached
+
+    def extend(self, store, layer, rows):
+        """Append this call's rows (T, Hkv, hd) to `store` ("keys" or "values"); return all (S, Hkv, hd)."""
+        cached = getattr(self, store)
+        if cached[layer] is not None:
+            rows = torch.cat([cached[layer], rows])
+        cached[layer] = rows
+        return rows
+
+
+def attention_probabilities(u, w, config, layer_type, positions, cache=None, layer=None):
+    """P: (H, T, S), softmax over keys of the scaled query-key scores.
+
+    Everything that shapes P lives here: q/k biases and norms, RoPE, the score
+    scale, soft-capping, the causal and sliding-window masks. With P frozen,
+    none of it is part of the linear map.
+    """
+    T, H, Hkv, hd = u.shape[0], config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    q = linear(u, w["wq"], w.get("bq"))  # (T, H*hd)
+    k = linear(u, w["wk"], w.get("bk"))  # (T, Hkv*hd)
+    eps, offset = config.rms_norm_eps, config.norm_offset
+    if config.qk_norm == "full":  # OLMo 2: one norm over the whole projection
+        q, _ = rms_norm(q, w["q_norm"], offset, eps)
+        k, _ = rms_norm(k, w["k_norm"], offset, eps)
+    q, k = q.view(T, H, hd), k.view(T, Hkv, hd)
+    if config.qk_norm == "head":  # Qwen 3, Gemma 3: a norm per head
+        q, _ = rms_norm(q, w["q_norm"], offset, eps)
+        k, _ = rms_norm(k, w["k_norm"], offset, eps)
+    cos, sin = rotation(config, config.rope_parameters[layer_type], positions, u.dtype)  # (T, rotary_dim)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if cache is not None:
+        k = cache.extend("keys", layer, k)  # (S, Hkv, hd)
+    S, G = k.shape[0], H // Hkv  # G query heads share one key-value head
+    scores = torch.einsum("tkgd,skd->kgts", q.view(T, Hkv, G, hd), k).reshape(H, T, S)
+    scores = scores * config.attention_scale
+    if config.attn_logit_softcapping:
+        cap = config.attn_logit_softcapping
+        scores = cap * torch.tanh(scores / cap)
+    key_pos = torch.arange(S, device=u.device)
+    window = config.sliding_window if layer_type == "sliding_attention" else None
+    scores = scores.masked_fill(~causal_mask(positions, key_pos, window), float("-inf"))
+    return torch.softmax(scores, dim=-1)  # (H, T, S), in the compute dtype
+
+
+def attention(u, w, config, layer_type, positions, cache=None, layer=None, probs=None):
+    """o_t = Σ_{s≤t} P[t,s] W_V u_s per head, then W_O.  A(u) = P.
+
+    u: (T, d) -> (T, d); probs: (H, T, S).
+    """
+    T, H, Hkv, hd = u.shape[0], config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    if probs is None:
+        probs = attention_probabilities(u, w, config, layer_type, positions, cache, layer)
+    elif cache is not None:
+        raise InputError("a frozen forward pass cannot extend a KV cache")
+    v = linear(u, w["wv"], w.get("bv")).view(T, Hkv, hd)  # (T, Hkv, hd)
+    if cache is not None:
+        v = cache.extend("values", layer, v)  # (S, Hkv, hd)
+    S, G = v.shape[0], H // Hkv
+    o = torch.einsum("kgts,skd->tkgd", probs.view(Hkv, G, T, S), v)  # (T, Hkv, G, hd)
+    return linear(o.reshape(T, H * hd), w["wo"], w.get("bo")), probs  # (T, d)
+
+
+# ---- the model --------------------------------------------------------------------------
+class Model:
+    """A decoder-only language model held as plain tensors in one compute dtype."""
+
+    def __init__(self, config: Config, weights: dict, tokenizer=None, directory=None):
+        self.config = config
+        self.weights = weights
+        self._tokenizer = tokenizer
+        self.directory = directory
+        self.activation = ACTIVATIONS[config.hidden_act]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights["embed"].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights["embed"].device
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            raise TokenizerError(f"{self.directory}: no tokenizer.json or tokenizer.model")
+        return self._tokenizer
+
+    def parameters(self) -> list:
+        """Every weight tensor once (the tied unembedding is the embedding)."""
+        tensors = [self.weights["embed"], self.weights["final_norm"]]
+        if self.weights["lm_head"] is not self.weights["embed"]:
+            tensors.append(self.weights["lm_head"])
+        return tensors + [t for layer in self.weights["layers"] for t in layer.values()]
+
+    # -- embedding to logits ----------------------------------------------------------------
+    def embed(self, ids) -> torch.Tensor:
+        """x_t = E[id_t] (· sqrt(d) for Gemma): (T, d), the vectors entering the first block."""
+        ids = self.check_ids(ids)
+        x = self.weights["embed"][torch.tensor(ids, device=self.device)]  # (T, d)
+        return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
+
+    def norm(self, h, weight, inv_rho=None):
+        """RMSNorm with this model's eps and (1+w) offset; the identity where the layer has none."""
+        if weight is None:
+            return h, None
+        return rms_norm(h, weight, self.config.norm_offset, self.config.rms_norm_eps, inv_rho)
+
+    def block(self, i, h, positions, frozen=None, cache=None):
+        """Decoder layer i: h -> h + N'(Attn(N(h))) -> h + N'(MLP(N(h))).
+
+        N is the pre-norm (absent in OLMo 2), N' the post-norm (Gemma 3, OLMo 2).
+        Returns the new residual stream (T, d), this layer's factors, and the two
+        branch outputs (attention, MLP) that were added to the stream.
+        """
+        w, config = self.weights["layers"][i], self.config
+        given = frozen or FrozenLayer()
+        out = FrozenLayer()
+        layer_type = config.layer_types[i]
+
+        u, out.attn_norm = self.norm(h, w.get("attn_norm"), given.attn_norm)  # (T, d)
+        a, out.probs = attention(u, w, config, layer_type, positions, cache, i, given.probs)  # (T, d)
+        a, out.attn_post_norm = self.norm(a, w.get("attn_post_norm"), given.attn_post_norm)
+        h = h + a
+        check_finite(h, i, "attention")
+
+        u, out.mlp_norm = self.norm(h, w.get("mlp_norm"), given.mlp_norm)  # (T, d)
+        m, out.gate = gated_mlp(u, w, self.activation, given.gate)  # (T, d)
+        m, out.mlp_post_norm = self.norm(m, w.get("mlp_post_norm"), given.mlp_post_norm)
+        h = h + m
+        check_finite(h, i, "MLP")
+        return h, out, (a, m)
+
+    def forward(self, x, frozen: Frozen | None = None, cache: KVCache | None = None):
+        """Input vectors x (T, d) -> final-normed hidden states y (T, d), and the factors used.
+
+        With `frozen` given, every factor is taken from it: the pass is then linear in x.
+        """
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + x.shape[0], device=x.device)  # (T,)
+        h, layers = x, []
+        for i in range(self.config.num_hidden_layers):
+            h, factors, _ = self.block(i, h, positions, frozen.layers[i] if frozen else None, cache)
+            layers.append(factors)
+        if cache is not None:
+            cache.length += x.shape[0]
+        y, inv_rho = self.norm(h, self.weights["final_norm"], frozen.final_norm if frozen else None)
+        return y, Frozen(layers, inv_rho)
+
+    def unembed(self, y) -> torch.Tensor:
+        """Logits W_U y (soft-capped where the config says so): (..., d) -> (..., V)."""
+        logits = y @ self.weights["lm_head"].T
+        cap = self.config.final_logit_softcapping
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def logits(self, ids) -> torch.Tensor:
+        """Next-token logits at every position: token ids (T) -> (T, V)."""
+        y, _ = self.forward(self.embed(ids))
+        return self.unembed(y)
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens=20, temperature=0.0, top_k=None, seed=None) -> str:
+        """Continue `prompt` (text or token ids): greedy at temperature 0, else sampled (top-k, seeded)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        new = self.generate_ids(ids, max_new_tokens, temperature, top_k, seed)
+        return self.tokenizer.decode(new)
+
+    def generate_ids(self, ids, max_new_tokens=20, temperature=0.0, top_k=None, seed=None) -> list:
+        """The new token ids, computed with a KV cache: the prompt once, then one token per step."""
+        if temperature < 0 or (top_k is not None and top_k < 1):
+            raise InputError(f"temperature must be >= 0 and top_k >= 1, got {temperature}, {top_k}")
+        self.check_ids(list(ids) + [0] * max_new_tokens)  # the whole sequence must fit the positions
+        generator = torch.Generator(device=self.device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        cache, new = KVCache(self.config.num_hidden_layers), []
+        step_input = list(ids)
+        eos = self.config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                y, _ = self.forward(self.embed(step_input), cache=cache)
+                next_id = sample(self.unembed(y[-1]), temperature, top_k, generator)
+                new.append(next_id)
+                if next_id in eos:
+                    break
+                step_input = [next_id]
+        return new
+
+    def check_ids(self, ids) -> list:
+        ids = list(ids)
+        if not ids:
+            raise InputError("empty prompt: no tokens to run")
+        if not all(isinstance(i, int) and 0 <= i < self.config.vocab_size for i in ids):
+            bad = next(i for i in ids if not (isinstance(i, int) and 0 <= i < self.config.vocab_size))
+            raise InputError(f"token id {bad!r} is not an integer in [0, {self.config.vocab_size})")
+        if len(ids) > self.config.max_position_embeddings:
+            raise InputError(f"{len(ids)} tokens exceed max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        return ids
+
+
+def sample(logits, temperature, top_k, generator) -> int:
+    """Greedy at temperature 0; otherwise softmax(logits / temperature) over the top k."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def check_finite(h, layer, operation):
+    if not bool(torch.isfinite(h).all()):
+        raise NumericalError(f"non-finite values after the {operation} of layer {layer}")

@@ -1,0 +1,69 @@
+"""The engine against Hugging Face: float64 logits of every family to relative 1e-12."""
+
+import pytest
+import torch
+from conftest import DEVICES, PROMPT
+from hf_reference import FAMILIES, hf_float64_logits, save_tiny_checkpoint
+
+import minielm
+
+
+def relative(a, b):
+    return float((a.cpu() - b.cpu()).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("case", list(FAMILIES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_logits_match_hugging_face(case, device, checkpoints, references):
+    model = minielm.load(checkpoints[case], dtype=torch.float64, device=device)
+    logits = model.logits(PROMPT)
+    assert logits.shape == (len(PROMPT), model.config.vocab_size)
+    assert logits.dtype == torch.float64 and logits.device.type == device
+    assert relative(logits, references[case]) < 1e-12
+
+
+def test_sharded_bf16_checkpoint(tmp_path):
+    """A sharded bf16 checkpoint (with the index file) loads and is cast to float64 exactly."""
+    save_tiny_checkpoint("qwen3", tmp_path, seed=3, dtype=torch.bfloat16, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    model = minielm.load(tmp_path)
+    assert relative(model.logits(PROMPT), hf_float64_logits(tmp_path, PROMPT)) < 1e-12
+
+
+def test_float32_compute_dtype(checkpoints, references):
+    model = minielm.load(checkpoints["llama"], dtype="float32")
+    logits = model.logits(PROMPT)
+    assert logits.dtype == torch.float32
+    assert relative(logits.double(), references["llama"]) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma3_text", "mistral"])
+def test_kv_cache_matches_full_forward(case, checkpoints):
+    """Feeding the prompt in pieces through the cache gives the same logits as one pass."""
+    model = minielm.load(checkpoints[case])
+    full = model.logits(PROMPT)
+    cache = minielm.model.KVCache(model.config.num_hidden_layers)
+    pieces = [PROMPT[:7], PROMPT[7:8], PROMPT[8:]]
+    outs = [model.unembed(model.forward(model.embed(p), cache=cache)[0]) for p in pieces]
+    assert relative(torch.cat(outs), full) < 1e-13
+
+
+def test_greedy_generation_follows_argmax(checkpoints):
+    """Each greedy token is the argmax of a full (uncached) forward over the sequence so far."""
+    model = minielm.load(checkpoints["gemma3_text"])
+    new = model.generate_ids(PROMPT[:5], max_new_tokens=12)
+    sequence = PROMPT[:5]
+    for token in new:
+        assert token == int(model.logits(sequence)[-1].argmax())
+        sequence = sequence + [token]
+
+
+def test_sampling_is_seeded(checkpoints):
+    model = minielm.load(checkpoints["llama"])
+    a = model.generate_ids(PROMPT[:3], 15, temperature=1.0, top_k=20, seed=7)
+    b = model.generate_ids(PROMPT[:3], 15, temperature=1.0, top_k=20, seed=7)
+    c = model.generate_ids(PROMPT[:3], 15, temperature=1.0, top_k=20, seed=8)
+    assert a == b and a != c
+    top1 = model.generate_ids(PROMPT[:3], 8, temperature=1.0, top_k=1, seed=7)
+    assert top1 == model.generate_ids(PROMPT[:3], 8)  # top-1 sampling is greedy
