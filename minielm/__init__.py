@@ -7,10 +7,12 @@
 """
 
 from .errors import CheckpointError, ConfigError, InputError, MinielmError, NumericalError, TokenizerError
+from .linear_map import Attribution, EquivalentLinearMap, attribution, detached_jacobian, equivalent_linear_map
 from .loader import load
 from .model import Model
 
 __all__ = [
     "load", "Model",
+    "equivalent_linear_map", "EquivalentLinearMap", "detached_jacobian", "attribution", "Attribution",
     "MinielmError", "CheckpointError", "ConfigError", "TokenizerError", "InputError", "NumericalError",
 ]

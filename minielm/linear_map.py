@@ -49,14 +49,15 @@ def scaled(G, scale):
 def mlp_branch(model: Model, i: int, factors: FrozenLayer, G, rows):
     """Σ of G_t · Post_t W_D diag(φ_t) W_U Pre_t over the positions in `rows`: (T', r, d).
 
-    Applied factored (two GEMMs through the f-wide hidden layer) or, when f > d
-    and there are many rows, through the explicit d × d matrices W_D diag(φ_t) W_U.
+    Applied factored (two GEMMs through the f-wide hidden layer, 4·r·d·f flops a
+    position) or through the explicit d × d matrices W_D diag(φ_t) W_U (2·d²·f to
+    build, 2·r·d² to apply), whichever costs less: explicit wins for r = d when f > d.
     """
     w = model.weights["layers"][i]
     G = scaled(G[rows], norm_scale(model, w.get("mlp_post_norm"), factors.mlp_post_norm, rows))
     gate = factors.gate[rows]  # (T', f)
     d, f, r = w["w_down"].shape[0], w["w_down"].shape[1], G.shape[1]
-    if r > d and f > d:  # explicit: (T', d, d) operators, then one (r×d)(d×d) product per position
+    if d * f + r * d < 2 * r * f:  # explicit: (T', d, d) operators, then one (r×d)(d×d) product per position
         M = (w["w_down"][None] * gate[:, None, :]) @ w["w_up"]  # (T', d, d)
         D = G @ M
     else:  # factored: (r×d)(d×f), scale by φ, (r×f)(f×d)
@@ -96,6 +97,26 @@ def sweep_down(model: Model, frozen: Frozen, G, rows, stages):
     return G
 
 
+def pull_back(model: Model, frozen: Frozen, seed, layer: int, component: str):
+    """G (T, r, d) at the inputs, from seed (r, d) = ∂target/∂(point) at the last position.
+
+    The point is the residual stream after `layer` (component 'output'), or the
+    output of that layer's 'attention' or 'mlp' module, whose branch is applied first.
+    """
+    T, (r, d) = frozen.final_norm.shape[0], seed.shape
+    G = seed.new_zeros(T, r, d)
+    G[-1] = seed
+    rows = slice(T - 1, T)
+    if component == "mlp":
+        G[rows] = mlp_branch(model, layer, frozen.layers[layer], G, rows)
+    elif component == "attention":
+        D = attention_branch(model, layer, frozen.layers[layer], G, rows)
+        G.zero_()
+        G[: D.shape[0]] = D
+        rows = slice(0, D.shape[0])
+    return sweep_down(model, frozen, G, rows, stages_below(layer, component))
+
+
 def stages_below(layer: int, kind: str):
     """The sublayers under a point, top first: below `kind` of `layer` ('output' = above the MLP)."""
     order = [(i, k) for i in range(layer, -1, -1) for k in ("mlp", "attention")]
@@ -104,18 +125,22 @@ def stages_below(layer: int, kind: str):
 
 
 # ---- the frozen forward, with every intermediate state ---------------------------------------
-def frozen_states(model: Model, x, frozen: Frozen):
-    """Run the frozen (linear) forward on x (T, d): the residual stream after each layer, and
-    each layer's attention and MLP outputs, every one (T, d). Its value at x = 0 is the affine part."""
+def trace(model: Model, x, frozen: Frozen | None = None):
+    """The forward pass on x (T, d), keeping every intermediate state: the residual
+    stream after each layer, and each layer's attention and MLP outputs, each (T, d);
+    and the factors. With `frozen` given the pass is linear in x, and its value at
+    x = 0 is the affine part (nonzero only for checkpoints with biases)."""
     positions = torch.arange(x.shape[0], device=x.device)
-    residual, attn, mlp = [], [], []
+    residual, attn, mlp, layers = [], [], [], []
     h = x
     for i in range(model.config.num_hidden_layers):
-        h, _, (a, m) = model.block(i, h, positions, frozen.layers[i])
+        h, factors, (a, m) = model.block(i, h, positions, frozen.layers[i] if frozen else None)
         residual.append(h)
         attn.append(a)
         mlp.append(m)
-    return residual, attn, mlp
+        layers.append(factors)
+    _, inv_rho = model.norm(h, model.weights["final_norm"], frozen.final_norm if frozen else None)
+    return residual, attn, mlp, Frozen(layers, inv_rho)
 
 
 # ---- the public object -----------------------------------------------------------------------
@@ -142,7 +167,7 @@ class EquivalentLinearMap:
 
     def logits(self) -> torch.Tensor:
         """Next-token logits (V,) from the reconstruction (final-normed targets only)."""
-        if self.target == "mlp" or self.target.startswith(("attention", "mlp")):
+        if self.target.startswith(("attention", "mlp")):
             raise InputError(f"logits are defined for residual-stream targets, not {self.target!r}")
         return self.model.unembed(self.reconstruct())
 
@@ -174,38 +199,24 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
         raise InputError(f"component must be 'output', 'attention' or 'mlp', got {component!r}")
     layer %= L
     x = model.embed(ids)  # (T, d)
-    T, d = x.shape
-    y_all, frozen = model.forward(x)
-    residual, attn, mlp = frozen_states(model, x, frozen)
-    zeros = torch.zeros_like(x)
-    residual0, attn0, mlp0 = frozen_states(model, zeros, frozen)  # the affine part, when biases exist
-    last = slice(T - 1, T)
+    d = x.shape[1]
+    residual, attn, mlp, frozen = trace(model, x)
+    residual0, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)  # the affine part
     final_w = model.weights["final_norm"]
 
-    G = torch.zeros(T, d, d, dtype=x.dtype, device=x.device)
     if component == "output":
-        # y = N_f(h^L_T), with the final norm's 1/ρ frozen at this layer's own residual stream.
-        inv_rho = (residual[layer] if layer < L - 1 else None)
-        y, inv_rho = model.norm(residual[layer][-1], final_w) if inv_rho is not None else (y_all[-1], frozen.final_norm[-1])
-        G[-1] = torch.diag((model.config.norm_offset + final_w) * inv_rho)
+        # y = N_f(h^L_T): the final norm, its 1/ρ frozen at this layer's own residual stream.
+        y, inv_rho = model.norm(residual[layer][-1], final_w)
+        seed = torch.diag((model.config.norm_offset + final_w) * inv_rho)
         bias = model.norm(residual0[layer][-1], final_w, inv_rho)[0]
         target = "final" if layer == L - 1 else f"layer {layer}"
     else:
-        # y = the module's output at the last position: seed with the identity and apply the branch alone.
-        G[-1] = torch.eye(d, dtype=x.dtype, device=x.device)
-        branch = mlp_branch if component == "mlp" else attention_branch
-        D = branch(model, layer, frozen.layers[layer], G, last)
-        G.zero_()
-        if component == "mlp":
-            G[-1] = D[0]
-        else:
-            G[: D.shape[0]] = D
-            last = slice(0, D.shape[0])
+        # y = the module's output at the last position (after its post-norm, if any).
         y = (mlp if component == "mlp" else attn)[layer][-1]
+        seed = torch.eye(d, dtype=x.dtype, device=x.device)
         bias = (mlp0 if component == "mlp" else attn0)[layer][-1]
         target = f"{component} {layer}"
-    stages = stages_below(layer, component)
-    operators = sweep_down(model, frozen, G, last, stages)
+    operators = pull_back(model, frozen, seed, layer, component)
     return EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, target)
 
 
@@ -226,3 +237,55 @@ def detached_jacobian(model: Model, ids) -> torch.Tensor:
 
     J = torch.autograd.functional.jacobian(last_output, x, vectorize=True)  # (d, T, d)
     return J.permute(1, 0, 2).contiguous()  # (T, d, d)
+
+
+# ---- exact attribution ----------------------------------------------------------------------------
+@dataclass
+class Attribution:
+    """A logit split exactly by (source token, layer, component).
+
+    z = u_c · y, with y = N_f(h^L_T) and h^L_T = x_T + Σ_ℓ (attention_ℓ + mlp_ℓ)_T.
+    Each module output is itself linear in the inputs, so
+        z = embedding[T] + Σ_{s,ℓ,k} table[s, ℓ, k] + Σ_{ℓ,k} bias[ℓ, k]
+    to round-off. `z` is the logit before any final soft-capping.
+    """
+
+    token: int
+    logit: float  # z, from the model's own forward pass
+    table: torch.Tensor  # (T, L, 2): source s, layer ℓ, component (0 attention, 1 MLP)
+    embedding: torch.Tensor  # (T,): the direct path x_s -> y (only the last position is nonzero)
+    bias: torch.Tensor  # (L, 2): the affine parts of the modules (zero without biases)
+
+    def total(self) -> float:
+        return float(self.table.sum() + self.embedding.sum() + self.bias.sum())
+
+
+def attribution(model: Model, ids, token: int | None = None) -> Attribution:
+    """Split the logit of `token` (default: the top next token) over sources, layers and modules.
+
+    One row-vector reverse sweep per module (r = 1): 2L sweeps costing about a
+    forward pass each, so this is cheap even where the full operators are not.
+    """
+    ids = model.check_ids(ids)
+    x = model.embed(ids)  # (T, d)
+    T, L = x.shape[0], model.config.num_hidden_layers
+    residual, attn, mlp, frozen = trace(model, x)
+    _, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)
+    final_w = model.weights["final_norm"]
+    y = model.norm(residual[-1][-1], final_w, frozen.final_norm[-1])[0]
+    logits = y @ model.weights["lm_head"].T  # (V,), before soft-capping
+    token = int(logits.argmax()) if token is None else token
+    if not (isinstance(token, int) and 0 <= token < model.config.vocab_size):
+        raise InputError(f"token must be an id in [0, {model.config.vocab_size}), got {token!r}")
+    # u = ∂z/∂h^L_T: the unembedding row through the frozen final norm.
+    u = model.weights["lm_head"][token] * (model.config.norm_offset + final_w) * frozen.final_norm[-1]  # (d,)
+    table = x.new_zeros(T, L, 2)
+    bias = x.new_zeros(L, 2)
+    for layer in range(L):
+        for k, (component, outputs0) in enumerate((("attention", attn0), ("mlp", mlp0))):
+            G = pull_back(model, frozen, u[None, :], layer, component)  # (T, 1, d)
+            table[:, layer, k] = torch.einsum("tj,tj->t", G[:, 0, :], x)
+            bias[layer, k] = u @ outputs0[layer][-1]
+    embedding = x.new_zeros(T)
+    embedding[-1] = u @ x[-1]
+    return Attribution(token, float(logits[token]), table, embedding, bias)
