@@ -262,10 +262,13 @@ class Model:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens=20, temperature=0.0, top_k=None, seed=None) -> str:
-        """Continue `prompt` (text or token ids): greedy at temperature 0, else sampled (top-k, seeded)."""
+        """The continuation of `prompt` (text or token ids), as text: greedy at temperature 0,
+        else sampled from softmax(logits / temperature), over the top k if given, seeded."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         new = self.generate_ids(ids, max_new_tokens, temperature, top_k, seed)
-        return self.tokenizer.decode(new)
+        before, after = self.tokenizer.decode(ids), self.tokenizer.decode(ids + new)
+        # decoding the whole sequence keeps the space between prompt and continuation
+        return after[len(before):] if after.startswith(before) else self.tokenizer.decode(new)
 
     def generate_ids(self, ids, max_new_tokens=20, temperature=0.0, top_k=None, seed=None) -> list:
         """The new token ids, computed with a KV cache: the prompt once, then one token per step."""

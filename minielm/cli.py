@@ -1,0 +1,236 @@
+"""The `minielm` command: explain a prompt, check exactness, generate text.
+
+    minielm explain "In the beginning God created the"
+    minielm check
+    minielm generate "The LORD is my shepherd"
+
+Errors print one line on stderr and exit with status 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, MinielmError
+from .interpret import decode_input, decode_output, model_token, stable_rank, stacked_svd, token_shares
+from .linear_map import detached_jacobian, equivalent_linear_map
+from .loader import load
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "kjv-tiny"
+CHECK_PROMPT = "And God said, Let there be light: and there was light. And God saw the light, that it was good"
+
+
+class Progress:
+    """`with Progress("assembling operators"):` prints the step and its time on stderr."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        print(f"… {self.what}", end="", file=sys.stderr, flush=True)
+
+    def __exit__(self, kind, *_):
+        done = f"{time.perf_counter() - self.start:.2f} s" if kind is None else "failed"
+        print(f" ({done})", file=sys.stderr, flush=True)
+
+
+def load_model(args):
+    if args.model is None and not DEFAULT_MODEL.is_dir():
+        raise InputError(f"the shipped model is not at {DEFAULT_MODEL}; pass --model DIR")
+    path = args.model or DEFAULT_MODEL
+    with Progress(f"loading {path}"):
+        return load(path, dtype=args.dtype, device=args.device)
+
+
+def relative_max(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ---- explain ------------------------------------------------------------------------------------
+def explain(args) -> int:
+    model = load_model(args)
+    ids = model.tokenizer.encode(args.prompt)
+    tokens = [model_token(model, i) for i in ids]
+    with Progress(f"assembling {len(ids)} operators of {model.config.hidden_size}×{model.config.hidden_size}"):
+        elm = equivalent_linear_map(model, ids)
+    with Progress("autograd cross-check"):
+        autograd = relative_max(elm.operators, detached_jacobian(model, ids))
+    with Progress("singular value decompositions"):
+        svd = stacked_svd(elm, args.k)
+        ranks = stable_rank(elm.operators)
+        sigma1 = torch.linalg.matrix_norm(elm.operators, ord=2)
+    probs = torch.softmax(model.logits(ids)[-1], dim=-1)
+    top = torch.topk(probs, 5)
+    shares = token_shares(elm)
+    strongest = svd.V.norm(dim=1).argmax(dim=0)  # (k,): the token whose block carries most of v_k
+    report = {
+        "model": str(args.model or DEFAULT_MODEL),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "tokens": tokens,
+        "next_token": model_token(model, top.indices[0]),
+        "top": [{"token": model_token(model, i), "probability": float(p)} for p, i in zip(top.values, top.indices)],
+        "relative_error": elm.relative_error(),
+        "probability_error": float((elm.probabilities() - probs).abs().max()),
+        "autograd_relative_difference": autograd,
+        "per_token": [{"token": tok, "share": float(s), "stable_rank": float(r), "sigma1": float(s1)}
+                      for tok, s, r, s1 in zip(tokens, shares, ranks, sigma1)],
+        "singular_values": [float(s) for s in svd.S],
+        "decoded": [{"sigma": float(svd.S[k]),
+                     "output_tokens": [t for t, _ in decode_output(model, svd.U[:, k])],
+                     "input_position": int(strongest[k]),
+                     "input_tokens": [t for t, _ in decode_input(model, svd.V[strongest[k], :, k])]}
+                    for k in range(len(svd.S))],
+    }
+    if args.plot:
+        with Progress(f"plotting to {args.plot}"):
+            plot_explanation(args.plot, report, elm)
+    if args.json:
+        print(json.dumps(report, indent=1, ensure_ascii=False))
+    else:
+        print_explanation(report, model)
+    return 0
+
+
+def print_explanation(r, model):
+    c = model.config
+    print(f"model   {r['model']}  ({c.model_type}, d={c.hidden_size}, {c.num_hidden_layers} layers, {r['dtype']})")
+    print(f"prompt  {len(r['tokens'])} tokens: {' | '.join(r['tokens'])}")
+    print("\nnext token")
+    for row in r["top"]:
+        print(f"  {row['token']:<16} {row['probability']:.4f}")
+    exact = "" if r["dtype"] == "float64" else f"   ({r['dtype']}: not exact, round-off of that dtype)"
+    print(f"\nexactness{exact}")
+    print(f"  reconstruction  ‖Σ J_t x_t − y‖ / ‖y‖         {r['relative_error']:.1e}")
+    print(f"  probabilities   max |p_reconstructed − p|     {r['probability_error']:.1e}")
+    print(f"  autograd        max |J − J_autograd| / max |J| {r['autograd_relative_difference']:.1e}")
+    print("\nper token      share of y   stable rank      σ1")
+    for t, row in enumerate(r["per_token"]):
+        print(f"  {t:>3} {row['token']:<14} {row['share']:>8.3f} {row['stable_rank']:>12.2f} {row['sigma1']:>8.3f}")
+    print("\nstacked operator [J_1 … J_T]: top singular values and vectors")
+    print(f"  {'σ':>8}   {'output side (unembedding)':<40} input side (cosine to embeddings)")
+    for row in r["decoded"]:
+        out = " ".join(row["output_tokens"])
+        at = r["tokens"][row["input_position"]]
+        print(f"  {row['sigma']:>8.3f}   {out:<40} @{at}: {' '.join(row['input_tokens'])}")
+
+
+def plot_explanation(path, report, elm):
+    try:
+        import matplotlib
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'minielm[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    S = torch.linalg.svdvals(elm.operators.permute(1, 0, 2).reshape(elm.operators.shape[1], -1)).cpu()
+    shares = [row["share"] for row in report["per_token"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
+    left.semilogy(range(1, len(S) + 1), S, marker=".", lw=1)
+    left.set(title="singular values of [J_1 … J_T]", xlabel="index k", ylabel="σ_k")
+    left.grid(alpha=0.3)
+    colors = ["tab:blue" if s >= 0 else "tab:red" for s in shares]
+    right.bar(range(len(shares)), shares, color=colors)
+    right.set_xticks(range(len(shares)), report["tokens"], rotation=60, ha="right", fontsize=8)
+    right.axhline(0, color="black", lw=0.6)
+    right.set(title=f"share of y from each token: (J_t x_t)·y / ‖y‖²   → next: {report['next_token']!r}",
+              ylabel="share")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- check ----------------------------------------------------------------------------------------
+def check(args) -> int:
+    model = load_model(args)
+    ids = model.tokenizer.encode(args.prompt)
+    L = model.config.num_hidden_layers
+    rows = []
+    with Progress(f"checking the whole model and {L} layers on {len(ids)} tokens"):
+        elm = equivalent_linear_map(model, ids)
+        probs = torch.softmax(model.logits(ids)[-1], dim=-1)
+        rows.append(("model", elm.relative_error(), float((elm.probabilities() - probs).abs().max()),
+                     relative_max(elm.operators, detached_jacobian(model, ids))))
+        for layer in range(L):
+            for component in ("output", "attention", "mlp"):
+                part = equivalent_linear_map(model, ids, layer=layer, component=component)
+                p_err = (float((part.probabilities() - part.model_probabilities()).abs().max())
+                         if component == "output" else float("nan"))
+                rows.append((part.target, part.relative_error(), p_err, float("nan")))
+    print(f"{'target':<14} {'reconstruction':>15} {'probabilities':>14} {'vs autograd':>12}")
+    for name, rec, p, ag in rows:
+        print(f"{name:<14} {rec:>15.1e} {fmt(p):>14} {fmt(ag):>12}")
+    worst = max(r[1] for r in rows)
+    bound = 1e-13 if model.dtype == torch.float64 else 1e-4
+    print(f"\nworst reconstruction error {worst:.1e} ({'within' if worst < bound else 'ABOVE'} {bound:.0e} "
+          f"for {str(model.dtype).removeprefix('torch.')})")
+    return 0 if worst < bound else 1
+
+
+def fmt(x) -> str:
+    return "—" if x != x else f"{x:.1e}"
+
+
+# ---- generate -------------------------------------------------------------------------------------
+def generate(args) -> int:
+    model = load_model(args)
+    text = model.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(args.prompt + text)
+    return 0
+
+
+# ---- the parser ---------------------------------------------------------------------------------
+def build_parser():
+    parser = argparse.ArgumentParser(prog="minielm", description="Exact equivalent linear maps of decoder LLMs.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback on errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, fn, help_text):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(run=fn)
+        sub.add_argument("--model", help=f"checkpoint directory (default: the shipped {DEFAULT_MODEL.name})")
+        sub.add_argument("--dtype", default="float64", help="compute dtype (default float64)")
+        sub.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        sub.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        return sub
+
+    sub = command("explain", explain, "the equivalent linear map of a prompt, read out")
+    sub.add_argument("prompt")
+    sub.add_argument("--json", action="store_true", help="print one JSON object")
+    sub.add_argument("--plot", metavar="FILE.png", help="write the spectrum and per-token shares")
+    sub.add_argument("-k", type=int, default=5, help="singular triplets to decode (default 5)")
+
+    sub = command("check", check, "exactness report for the whole model and each layer")
+    sub.add_argument("--prompt", default=CHECK_PROMPT)
+
+    sub = command("generate", generate, "continue a prompt (greedy unless --temperature)")
+    sub.add_argument("prompt")
+    sub.add_argument("--max-new-tokens", type=int, default=30)
+    sub.add_argument("--temperature", type=float, default=0.0)
+    sub.add_argument("--top-k", type=int)
+    sub.add_argument("--seed", type=int)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except MinielmError as err:
+        if args.debug:
+            raise
+        print(f"minielm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minielm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

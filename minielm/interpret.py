@@ -1,0 +1,86 @@
+"""Reading the operators: singular values, decoded singular vectors, stable rank, shares.
+
+For an operator J (d × d, or the stacked d × T·d map [J_1 … J_T]):
+
+- the left (output-side) singular vectors u_k live where y lives, so they are
+  decoded through the unembedding: the tokens with the largest W_U u_k. A
+  singular pair is defined up to a joint sign; we choose the sign with u_k · y ≥ 0
+  so that "top tokens" means tokens the operator pushes the output towards;
+- the right (input-side) singular vectors v_k live where the inputs x_t live, so
+  they are decoded by cosine similarity with the embedding rows;
+- the stable rank ‖J‖_F² / σ_1² counts how many directions carry the operator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .linear_map import EquivalentLinearMap
+
+
+def stable_rank(J: torch.Tensor) -> torch.Tensor:
+    """‖J‖_F² / σ_1² of each matrix in a stack (..., m, n) -> (...)."""
+    sigma1 = torch.linalg.matrix_norm(J, ord=2)
+    return torch.linalg.matrix_norm(J) ** 2 / sigma1 ** 2
+
+
+def stacked(operators: torch.Tensor) -> torch.Tensor:
+    """[J_1 … J_T]: (T, d, d) -> (d, T·d)."""
+    T, d, _ = operators.shape
+    return operators.permute(1, 0, 2).reshape(d, T * d)
+
+
+@dataclass
+class Singular:
+    """Top-k singular triplets of the stacked map, signs aligned with the output y."""
+
+    U: torch.Tensor  # (d, k) output side
+    S: torch.Tensor  # (k,)
+    V: torch.Tensor  # (T, d, k) input side, one d-block per token
+
+
+def align_signs(U, V, y):
+    """Flip each pair (u_k, v_k) so that u_k · y ≥ 0; V is (..., k) with k last."""
+    signs = torch.where(U.T @ y < 0, -1.0, 1.0).to(U.dtype)
+    return U * signs, V * signs
+
+
+def stacked_svd(elm: EquivalentLinearMap, k: int = 5) -> Singular:
+    """Dense SVD of [J_1 … J_T] (d × T·d), top k."""
+    T, d, _ = elm.operators.shape
+    U, S, Vh = torch.linalg.svd(stacked(elm.operators), full_matrices=False)
+    k = min(k, S.shape[0])
+    V = Vh[:k].T.reshape(T, d, k)
+    U, V = align_signs(U[:, :k], V, elm.output)
+    return Singular(U, S[:k], V)
+
+
+def decode_output(model, u: torch.Tensor, n: int = 5) -> list:
+    """The n tokens whose unembedding rows point most along u (d,): [(token, score)]."""
+    scores = model.weights["lm_head"] @ u  # (V,)
+    top = torch.topk(scores, n)
+    return [(model_token(model, i), float(s)) for s, i in zip(top.values, top.indices)]
+
+
+def decode_input(model, v: torch.Tensor, n: int = 5) -> list:
+    """The n embedding rows most cosine-similar to v (d,): [(token, cosine)]."""
+    E = model.weights["embed"]
+    cosine = (E @ v) / (torch.linalg.vector_norm(E, dim=1) * torch.linalg.vector_norm(v)).clamp_min(1e-300)
+    top = torch.topk(cosine, n)
+    return [(model_token(model, i), float(c)) for c, i in zip(top.values, top.indices)]
+
+
+def model_token(model, i) -> str:
+    """A readable piece for token id i ('#i' when the model has no tokenizer)."""
+    try:
+        return model.tokenizer.token(int(i))
+    except Exception:
+        return f"#{int(i)}"
+
+
+def token_shares(elm: EquivalentLinearMap) -> torch.Tensor:
+    """(J_t x_t) · y / ‖y‖² for each t: (T,). With the bias's share, they sum to 1 exactly."""
+    parts = torch.einsum("tij,tj->ti", elm.operators, elm.inputs)  # (T, d)
+    return parts @ elm.output / (elm.output @ elm.output)

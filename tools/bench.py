@@ -1,0 +1,152 @@
+"""Analytic operators against vectorized autograd, side by side in one run.
+
+    python tools/bench.py                       # random Llama-style model, d=384, 4 layers, 32 tokens
+    python tools/bench.py --model weights/kjv-tiny --tokens 32
+
+Each method runs in its own child process, which loads the model, notes its
+peak resident memory, runs the method `--repeats` times and reports the
+median time and the extra peak memory over the loaded model. The analytic
+path's flop count (from the shapes; see `analytic_flops`) divided by its time
+is compared with this machine's measured float64 matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import minielm
+from minielm.checkpoint import expected_shapes, save_checkpoint
+from minielm.config import Config
+
+
+def random_checkpoint(directory, d, layers, f, heads, kv_heads, vocab, seed=0):
+    """A random Llama-style checkpoint of the given size (weights scaled so activations stay O(1))."""
+    config_json = dict(model_type="llama", vocab_size=vocab, hidden_size=d, intermediate_size=f,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=4096, tie_word_embeddings=True)
+    shapes = expected_shapes(Config.from_dict(config_json))
+    gen = torch.Generator().manual_seed(seed)
+
+    def tensor(name):
+        shape = shapes[name]
+        if len(shape) == 1:
+            return 1 + 0.1 * torch.randn(shape, generator=gen)
+        return torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+
+    layer_names = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+    weights = {"embed": tensor("embed"), "final_norm": tensor("final_norm"),
+               "layers": [{n: tensor(n) for n in layer_names} for _ in range(layers)]}
+    save_checkpoint(directory, config_json, weights)
+
+
+def analytic_flops(config, T) -> int:
+    """Multiply-adds × 2 of the reverse sweep, stage by stage, as minielm.linear_map performs it."""
+    d, f, H, Hkv, hd = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                        config.num_key_value_heads, config.head_dim)
+    r, flops, rows = d, 0, 1  # rows: positions where G is nonzero (only the last one at the top)
+    for _ in range(config.num_hidden_layers):
+        explicit = d * f + r * d < 2 * r * f
+        flops += rows * (2 * d * f * d + 2 * r * d * d) if explicit else rows * 4 * r * d * f  # MLP
+        flops += 2 * rows * r * d * H * hd + 2 * H * rows * T * r * hd + 2 * T * r * Hkv * hd * d  # attention
+        rows = T
+    return flops
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(args):
+    """Run one method in this process and print one JSON line."""
+    torch.set_num_threads(args.threads)
+    model = minielm.load(args.model, dtype=torch.float64)
+    ids = [i % model.config.vocab_size for i in range(1, args.tokens + 1)]
+    before = peak_rss_mb()
+    if args.method == "analytic":
+        def run():
+            with torch.inference_mode():
+                return minielm.equivalent_linear_map(model, ids).operators
+    else:
+        def run():
+            return minielm.detached_jacobian(model, ids)
+    times = []
+    for _ in range(args.repeats + 1):  # the first run is a warm-up
+        start = time.perf_counter()
+        J = run()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"method": args.method, "seconds": statistics.median(times[1:]),
+                      "extra_peak_mb": peak_rss_mb() - before, "checksum": float(J.abs().sum())}))
+
+
+def matmul_rate(threads, n=1536, repeats=5) -> float:
+    """This machine's float64 GEMM rate, flop/s (best of a few n × n products)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n, dtype=torch.float64), torch.randn(n, n, dtype=torch.float64)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="checkpoint directory (default: a random Llama-style model)")
+    parser.add_argument("--d", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--ffn", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--method", choices=["analytic", "autograd"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.method:
+        return child(args)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model is None:
+            args.model = tmp
+            random_checkpoint(tmp, args.d, args.layers, args.ffn, args.heads, args.kv_heads, args.vocab)
+        config = minielm.load(args.model).config
+        results = {}
+        for method in ("analytic", "autograd"):
+            command = [sys.executable, __file__, "--model", args.model, "--tokens", str(args.tokens),
+                       "--repeats", str(args.repeats), "--threads", str(args.threads), "--method", method]
+            results[method] = json.loads(subprocess.run(command, check=True, capture_output=True,
+                                                        text=True).stdout.strip().splitlines()[-1])
+    rate = matmul_rate(args.threads)
+    flops = analytic_flops(config, args.tokens)
+    a, g = results["analytic"], results["autograd"]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {args.threads} threads; float64 matmul {rate / 1e9:.1f} GFLOP/s")
+    print(f"model: d={config.hidden_size}, L={config.num_hidden_layers}, f={config.intermediate_size}, "
+          f"H={config.num_attention_heads}, Hkv={config.num_key_value_heads}; T={args.tokens}")
+    print(f"{'method':<34} {'time (s)':>9} {'extra peak MB':>14}")
+    print(f"{'analytic reverse sweep':<34} {a['seconds']:>9.3f} {a['extra_peak_mb']:>14.0f}")
+    print(f"{'autograd jacobian (vectorize)':<34} {g['seconds']:>9.3f} {g['extra_peak_mb']:>14.0f}")
+    print(f"speed-up {g['seconds'] / a['seconds']:.2f}x; analytic {flops / 1e9:.1f} GFLOP at "
+          f"{flops / a['seconds'] / 1e9:.1f} GFLOP/s = {flops / a['seconds'] / rate:.0%} of the matmul rate")
+    if abs(a["checksum"] - g["checksum"]) > 1e-9 * abs(g["checksum"]):
+        raise SystemExit(f"the two methods disagree: {a['checksum']} vs {g['checksum']}")
+
+
+if __name__ == "__main__":
+    main()
