@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, MinielmError
-from .interpret import decode_input, decode_output, model_token, stable_rank, stacked_svd, token_shares
+from .interpret import (decode_input, decode_output, layer_table, model_token, stable_rank, stacked_svd,
+                        token_shares)
 from .linear_map import detached_jacobian, equivalent_linear_map
 from .loader import load
 
@@ -177,6 +178,75 @@ def fmt(x) -> str:
     return "—" if x != x else f"{x:.1e}"
 
 
+# ---- layers -----------------------------------------------------------------------------------------
+def layers(args) -> int:
+    model = load_model(args)
+    ids = model.tokenizer.encode(args.prompt)
+    L = model.config.num_hidden_layers
+    with Progress(f"operators of {L} layers and {2 * L} modules in one pass, and their spectra"):
+        rows = layer_table(model, ids)
+    if args.plot:
+        with Progress(f"plotting to {args.plot}"):
+            plot_layers(args.plot, rows, [model_token(model, i) for i in ids])
+    if args.json:
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        return 0
+    print(f"prompt: {args.prompt!r}  ({len(ids)} tokens)\n")
+    print(f"{'target':<13} {'σ1':>8} {'σ2':>8} {'stable rank':>12} {'rec. error':>11}  "
+          f"{'top output singular vector':<34} target decoded")
+    for r in rows:
+        s = r["singular_values"]
+        print(f"{r['target']:<13} {s[0]:>8.3f} {s[1] if len(s) > 1 else 0:>8.3f} {r['stable_rank']:>12.2f} "
+              f"{r['relative_error']:>11.1e}  {' '.join(r['top_tokens']):<34} {' '.join(r['predicts'][:3])}")
+    return 0
+
+
+def plot_layers(path, rows, tokens):
+    try:
+        import matplotlib
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'minielm[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"output": ("residual stream (final norm)", "tab:blue"), "attention": ("attention", "tab:orange"),
+              "mlp": ("MLP", "tab:green")}
+    for component, (label, color) in styles.items():
+        part = [r for r in rows if r["component"] == component]
+        layers_ = [r["layer"] for r in part]
+        left.plot(layers_, [r["stable_rank"] for r in part], marker="o", color=color, label=label)
+        right.semilogy(layers_, [r["singular_values"][0] for r in part], marker="o", color=color, label=label)
+        if component == "output":
+            for r in part:
+                right.annotate(r["top_tokens"][0], (r["layer"], r["singular_values"][0]), textcoords="offset points",
+                               xytext=(0, 7), ha="center", fontsize=9, color=color)
+    left.set(title="stable rank ‖J‖²_F / σ₁² of [J_1 … J_T]", xlabel="layer", ylabel="stable rank")
+    right.set(title="σ₁ (residual stream: top singular vector decoded)", xlabel="layer", ylabel="σ₁")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_xticks(sorted({r["layer"] for r in rows}))
+    fig.suptitle(" ".join(tokens)[:120], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- steer ------------------------------------------------------------------------------------------
+def steer_command(args) -> int:
+    from .steering import steer
+
+    model = load_model(args)
+    with Progress("baseline and steered generation"):
+        baseline = model.generate(args.prompt, args.max_new_tokens)
+        steered = steer(model, args.concept, args.prompt, args.layer, args.scale, args.max_new_tokens)
+    print(f"concept   {args.concept!r} at layer {args.layer}, scale {args.scale}")
+    print(f"baseline  {args.prompt}{baseline}")
+    print(f"steered   {args.prompt}{steered}")
+    return 0
+
+
 # ---- generate -------------------------------------------------------------------------------------
 def generate(args) -> int:
     model = load_model(args)
@@ -208,6 +278,18 @@ def build_parser():
 
     sub = command("check", check, "exactness report for the whole model and each layer")
     sub.add_argument("--prompt", default=CHECK_PROMPT)
+
+    sub = command("layers", layers, "how the operator emerges layer by layer: spectra, stable ranks, decoded vectors")
+    sub.add_argument("prompt")
+    sub.add_argument("--json", action="store_true", help="print a JSON list, one object per layer and module")
+    sub.add_argument("--plot", metavar="FILE.png", help="write stable rank and σ1 by layer")
+
+    sub = command("steer", steer_command, "generate with a concept prompt's layer operator added to the stream")
+    sub.add_argument("prompt")
+    sub.add_argument("--concept", required=True, help="the concept prompt")
+    sub.add_argument("--layer", type=int, required=True)
+    sub.add_argument("--scale", type=float, default=1.0, help="λ, relative to the hidden state's norm")
+    sub.add_argument("--max-new-tokens", type=int, default=30)
 
     sub = command("generate", generate, "continue a prompt (greedy unless --temperature)")
     sub.add_argument("prompt")

@@ -84,3 +84,24 @@ def token_shares(elm: EquivalentLinearMap) -> torch.Tensor:
     """(J_t x_t) · y / ‖y‖² for each t: (T,). With the bias's share, they sum to 1 exactly."""
     parts = torch.einsum("tij,tj->ti", elm.operators, elm.inputs)  # (T, d)
     return parts @ elm.output / (elm.output @ elm.output)
+
+
+def layer_table(model, ids, k: int = 3) -> list:
+    """For every layer output (final norm applied) and every attention and MLP module:
+    the stacked operator's top singular values, stable rank, its share of the norm of its own
+    target, and the top output-side vector decoded through the unembedding. One reverse pass."""
+    from .linear_map import all_layer_maps
+
+    rows = []
+    for (layer, component), elm in sorted(all_layer_maps(model, ids).items()):
+        svd = stacked_svd(elm, k)
+        A = stacked(elm.operators)
+        rows.append({
+            "layer": layer, "component": component, "target": elm.target,
+            "singular_values": [float(s) for s in svd.S],
+            "stable_rank": float(stable_rank(A)),
+            "relative_error": elm.relative_error(),
+            "top_tokens": [t for t, _ in decode_output(model, svd.U[:, 0])],
+            "predicts": [t for t, _ in decode_output(model, elm.output)],  # the logit lens of the target itself
+        })
+    return rows

@@ -209,15 +209,20 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
         y, inv_rho = model.norm(residual[layer][-1], final_w)
         seed = torch.diag((model.config.norm_offset + final_w) * inv_rho)
         bias = model.norm(residual0[layer][-1], final_w, inv_rho)[0]
-        target = "final" if layer == L - 1 else f"layer {layer}"
     else:
         # y = the module's output at the last position (after its post-norm, if any).
         y = (mlp if component == "mlp" else attn)[layer][-1]
         seed = torch.eye(d, dtype=x.dtype, device=x.device)
         bias = (mlp0 if component == "mlp" else attn0)[layer][-1]
-        target = f"{component} {layer}"
     operators = pull_back(model, frozen, seed, layer, component)
-    return EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, target)
+    return EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, target_name(model, layer, component))
+
+
+def target_name(model: Model, layer: int, component: str) -> str:
+    """'final' (the model's output), 'layer ℓ' (residual stream after ℓ), 'attention ℓ' or 'mlp ℓ'."""
+    if component == "output":
+        return "final" if layer == model.config.num_hidden_layers - 1 else f"layer {layer}"
+    return f"{component} {layer}"
 
 
 def detached_jacobian(model: Model, ids) -> torch.Tensor:
@@ -289,3 +294,52 @@ def attribution(model: Model, ids, token: int | None = None) -> Attribution:
     embedding = x.new_zeros(T)
     embedding[-1] = u @ x[-1]
     return Attribution(token, float(logits[token]), table, embedding, bias)
+
+
+# ---- every layer and module at once --------------------------------------------------------------
+def all_layer_maps(model: Model, ids) -> dict:
+    """{(layer, component): EquivalentLinearMap} for every layer's output (final norm applied)
+    and every attention and MLP module, in ONE reverse pass over the layers.
+
+    Each layer's weights and factors are visited once: the pass carries the row
+    blocks of every target above, and seeds the targets of a layer as it reaches
+    it (targets still at the last position only are kept apart until an attention
+    sublayer spreads them over all positions). The flops equal those of separate
+    sweeps, but the GEMMs are taller and the weights are read once.
+    """
+    ids = model.check_ids(ids)
+    x = model.embed(ids)  # (T, d)
+    T, d = x.shape
+    residual, attn, mlp, frozen = trace(model, x)
+    residual0, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)
+    final_w, eye = model.weights["final_norm"], torch.eye(d, dtype=x.dtype, device=x.device)
+    every, last = slice(0, T), slice(T - 1, T)
+    G = x.new_zeros(T, 0, d)  # targets already spread over all positions
+    order, maps = [], {}  # (layer, component) per block of d rows in G
+    for layer in reversed(range(model.config.num_hidden_layers)):
+        factors = frozen.layers[layer]
+        y, inv_rho = model.norm(residual[layer][-1], final_w)
+        N = x.new_zeros(T, d, d)  # this layer's targets, at the last position only
+        N[-1] = torch.diag((model.config.norm_offset + final_w) * inv_rho)
+        maps[(layer, "output")] = (y, model.norm(residual0[layer][-1], final_w, inv_rho)[0])
+        # MLP sublayer: carry G and N through it, then seed the MLP module's own target
+        G[every] += mlp_branch(model, layer, factors, G, every)
+        N[last] += mlp_branch(model, layer, factors, N, last)
+        seed = x.new_zeros(T, d, d)
+        seed[-1] = eye
+        N = torch.cat([N, x.new_zeros(T, d, d)], dim=1)
+        N[-1, d:] = mlp_branch(model, layer, factors, seed, last)[0]
+        maps[(layer, "mlp")] = (mlp[layer][-1], mlp0[layer][-1])
+        # attention sublayer: spread N over the positions, then seed the attention module's target
+        G += attention_branch(model, layer, factors, G, every)
+        N += attention_branch(model, layer, factors, N, last)
+        A = attention_branch(model, layer, factors, seed, last)
+        maps[(layer, "attention")] = (attn[layer][-1], attn0[layer][-1])
+        G = torch.cat([G, N, A], dim=1)
+        order += [(layer, "output"), (layer, "mlp"), (layer, "attention")]
+    result = {}
+    for block, key in enumerate(order):
+        y, bias = maps[key]
+        name = target_name(model, *key)
+        result[key] = EquivalentLinearMap(model, ids, G[:, block * d:(block + 1) * d], x, y, bias, frozen, name)
+    return result

@@ -233,16 +233,19 @@ class Model:
         check_finite(h, i, "MLP")
         return h, out, (a, m)
 
-    def forward(self, x, frozen: Frozen | None = None, cache: KVCache | None = None):
+    def forward(self, x, frozen: Frozen | None = None, cache: KVCache | None = None, edit=None):
         """Input vectors x (T, d) -> final-normed hidden states y (T, d), and the factors used.
 
         With `frozen` given, every factor is taken from it: the pass is then linear in x.
+        `edit(i, h, x) -> h`, if given, may change the residual stream after each layer i
+        (steering uses it).
         """
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + x.shape[0], device=x.device)  # (T,)
         h, layers = x, []
         for i in range(self.config.num_hidden_layers):
             h, factors, _ = self.block(i, h, positions, frozen.layers[i] if frozen else None, cache)
+            h = h if edit is None else edit(i, h, x)
             layers.append(factors)
         if cache is not None:
             cache.length += x.shape[0]
@@ -261,16 +264,16 @@ class Model:
         return self.unembed(y)
 
     # -- generation ----------------------------------------------------------------------------
-    def generate(self, prompt, max_new_tokens=20, temperature=0.0, top_k=None, seed=None) -> str:
+    def generate(self, prompt, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> str:
         """The continuation of `prompt` (text or token ids), as text: greedy at temperature 0,
         else sampled from softmax(logits / temperature), over the top k if given, seeded."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        new = self.generate_ids(ids, max_new_tokens, temperature, top_k, seed)
+        new = self.generate_ids(ids, max_new_tokens, temperature, top_k, seed, edit)
         before, after = self.tokenizer.decode(ids), self.tokenizer.decode(ids + new)
         # decoding the whole sequence keeps the space between prompt and continuation
         return after[len(before):] if after.startswith(before) else self.tokenizer.decode(new)
 
-    def generate_ids(self, ids, max_new_tokens=20, temperature=0.0, top_k=None, seed=None) -> list:
+    def generate_ids(self, ids, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> list:
         """The new token ids, computed with a KV cache: the prompt once, then one token per step."""
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise InputError(f"temperature must be >= 0 and top_k >= 1, got {temperature}, {top_k}")
@@ -284,7 +287,7 @@ class Model:
         eos = set(eos if isinstance(eos, list) else [eos])
         with torch.no_grad():
             for _ in range(max_new_tokens):
-                y, _ = self.forward(self.embed(step_input), cache=cache)
+                y, _ = self.forward(self.embed(step_input), cache=cache, edit=edit)
                 next_id = sample(self.unembed(y[-1]), temperature, top_k, generator)
                 new.append(next_id)
                 if next_id in eos:

@@ -26,3 +26,35 @@ def checkpoints(tmp_path_factory):
 def references(checkpoints):
     """case name -> float64 Hugging Face logits (T, V) for PROMPT."""
     return {case: hf_float64_logits(path, PROMPT) for case, path in checkpoints.items()}
+
+
+TEXT = """In the beginning God created the heaven and the earth.
+And the earth was without form, and void; and darkness was upon the face of the deep.
+And the Spirit of God moved upon the face of the waters.
+And God said, Let there be light: and there was light.
+And God saw the light, that it was good: and God divided the light from the darkness.
+And God called the light Day, and the darkness he called Night.
+And the evening and the morning were the first day.
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory):
+    """A random Llama-style checkpoint with a real sentencepiece tokenizer trained on a few verses."""
+    import sys
+    from pathlib import Path
+
+    import sentencepiece
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from bench import random_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_tok")
+    (root / "corpus.txt").write_text(TEXT * 3)
+    (root / "ckpt").mkdir()
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"), model_prefix=str(root / "ckpt" / "tokenizer"), vocab_size=320,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True, minloglevel=2)
+    (root / "ckpt" / "tokenizer.vocab").unlink()
+    random_checkpoint(root / "ckpt", d=48, layers=2, f=96, heads=4, kv_heads=2, vocab=320, seed=1)
+    return root / "ckpt"

@@ -1,0 +1,111 @@
+"""Reading the operators: decoding on a model with a known answer, spectra, layers, steering."""
+
+import pytest
+import torch
+from conftest import PROMPT
+
+import minielm
+from minielm.checkpoint import save_checkpoint
+from minielm.interpret import decode_input, decode_output, layer_table, stable_rank, stacked_svd, token_shares
+from minielm.linear_map import all_layer_maps
+from minielm.spectra import singular_vectors
+from minielm.steering import steer
+
+
+@pytest.fixture(scope="module")
+def known_model(tmp_path_factory):
+    """One layer whose attention and MLP write nothing (W_O = W_D = 0), so y = diag(w̃) x_T / ρ.
+
+    The final norm weight is 10 on dimension 0 and 1 elsewhere, so the top singular
+    vector of [J_1 … J_T] is e_0 in token T's block. Token 7's unembedding row is
+    the one most along e_0, and token 3's embedding row is e_0 itself.
+    """
+    d, V = 8, 16
+    gen = torch.Generator().manual_seed(0)
+    config = dict(model_type="llama", vocab_size=V, hidden_size=d, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False)
+    embed = torch.randn(V, d, generator=gen)
+    embed[3] = torch.nn.functional.one_hot(torch.tensor(0), d) * 2.0
+    lm_head = torch.randn(V, d, generator=gen) * 0.1
+    lm_head[7, 0] = 5.0
+    layer = {"attn_norm": torch.ones(d), "wq": torch.randn(d, d, generator=gen), "wk": torch.randn(4, d, generator=gen),
+             "wv": torch.randn(4, d, generator=gen), "wo": torch.zeros(d, d), "mlp_norm": torch.ones(d),
+             "w_gate": torch.randn(16, d, generator=gen), "w_up": torch.randn(16, d, generator=gen),
+             "w_down": torch.zeros(d, 16)}
+    final = torch.ones(d)
+    final[0] = 10.0
+    path = tmp_path_factory.mktemp("known")
+    save_checkpoint(path, config, {"embed": embed, "final_norm": final, "lm_head": lm_head, "layers": [layer]})
+    return minielm.load(path)
+
+
+def test_decoding_on_a_known_model(known_model):
+    ids = [5, 9, 2, 3]  # the last token's embedding is 2·e_0: y points along +e_0
+    elm = minielm.equivalent_linear_map(known_model, ids)
+    svd = stacked_svd(elm, k=2)
+    assert torch.allclose(svd.U[:, 0].abs(), torch.eye(8, dtype=torch.float64)[0], atol=1e-12)
+    assert svd.U[0, 0] > 0  # sign aligned with y, whose component 0 is positive
+    assert svd.V[:-1, :, 0].abs().max() < 1e-12  # only the last token's block carries it
+    assert decode_output(known_model, svd.U[:, 0])[0][0] == "#7"
+    assert decode_input(known_model, svd.V[-1, :, 0])[0][0] == "#3"
+    assert decode_input(known_model, svd.V[-1, :, 0])[0][1] == pytest.approx(1.0, abs=1e-12)
+    ρ = float(torch.sqrt((elm.inputs[-1] ** 2).mean() + known_model.config.rms_norm_eps))
+    assert float(svd.S[0]) == pytest.approx(10.0 / ρ, rel=1e-12)
+    # flipping the input flips y, and the alignment flips the pair with it
+    flipped = stacked_svd(minielm.equivalent_linear_map(known_model, [5, 9, 2, 3]), 1)
+    assert torch.equal(flipped.U, svd.U[:, :1])
+
+
+def test_stable_rank_and_shares(checkpoints):
+    assert float(stable_rank(torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64)))) == pytest.approx(10 / 9)
+    model = minielm.load(checkpoints["llama"])
+    elm = minielm.equivalent_linear_map(model, PROMPT)
+    assert float(token_shares(elm).sum()) == pytest.approx(1.0, abs=1e-13)
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma3_text", "qwen2"])
+def test_matrix_free_matches_dense(case, checkpoints):
+    model = minielm.load(checkpoints[case])
+    dense = stacked_svd(minielm.equivalent_linear_map(model, PROMPT), k=4)
+    U, S, V = singular_vectors(model, PROMPT, k=4)
+    assert U.shape == (model.config.hidden_size, 4) and V.shape == (len(PROMPT), model.config.hidden_size, 4)
+    assert torch.allclose(S, dense.S, rtol=1e-8, atol=0)
+    assert torch.allclose(U, dense.U, atol=1e-8) and torch.allclose(V, dense.V, atol=1e-8)
+
+
+def test_matrix_free_stops_early_on_a_larger_model(tiny_with_tokenizer):
+    """d = 48, T = 40: the top 3 converge in fewer steps than d, still to 1e-8."""
+    model = minielm.load(tiny_with_tokenizer)
+    ids = model.tokenizer.encode("And God said, Let there be light: and there was light. And God saw the light")
+    ids = (ids * 3)[:40]
+    elm = minielm.equivalent_linear_map(model, ids)
+    dense = stacked_svd(elm, k=3)
+    U, S, V = singular_vectors(model, ids, k=3, tol=1e-10, max_steps=40)
+    assert torch.allclose(S, dense.S, rtol=1e-8, atol=0)
+    assert torch.allclose(U, dense.U, atol=1e-7)
+    _, S_t, _ = singular_vectors(model, ids, k=2, token=5)
+    assert torch.allclose(S_t, torch.linalg.svdvals(elm.operators[5])[:2], rtol=1e-8)
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma3_text", "olmo2", "qwen2"])
+def test_all_layers_in_one_pass(case, checkpoints):
+    model = minielm.load(checkpoints[case])
+    maps = all_layer_maps(model, PROMPT)
+    assert len(maps) == 3 * model.config.num_hidden_layers
+    for (layer, component), elm in maps.items():
+        single = minielm.equivalent_linear_map(model, PROMPT, layer=layer, component=component)
+        assert elm.target == single.target
+        assert float((elm.operators - single.operators).abs().max()) < 1e-12 * float(single.operators.abs().max())
+        assert elm.relative_error() < 1e-13
+    rows = layer_table(model, PROMPT)
+    assert [r["target"] for r in rows][-1] == "final" and all(r["stable_rank"] >= 1 for r in rows)
+
+
+def test_steering(tiny_with_tokenizer):
+    model = minielm.load(tiny_with_tokenizer)
+    prompt, concept = "And God called the light", "the face of the waters"
+    baseline = model.generate(prompt, 12)
+    assert steer(model, concept, prompt, layer=1, scale=0.0, max_new_tokens=12) == baseline
+    assert steer(model, concept, prompt, layer=1, scale=1.0, max_new_tokens=12) != baseline
+    with pytest.raises(minielm.InputError, match="layer"):
+        steer(model, concept, prompt, layer=5, scale=1.0)
