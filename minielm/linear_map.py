@@ -297,9 +297,26 @@ def attribution(model: Model, ids, token: int | None = None) -> Attribution:
 
 
 # ---- every layer and module at once --------------------------------------------------------------
-def all_layer_maps(model: Model, ids) -> dict:
+def all_layer_maps(model: Model, ids, mode: str = "auto") -> dict:
     """{(layer, component): EquivalentLinearMap} for every layer's output (final norm applied)
-    and every attention and MLP module, in ONE reverse pass over the layers.
+    and every attention and MLP module, in one pass over the layers.
+
+    Two passes can serve, and `mode='auto'` picks the cheaper by T and L:
+    the reverse pass carries d rows for each target above it, about 1.5·L²·T
+    row-blocks in all; the forward pass carries ∂h_t/∂x_s for every pair of
+    positions, about L·T² blocks, so it wins for short prompts on deep models
+    (T < 1.5 (L + 1)).
+    """
+    if mode not in ("auto", "reverse", "forward"):
+        raise InputError(f"mode must be 'auto', 'reverse' or 'forward', got {mode!r}")
+    T, L = len(model.check_ids(ids)), model.config.num_hidden_layers
+    if mode == "forward" or (mode == "auto" and T < 1.5 * (L + 1)):
+        return forward_layer_maps(model, ids)
+    return reverse_layer_maps(model, ids)
+
+
+def reverse_layer_maps(model: Model, ids) -> dict:
+    """All layer and module maps in ONE reverse pass over the layers.
 
     Each layer's weights and factors are visited once: the pass carries the row
     blocks of every target above, and seeds the targets of a layer as it reaches
@@ -342,4 +359,58 @@ def all_layer_maps(model: Model, ids) -> dict:
         y, bias = maps[key]
         name = target_name(model, *key)
         result[key] = EquivalentLinearMap(model, ids, G[:, block * d:(block + 1) * d], x, y, bias, frozen, name)
+    return result
+
+
+def forward_layer_maps(model: Model, ids) -> dict:
+    """All layer and module maps in ONE forward pass, carrying K[t, s] = ∂h_t/∂x_s.
+
+    Each residual sublayer adds its branch, applied to K from the left:
+        MLP        K[t] += Post_t W_D diag(φ_t) W_U Pre_t K[t]
+        attention  K[t] += Post_t Σ_h W_O^h Σ_u P_h[t,u] W_V^g(h) Pre_u K[u]
+    and the targets are read off the last row: a module's increment at t = T,
+    or the final norm applied to K[T] after a layer. Memory T²·d², so for short prompts.
+    """
+    ids = model.check_ids(ids)
+    config = model.config
+    x = model.embed(ids)  # (T, d)
+    T, d = x.shape
+    H, Hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    residual, attn, mlp, frozen = trace(model, x)
+    residual0, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)
+    final_w = model.weights["final_norm"]
+    K = torch.zeros(T, T, d, d, dtype=x.dtype, device=x.device)  # K[t, s] = ∂h_t/∂x_s
+    K[torch.arange(T), torch.arange(T)] = torch.eye(d, dtype=x.dtype, device=x.device)
+    result = {}
+
+    def diagonal(weight, inv_rho):  # (T, d, 1): diag(w̃)/ρ_t as a row scale, or None
+        return None if weight is None else ((config.norm_offset + weight) * inv_rho)[:, :, None]
+
+    def add(target, operators, y, bias):  # operators (T, d, d): ∂target/∂x_s, read off the last row
+        result[target] = EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, target_name(model, *target))
+
+    for layer in range(config.num_hidden_layers):
+        w, f = model.weights["layers"][layer], frozen.layers[layer]
+        # attention: V[u, s] = W_V Pre_u K[u, s], mixed over u by P, then W_O and Post_t
+        pre = diagonal(w.get("attn_norm"), f.attn_norm)
+        Vk = w["wv"] @ (K if pre is None else K * pre[:, None])  # (T, T, Hkv*hd, d)
+        P = f.probs.view(Hkv, H // Hkv, T, T)
+        O = torch.einsum("kgtu,uskec->tskgec", P, Vk.view(T, T, Hkv, hd, d)).reshape(T, T, H * hd, d)
+        D = w["wo"] @ O  # (T, T, d, d)
+        post = diagonal(w.get("attn_post_norm"), f.attn_post_norm)
+        D = D if post is None else D * post[:, None]
+        add((layer, "attention"), D[-1], attn[layer][-1], attn0[layer][-1])
+        K = K + D
+        # MLP: B_t = Post_t W_D diag(φ_t) W_U Pre_t, one d × d matrix per position
+        B = (w["w_down"][None] * f.gate[:, None, :]) @ w["w_up"]  # (T, d, d)
+        pre = diagonal(w.get("mlp_norm"), f.mlp_norm)
+        post = diagonal(w.get("mlp_post_norm"), f.mlp_post_norm)
+        B = B if pre is None else B * pre.transpose(1, 2)
+        B = B if post is None else B * post
+        D = B[:, None] @ K  # (T, T, d, d)
+        add((layer, "mlp"), D[-1], mlp[layer][-1], mlp0[layer][-1])
+        K = K + D
+        y, inv_rho = model.norm(residual[layer][-1], final_w)
+        scale = ((config.norm_offset + final_w) * inv_rho)[:, None]  # (d, 1): the final norm, frozen here
+        add((layer, "output"), K[-1] * scale, y, model.norm(residual0[layer][-1], final_w, inv_rho)[0])
     return result

@@ -87,10 +87,11 @@ def test_matrix_free_stops_early_on_a_larger_model(tiny_with_tokenizer):
     assert torch.allclose(S_t, torch.linalg.svdvals(elm.operators[5])[:2], rtol=1e-8)
 
 
-@pytest.mark.parametrize("case", ["llama", "gemma3_text", "olmo2", "qwen2"])
-def test_all_layers_in_one_pass(case, checkpoints):
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+@pytest.mark.parametrize("case", ["llama", "gemma3_text", "olmo2", "qwen2", "phi3"])
+def test_all_layers_in_one_pass(case, mode, checkpoints):
     model = minielm.load(checkpoints[case])
-    maps = all_layer_maps(model, PROMPT)
+    maps = all_layer_maps(model, PROMPT, mode=mode)
     assert len(maps) == 3 * model.config.num_hidden_layers
     for (layer, component), elm in maps.items():
         single = minielm.equivalent_linear_map(model, PROMPT, layer=layer, component=component)
