@@ -35,15 +35,30 @@ from .model import Frozen, FrozenLayer, Model
 
 
 # ---- one residual branch, backwards -------------------------------------------------------
-def norm_scale(model: Model, weight, inv_rho, rows):
-    """diag(offset + w) / ρ_t for the given rows, as a (T', 1, d) column scale; None without a norm."""
-    if weight is None:
-        return None
-    return ((model.config.norm_offset + weight) * inv_rho[rows])[:, None, :]
+# The norms' frozen factors are diag(w̃) / ρ_t: a fixed diagonal times one scalar per
+# token. The diagonal folds into the adjacent weight matrix and the scalar into the
+# per-token factor already there (the MLP gate, the attention probabilities), so the
+# sweep never rescales the large G.
+def folded_mlp(model: Model, w: dict, factors: FrozenLayer, rows):
+    """W_D (d, f), W_U (f, d) with the norms' diagonals folded in, and the gate (T', f)
+    times the norms' 1/ρ: Post_t W_D diag(φ_t) W_U Pre_t = W_D' diag(φ'_t) W_U'."""
+    offset, W_D, W_U, gate = model.config.norm_offset, w["w_down"], w["w_up"], factors.gate[rows]
+    if w.get("mlp_post_norm") is not None:
+        W_D, gate = (offset + w["mlp_post_norm"])[:, None] * W_D, gate * factors.mlp_post_norm[rows]
+    if w.get("mlp_norm") is not None:
+        W_U, gate = W_U * (offset + w["mlp_norm"]), gate * factors.mlp_norm[rows]
+    return W_D, gate, W_U
 
 
-def scaled(G, scale):
-    return G if scale is None else G * scale
+def folded_attention(model: Model, w: dict, factors: FrozenLayer, rows):
+    """W_O (d, H*hd), W_V (Hkv*hd, d) with the norms' diagonals folded in, and P (H, T', S)
+    times the post-norm's 1/ρ of each query and the pre-norm's 1/ρ of each source."""
+    offset, W_O, W_V, P = model.config.norm_offset, w["wo"], w["wv"], factors.probs[:, rows]
+    if w.get("attn_post_norm") is not None:
+        W_O, P = (offset + w["attn_post_norm"])[:, None] * W_O, P * factors.attn_post_norm[rows][None]
+    if w.get("attn_norm") is not None:
+        W_V, P = W_V * (offset + w["attn_norm"]), P * factors.attn_norm[: P.shape[-1]].T[None]
+    return W_O, P, W_V
 
 
 def mlp_branch(model: Model, i: int, factors: FrozenLayer, G, rows):
@@ -53,16 +68,12 @@ def mlp_branch(model: Model, i: int, factors: FrozenLayer, G, rows):
     position) or through the explicit d × d matrices W_D diag(φ_t) W_U (2·d²·f to
     build, 2·r·d² to apply), whichever costs less: explicit wins for r = d when f > d.
     """
-    w = model.weights["layers"][i]
-    G = scaled(G[rows], norm_scale(model, w.get("mlp_post_norm"), factors.mlp_post_norm, rows))
-    gate = factors.gate[rows]  # (T', f)
-    d, f, r = w["w_down"].shape[0], w["w_down"].shape[1], G.shape[1]
+    W_D, gate, W_U = folded_mlp(model, model.weights["layers"][i], factors, rows)
+    G = G[rows]
+    d, f, r = W_D.shape[0], W_D.shape[1], G.shape[1]
     if d * f + r * d < 2 * r * f:  # explicit: (T', d, d) operators, then one (r×d)(d×d) product per position
-        M = (w["w_down"][None] * gate[:, None, :]) @ w["w_up"]  # (T', d, d)
-        D = G @ M
-    else:  # factored: (r×d)(d×f), scale by φ, (r×f)(f×d)
-        D = ((G @ w["w_down"]) * gate[:, None, :]) @ w["w_up"]  # (T', r, d)
-    return scaled(D, norm_scale(model, w.get("mlp_norm"), factors.mlp_norm, rows))
+        return G @ ((W_D[None] * gate[:, None, :]) @ W_U)
+    return ((G @ W_D) * gate[:, None, :]) @ W_U  # factored: (r×d)(d×f), scale by φ, (r×f)(f×d)
 
 
 def attention_branch(model: Model, i: int, factors: FrozenLayer, G, rows):
@@ -70,15 +81,14 @@ def attention_branch(model: Model, i: int, factors: FrozenLayer, G, rows):
 
     The query heads that share a key-value head are summed before W_V (GQA).
     """
-    config, w = model.config, model.weights["layers"][i]
+    config = model.config
     H, Hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    G = scaled(G[rows], norm_scale(model, w.get("attn_post_norm"), factors.attn_post_norm, rows))
+    W_O, P, W_V = folded_attention(model, model.weights["layers"][i], factors, rows)
+    G = G[rows]
     T_, r = G.shape[0], G.shape[1]
-    A = (G @ w["wo"]).view(T_, r, Hkv, H // Hkv, hd)  # (T', r, Hkv, G, hd): G_t W_O^h
-    P = factors.probs[:, rows].reshape(Hkv, H // Hkv, T_, -1)  # (Hkv, G, T', S)
-    C = torch.einsum("kgts,trkge->srke", P, A)  # (S, r, Hkv, hd): mix over t, sum over the group
-    D = C.reshape(C.shape[0], r, Hkv * hd) @ w["wv"]  # (S, r, d)
-    return scaled(D, norm_scale(model, w.get("attn_norm"), factors.attn_norm, slice(0, D.shape[0])))
+    A = (G @ W_O).view(T_, r, Hkv, H // Hkv, hd)  # (T', r, Hkv, G, hd): G_t W_O^h
+    C = torch.einsum("kgts,trkge->srke", P.reshape(Hkv, H // Hkv, T_, -1), A)  # (S, r, Hkv, hd): mix over t, sum the group
+    return C.reshape(C.shape[0], r, Hkv * hd) @ W_V  # (S, r, d)
 
 
 def sweep_down(model: Model, frozen: Frozen, G, rows, stages):
