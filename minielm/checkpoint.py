@@ -103,22 +103,38 @@ def safetensors_files(directory: Path) -> dict:
     """Tensor name -> the file that holds it, from the index file or the files themselves."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
-        for shard in sorted(set(weight_map.values())):
-            if not (directory / shard).is_file():
-                raise CheckpointError(f"{index}: names shard {shard!r}, which is missing")
-        return {name: directory / shard for name, shard in weight_map.items()}
-    files = sorted(directory.glob("*.safetensors"))
+        return _read_index(index)
+    files = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
     if not files:
-        raise CheckpointError(f"{directory}: no *.safetensors weights file")
+        raise CheckpointError(f"{directory}: no *.safetensors weights file (and no model.safetensors.index.json)")
     where = {}
     for path in files:
         for name in _open(path).keys():
+            if name in where:
+                raise CheckpointError(f"{directory}: tensor {name!r} is in both {where[name].name} and {path.name}; "
+                                      f"expected each tensor in one file (or an index naming the shards)")
             where[name] = path
     return where
+
+
+def _read_index(index: Path) -> dict:
+    """Tensor name -> shard file, from model.safetensors.index.json; every shard must be there."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (ValueError, RecursionError, AttributeError) as err:  # bad JSON, or JSON that is not an object
+        raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+    except OSError as err:
+        raise CheckpointError(f"{index}: cannot read ({err})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid safetensors index; expected a 'weight_map' object "
+                              f"from tensor names to shard file names")
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).is_absolute() or ".." in Path(shard).parts or not shard.endswith(".safetensors"):
+            raise CheckpointError(f"{index}: names shard {shard!r}; expected a *.safetensors file name "
+                                  f"inside the checkpoint directory")
+        if not (index.parent / shard).is_file():
+            raise CheckpointError(f"{index}: names shard {shard!r}, which is missing")
+    return {name: index.parent / shard for name, shard in weight_map.items()}
 
 
 def _open(path: Path):
@@ -169,23 +185,26 @@ def load_weights(directory: Path, config: Config, dtype: torch.dtype, device) ->
     leftover = sorted(n for n in available - set(wanted)
                       if not n.startswith(IGNORED_PREFIXES) and not n.endswith(IGNORED_SUFFIXES))
     if leftover:
-        raise CheckpointError(f"{directory}: unexpected tensor {leftover[0]!r} "
-                              f"({len(leftover)} not used by a {config.model_type} decoder)")
+        raise CheckpointError(f"{source.where[leftover[0]]}: unexpected tensor {leftover[0]!r} "
+                              f"({len(leftover)} tensor(s) not used by a {config.num_hidden_layers}-layer "
+                              f"{config.model_type} decoder)")
     shapes = expected_shapes(config)
     weights = {"layers": [{} for _ in range(config.num_hidden_layers)]}
     for hf_name, short in wanted.items():
         if hf_name not in available:
-            raise CheckpointError(f"{directory}: tensor {hf_name!r} is missing")
+            raise CheckpointError(f"{directory}: tensor {hf_name!r} is missing (a {config.num_hidden_layers}-layer "
+                                  f"{config.model_type} decoder needs it)")
         layer, short = short if isinstance(short, tuple) and isinstance(short[0], int) else (None, short)
         parts = short if isinstance(short, tuple) else (short,)
         expected = [shapes[p] for p in parts]
         tensor = source.get(hf_name)
         fused_shape = (sum(s[0] for s in expected), *expected[0][1:])
         if tuple(tensor.shape) != fused_shape:
-            raise CheckpointError(f"{directory}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
-                                  f"expected {fused_shape}")
+            raise CheckpointError(f"{source.where[hf_name]}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                  f"expected {fused_shape} from config.json")
         if not tensor.is_floating_point():
-            raise CheckpointError(f"{directory}: tensor {hf_name!r} has dtype {tensor.dtype}, expected floating point")
+            raise CheckpointError(f"{source.where[hf_name]}: tensor {hf_name!r} has dtype {tensor.dtype}, "
+                                  f"expected floating point")
         target = weights if layer is None else weights["layers"][layer]
         for name, piece in zip(parts, torch.split(tensor, [s[0] for s in expected])):
             target[name] = piece.to(device=device, dtype=dtype).contiguous()

@@ -19,12 +19,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, show
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "phi3", "olmo2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+MAX_SIZE = 2**31 - 1  # no dimension, count or position of a real model comes near this
+MAX_LAYERS = 10_000  # a sanity bound: the per-layer lists are built when the config is read
 
 
 @dataclass
@@ -97,33 +99,44 @@ class Config:
     # ---- reading -------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> Config:
-        """Build a Config from a parsed config.json, checking what it must hold."""
+        """Build a Config from a parsed config.json, checking what it must hold.
+
+        Raises ConfigError, naming the key and what was expected, for anything
+        else: a missing or mistyped key, an unsupported model or rope type,
+        sizes that do not fit together.
+        """
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"{source}: unsupported model_type {model_type!r}; "
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"{source}: unsupported model_type {show(model_type)}; "
                               f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         if model_type == "gemma3":  # the multimodal checkpoint: the decoder lives in text_config
             text = raw.get("text_config")
             if not isinstance(text, dict):
-                raise ConfigError(f"{source}: model_type 'gemma3' needs a 'text_config' object")
-            raw = {**GEMMA3_DEFAULTS, **text, "model_type": "gemma3"}
+                raise ConfigError(f"{source}: model_type 'gemma3' needs a 'text_config' object, got {show(text)}")
+            raw = {**GEMMA3_DEFAULTS, **_given(text), "model_type": "gemma3"}
         elif model_type == "gemma3_text":
-            raw = {**GEMMA3_DEFAULTS, **raw}
+            raw = {**GEMMA3_DEFAULTS, **_given(raw)}
 
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in raw.items() if k in names}
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        # a null for a key with a non-null default means "not given": the default applies
+        kwargs = {k: v for k, v in raw.items() if k in fields and not (v is None and _has_default(fields[k]))}
+        for key in REQUIRED_KEYS:
             if key not in kwargs:
                 raise ConfigError(f"{source}: required key {key!r} is missing")
         if raw.get("hidden_activation") is not None:  # Gemma's name for it
             kwargs["hidden_act"] = raw["hidden_activation"]
-        if raw.get("mlp_bias"):
-            raise ConfigError(f"{source}: mlp_bias=true is not supported")
-        kwargs["rope_parameters"] = _rope_parameters(raw, source)
-        kwargs["layer_types"] = _layer_types(raw, source)
-        config = cls(**kwargs)
+        if raw.get("mlp_bias") not in (None, False):
+            raise ConfigError(f"{source}: mlp_bias={show(raw['mlp_bias'])} is not supported; expected false")
+        _check_fields(kwargs, source)
+        config = cls(**{**kwargs, "rope_parameters": {}, "layer_types": []})
+        config.num_key_value_heads = config.num_key_value_heads or config.num_attention_heads
+        config.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        if config.sliding_window == 0:  # some files write 0 for "no window"
+            config.sliding_window = None
+        config.rope_parameters = _rope_parameters(raw, source)
+        config.layer_types = _layer_types(raw, config.num_hidden_layers, source)
         config._check(source)
         return config
 
@@ -133,39 +146,127 @@ class Config:
         if not path.is_file():
             raise ConfigError(f"{path}: no config.json")
         try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as err:  # bad JSON or encoding, an integer too long, too deep
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read ({err})") from None
         return cls.from_dict(raw, str(path))
 
+    def to_dict(self) -> dict:
+        """A config.json object that `from_dict` reads back to an equal Config."""
+        out = dataclasses.asdict(self)
+        if self.family in ("qwen2", "qwen3") and "sliding_attention" in self.layer_types:
+            out["use_sliding_window"] = True  # else Qwen's layer_types are read as all full attention
+        if self.model_type == "gemma3":
+            out = {"model_type": "gemma3", "text_config": out}
+        return out
+
     def _check(self, source: str) -> None:
-        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        """What the fields must satisfy together (each field alone is checked by `_check_fields`)."""
+        for key in ("num_key_value_heads", "head_dim"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+            if not _is_int(value) or not 0 < value <= MAX_SIZE:
+                raise ConfigError(f"{source}: {key} must be a positive integer, got {show(value)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple "
                               f"of num_key_value_heads={self.num_key_value_heads}")
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ConfigError(f"{source}: unsupported hidden_act {self.hidden_act!r}; "
-                              f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
-        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps >= 0):
-            raise ConfigError(f"{source}: rms_norm_eps must be a non-negative number, got {self.rms_norm_eps!r}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(f"{source}: layer_types has {len(self.layer_types)} entries for "
                               f"{self.num_hidden_layers} layers")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ConfigError(f"{source}: sliding_attention layers need a positive sliding_window")
+        for layer_type in sorted(set(self.layer_types)):
+            params = self.rope_parameters[layer_type]
+            rotary = self.head_dim * params["partial_rotary_factor"]
+            if int(rotary) < 2 or int(rotary) % 2:
+                raise ConfigError(f"{source}: head_dim={self.head_dim} × partial_rotary_factor="
+                                  f"{params['partial_rotary_factor']} gives {int(rotary)} rotary dimensions "
+                                  f"for {layer_type} layers; expected a positive even number")
+            if params["rope_type"] == "longrope":
+                old = params.get("original_max_position_embeddings") or self.original_max_position_embeddings
+                if not _is_int(old) or not 0 < old <= MAX_SIZE:
+                    raise ConfigError(f"{source}: longrope needs a positive integer original_max_position_embeddings "
+                                      f"(in the rope settings or at the top level), got {show(old)}")
+                for key in ("short_factor", "long_factor"):
+                    if len(params[key]) != int(rotary) // 2:
+                        raise ConfigError(f"{source}: rope {key!r} for {layer_type} layers has {len(params[key])} "
+                                          f"entries; expected {int(rotary) // 2} (half the rotary dimensions)")
 
+
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 GEMMA3_DEFAULTS = dict(  # transformers' Gemma3TextConfig defaults that real config.json files omit
     vocab_size=262208, hidden_act="gelu_pytorch_tanh", head_dim=256, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
     rope_local_base_freq=10_000.0, query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
     tie_word_embeddings=True, max_position_embeddings=131072, bos_token_id=2, eos_token_id=1,
 )
+
+
+# ---- checking values ------------------------------------------------------------------
+def _given(raw: dict) -> dict:
+    """The keys of a config object that are not null."""
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    """Whether a field has a default other than None."""
+    return f.default_factory is not dataclasses.MISSING or f.default not in (None, dataclasses.MISSING)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value):
+    """value as a finite float, or None if it is not a finite JSON number (true/false are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _check_fields(kwargs: dict, source: str) -> None:
+    """Each field read from the file, alone: its type and range."""
+    def fail(key, expected):
+        raise ConfigError(f"{source}: {key} must be {expected}, got {show(kwargs[key])}")
+
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings"):
+        if key in kwargs and (not _is_int(kwargs[key]) or not 0 < kwargs[key] <= MAX_SIZE):
+            fail(key, "a positive integer")
+    if kwargs["num_hidden_layers"] > MAX_LAYERS:
+        fail("num_hidden_layers", f"at most {MAX_LAYERS}")
+    for key in ("num_key_value_heads", "head_dim"):  # 0 (or absent): derived from the others
+        if key in kwargs and (not _is_int(kwargs[key]) or not 0 <= kwargs[key] <= MAX_SIZE):
+            fail(key, "a positive integer (or 0 to derive it)")
+    for key in ("original_max_position_embeddings", "sliding_window"):
+        if kwargs.get(key) is not None and (not _is_int(kwargs[key]) or not 0 <= kwargs[key] <= MAX_SIZE):
+            fail(key, "a positive integer or null")
+    for key in ("bos_token_id", "eos_token_id"):
+        value = kwargs.get(key)
+        if value is None or _is_int(value):
+            continue
+        if key == "eos_token_id" and isinstance(value, list) and all(_is_int(v) for v in value):
+            continue
+        fail(key, "a token id" + (", a list of token ids" if key == "eos_token_id" else "") + " or null")
+    if "hidden_act" in kwargs and (not isinstance(kwargs["hidden_act"], str)
+                                   or kwargs["hidden_act"] not in SUPPORTED_ACTIVATIONS):
+        raise ConfigError(f"{source}: unsupported hidden_act {show(kwargs['hidden_act'])}; "
+                          f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
+    if "rms_norm_eps" in kwargs and not (_number(kwargs["rms_norm_eps"]) is not None and kwargs["rms_norm_eps"] >= 0):
+        fail("rms_norm_eps", "a non-negative number")
+    for key in ("tie_word_embeddings", "attention_bias"):
+        if key in kwargs and not isinstance(kwargs[key], bool):
+            fail(key, "true or false")
+    if kwargs.get("query_pre_attn_scalar") is not None and not (_number(kwargs["query_pre_attn_scalar"]) or 0) > 0:
+        fail("query_pre_attn_scalar", "a positive number or null")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # 0 or null: no soft-capping
+        if kwargs.get(key) is not None and not (_number(kwargs[key]) is not None and kwargs[key] >= 0):
+            fail(key, "a positive number or null")
 
 
 def _rope_parameters(raw: dict, source: str) -> dict:
@@ -175,47 +276,100 @@ def _rope_parameters(raw: dict, source: str) -> dict:
     type's own keys (`factor`, `low_freq_factor`, `short_factor`, ...).
     """
     given = raw.get("rope_parameters")
+    if given is not None and not isinstance(given, dict):
+        raise ConfigError(f"{source}: rope_parameters must be an object, got {show(given)}")
     if isinstance(given, dict) and set(given) & set(LAYER_TYPES):  # transformers 5, keyed by layer type
         present = [t for t in LAYER_TYPES if t in given]
+        for t in present:
+            if not isinstance(given[t], dict):
+                raise ConfigError(f"{source}: rope_parameters[{t!r}] must be an object, got {show(given[t])}")
         per_type = {t: dict(given.get(t, given[present[0]])) for t in LAYER_TYPES}
     elif isinstance(given, dict):  # transformers 5, one for all layers
         per_type = {t: dict(given) for t in LAYER_TYPES}
     else:  # transformers 4: rope_theta + rope_scaling (+ Gemma 3's local base)
-        scaling = dict(raw.get("rope_scaling") or {})
-        glob = {"rope_theta": raw.get("rope_theta", 10_000.0), **scaling}
-        local = {"rope_theta": raw.get("rope_local_base_freq", glob["rope_theta"])}
+        scaling = raw.get("rope_scaling")
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ConfigError(f"{source}: rope_scaling must be an object or null, got {show(scaling)}")
+        glob = {"rope_theta": _get(raw, "rope_theta", 10_000.0), **(scaling or {})}
+        local = {"rope_theta": _get(raw, "rope_local_base_freq", glob["rope_theta"])}
         if raw.get("rope_local_base_freq") is None:
             local = dict(glob)
         per_type = {"full_attention": glob, "sliding_attention": local}
-    for params in per_type.values():
+    for layer_type, params in per_type.items():
         params["rope_type"] = params.get("rope_type") or params.pop("type", None) or "default"
         if params["rope_type"] == "su":  # the first Phi-3 files' name for longrope
             params["rope_type"] = "longrope"
-        params.setdefault("rope_theta", raw.get("rope_theta", 10_000.0))
-        params.setdefault("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
-        if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(f"{source}: unsupported rope type {params['rope_type']!r}; "
-                              f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if params.get("rope_theta") is None:
+            params["rope_theta"] = _get(raw, "rope_theta", 10_000.0)
+        if params.get("partial_rotary_factor") is None:
+            params["partial_rotary_factor"] = _get(raw, "partial_rotary_factor", 1.0)
+        _check_rope(params, layer_type, source)
     return per_type
 
 
-def _layer_types(raw: dict, source: str) -> list:
-    """'full_attention' or 'sliding_attention' for every layer."""
-    n = raw["num_hidden_layers"]
+def _get(raw: dict, key: str, default):
+    value = raw.get(key)
+    return default if value is None else value
+
+
+def _check_rope(params: dict, layer_type: str, source: str) -> None:
+    """The rotary settings of one layer type: a supported type with every key it needs."""
+    kind = params["rope_type"]
+    if not isinstance(kind, str) or kind not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"{source}: unsupported rope type {show(kind)}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+    def need(key, expected, ok):
+        value = params.get(key)
+        if not ok(value):
+            raise ConfigError(f"{source}: {kind} rope for {layer_type} layers needs {key} to be {expected}, "
+                              f"got {show(value)}")
+
+    def positive(value):
+        return (_number(value) or 0) > 0
+
+    need("rope_theta", "a positive number", positive)
+    need("partial_rotary_factor", "a number in (0, 1]", lambda v: positive(v) and v <= 1)
+    if kind == "linear":
+        need("factor", "a positive number", positive)
+    elif kind == "llama3":
+        for key in ("factor", "low_freq_factor"):
+            need(key, "a positive number", positive)
+        need("high_freq_factor", "a number above low_freq_factor",
+             lambda v: positive(v) and v > params["low_freq_factor"])
+        need("original_max_position_embeddings", "a positive integer", lambda v: _is_int(v) and 0 < v <= MAX_SIZE)
+    elif kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            need(key, "a list of positive numbers", lambda v: isinstance(v, list) and all(positive(x) for x in v))
+        for key in ("factor", "attention_factor"):
+            need(key, "a positive number or null", lambda v: v is None or positive(v))
+
+
+def _layer_types(raw: dict, n: int, source: str) -> list:
+    """'full_attention' or 'sliding_attention' for every one of the n layers."""
     given = raw.get("layer_types")
+    use_sliding = raw.get("use_sliding_window")
+    if use_sliding is not None and not isinstance(use_sliding, bool):
+        raise ConfigError(f"{source}: use_sliding_window must be true or false, got {show(use_sliding)}")
     if given is not None:
-        bad = [t for t in given if t not in LAYER_TYPES]
+        if not isinstance(given, list):
+            raise ConfigError(f"{source}: layer_types must be a list, got {show(given)}")
+        bad = [t for t in given if not isinstance(t, str) or t not in LAYER_TYPES]
         if bad:
-            raise ConfigError(f"{source}: unknown layer type {bad[0]!r} in layer_types; expected one of {LAYER_TYPES}")
-        if raw["model_type"] in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
+            raise ConfigError(f"{source}: unknown layer type {show(bad[0])} in layer_types; "
+                              f"expected one of {', '.join(LAYER_TYPES)}")
+        if raw["model_type"] in ("qwen2", "qwen3") and not use_sliding:
             return ["full_attention"] * n  # Qwen writes sliding layer types but uses them only when asked to
         return list(given)
     if raw["model_type"] in ("gemma3", "gemma3_text"):  # older files: every `pattern`-th layer is global
         pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6
+        if not _is_int(pattern) or pattern < 1:
+            raise ConfigError(f"{source}: sliding_window_pattern must be a positive integer, got {show(pattern)}")
         return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
     if raw["model_type"] in ("mistral", "phi3") and raw.get("sliding_window"):
         return ["sliding_attention"] * n
-    if raw["model_type"] in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
-        first = raw.get("max_window_layers", n)
+    if raw["model_type"] in ("qwen2", "qwen3") and use_sliding:
+        first = _get(raw, "max_window_layers", n)
+        if not _is_int(first):
+            raise ConfigError(f"{source}: max_window_layers must be an integer, got {show(first)}")
         return ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     return ["full_attention"] * n

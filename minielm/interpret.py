@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .linear_map import EquivalentLinearMap
+from .model import times_transposed
 
 
 def stable_rank(J: torch.Tensor) -> torch.Tensor:
@@ -59,17 +60,23 @@ def stacked_svd(elm: EquivalentLinearMap, k: int = 5) -> Singular:
 
 def decode_output(model, u: torch.Tensor, n: int = 5) -> list:
     """The n tokens whose unembedding rows point most along u (d,): [(token, score)]."""
-    scores = model.weights["lm_head"] @ u  # (V,)
+    scores = times_transposed(u, model.weights["lm_head"])  # (V,): W_U u
     top = torch.topk(scores, n)
     return [(model_token(model, i), float(s)) for s, i in zip(top.values, top.indices)]
 
 
 def decode_input(model, v: torch.Tensor, n: int = 5) -> list:
     """The n embedding rows most cosine-similar to v (d,): [(token, cosine)]."""
-    E = model.weights["embed"]
-    cosine = (E @ v) / (torch.linalg.vector_norm(E, dim=1) * torch.linalg.vector_norm(v)).clamp_min(1e-300)
+    cosine = times_transposed(v, model.weights["embed"]) / (embedding_norms(model) * torch.linalg.vector_norm(v)).clamp_min(1e-300)
     top = torch.topk(cosine, n)
     return [(model_token(model, i), float(c)) for c, i in zip(top.values, top.indices)]
+
+
+def embedding_norms(model, chunk=16384) -> torch.Tensor:
+    """‖E_i‖ for every embedding row (V,), in the compute dtype, a block of rows at a time."""
+    E = model.weights["embed"]
+    return torch.cat([torch.linalg.vector_norm(E[i:i + chunk].to(model.device, model.dtype), dim=1)
+                      for i in range(0, E.shape[0], chunk)])
 
 
 def model_token(model, i) -> str:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
-from .model import Frozen, FrozenLayer, Model
+from .model import Frozen, FrozenLayer, Model, times_transposed
 
 
 # ---- one residual branch, backwards -------------------------------------------------------
@@ -70,10 +70,17 @@ def mlp_branch(model: Model, i: int, factors: FrozenLayer, G, rows):
     """
     W_D, gate, W_U = folded_mlp(model, model.weights["layers"][i], factors, rows)
     G = G[rows]
-    d, f, r = W_D.shape[0], W_D.shape[1], G.shape[1]
-    if d * f + r * d < 2 * r * f:  # explicit: (T', d, d) operators, then one (r×d)(d×d) product per position
-        return G @ ((W_D[None] * gate[:, None, :]) @ W_U)
-    return ((G @ W_D) * gate[:, None, :]) @ W_U  # factored: (r×d)(d×f), scale by φ, (r×f)(f×d)
+    (T_, r, d), f = G.shape, W_D.shape[1]
+    explicit = d * f + r * d < 2 * r * f
+    out = torch.empty_like(G)
+    step = max(1, T_ * d // f)  # positions at a time: the (step, ·, f) temporaries stay within G's size
+    for a in range(0, T_, step):
+        g = gate[a:a + step, None, :]  # (step, 1, f)
+        if explicit:  # (step, d, d) operators W_D diag(φ_t) W_U, then one (r×d)(d×d) product per position
+            out[a:a + step] = G[a:a + step] @ ((W_D[None] * g) @ W_U)
+        else:  # factored: (r×d)(d×f), scale by φ, (r×f)(f×d)
+            out[a:a + step] = ((G[a:a + step] @ W_D) * g) @ W_U
+    return out
 
 
 def attention_branch(model: Model, i: int, factors: FrozenLayer, G, rows):
@@ -288,12 +295,13 @@ def attribution(model: Model, ids, token: int | None = None) -> Attribution:
     _, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)
     final_w = model.weights["final_norm"]
     y = model.norm(residual[-1][-1], final_w, frozen.final_norm[-1])[0]
-    logits = y @ model.weights["lm_head"].T  # (V,), before soft-capping
+    logits = times_transposed(y, model.weights["lm_head"])  # (V,), before soft-capping
     token = int(logits.argmax()) if token is None else token
     if not (isinstance(token, int) and 0 <= token < model.config.vocab_size):
         raise InputError(f"token must be an id in [0, {model.config.vocab_size}), got {token!r}")
     # u = ∂z/∂h^L_T: the unembedding row through the frozen final norm.
-    u = model.weights["lm_head"][token] * (model.config.norm_offset + final_w) * frozen.final_norm[-1]  # (d,)
+    w_token = model.weights["lm_head"][token].to(x.device, x.dtype)  # (d,)
+    u = w_token * (model.config.norm_offset + final_w) * frozen.final_norm[-1]  # (d,)
     table = x.new_zeros(T, L, 2)
     bias = x.new_zeros(L, 2)
     for layer in range(L):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from .checkpoint import load_weights
 from .config import Config
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, show
 from .model import Model
 from .tokenizer import load_tokenizer
 
@@ -20,7 +21,7 @@ def resolve_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype not in DTYPES.values():
-        raise InputError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        raise InputError(f"unsupported dtype {show(dtype)}; expected one of {', '.join(DTYPES)}")
     return dtype
 
 
@@ -28,8 +29,8 @@ def resolve_device(device) -> torch.device:
     """A usable torch device, or an InputError saying why not."""
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {show(device)}; expected 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"device {str(device)!r} is not available: no CUDA device on this machine")
@@ -41,9 +42,19 @@ def resolve_device(device) -> torch.device:
 
 
 def load(path, dtype=torch.float64, device="cpu") -> Model:
-    """Load a local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)."""
+    """Load a local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer).
+
+    Reads only: nothing is written into the directory. Raises InputError for a bad
+    dtype or device, CheckpointError, ConfigError or TokenizerError, naming the file
+    and what was expected, for a missing, broken or unsupported checkpoint. A checkpoint
+    without a tokenizer loads; `model.tokenizer` then raises TokenizerError.
+    """
     dtype, device = resolve_dtype(dtype), resolve_device(device)
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"checkpoint path must be a str or a path, got {type(path).__name__}")
     directory = Path(path)
+    if directory.is_file():
+        raise CheckpointError(f"{directory}: is a file; expected a checkpoint directory (config.json, *.safetensors)")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     config = Config.from_file(directory / "config.json")

@@ -167,20 +167,14 @@ def attention(u, w, config, layer_type, positions, cache=None, layer=None, probs
 class Model:
     """A decoder-only language model held as plain tensors in one compute dtype."""
 
-    def __init__(self, config: Config, weights: dict, tokenizer=None, directory=None):
+    def __init__(self, config: Config, weights: dict, tokenizer=None, directory=None, dtype=None, device=None):
         self.config = config
-        self.weights = weights
+        self.weights = weights  # streamed models keep embed/lm_head in the file's dtype, layers cast on access
         self._tokenizer = tokenizer
         self.directory = directory
+        self.dtype = dtype or weights["embed"].dtype  # the one compute dtype
+        self.device = torch.device(device) if device is not None else weights["embed"].device
         self.activation = ACTIVATIONS[config.hidden_act]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weights["embed"].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weights["embed"].device
 
     @property
     def tokenizer(self):
@@ -199,7 +193,8 @@ class Model:
     def embed(self, ids) -> torch.Tensor:
         """x_t = E[id_t] (· sqrt(d) for Gemma): (T, d), the vectors entering the first block."""
         ids = self.check_ids(ids)
-        x = self.weights["embed"][torch.tensor(ids, device=self.device)]  # (T, d)
+        E = self.weights["embed"]
+        x = E[torch.tensor(ids, device=E.device)].to(self.device, self.dtype)  # (T, d)
         return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
 
     def norm(self, h, weight, inv_rho=None):
@@ -254,7 +249,7 @@ class Model:
 
     def unembed(self, y) -> torch.Tensor:
         """Logits W_U y (soft-capped where the config says so): (..., d) -> (..., V)."""
-        logits = y @ self.weights["lm_head"].T
+        logits = times_transposed(y, self.weights["lm_head"])
         cap = self.config.final_logit_softcapping
         return cap * torch.tanh(logits / cap) if cap else logits
 
@@ -306,6 +301,14 @@ class Model:
             raise InputError(f"{len(ids)} tokens exceed max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         return ids
+
+
+def times_transposed(y, W, chunk=16384):
+    """y Wᵀ: (..., d) -> (..., rows). A weight kept in a lower-precision file dtype (streamed
+    models) is cast to y's dtype and device a block of rows at a time."""
+    if W.dtype == y.dtype and W.device == y.device:
+        return y @ W.T
+    return torch.cat([y @ W[i:i + chunk].to(y.device, y.dtype).T for i in range(0, W.shape[0], chunk)], dim=-1)
 
 
 def sample(logits, temperature, top_k, generator) -> int:
