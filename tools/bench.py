@@ -6,7 +6,7 @@
 Each method runs in its own child process, which loads the model, notes its
 peak resident memory, runs the method `--repeats` times and reports the
 median time and the extra peak memory over the loaded model. The analytic
-path's flop count (from the shapes; see `analytic_flops`) divided by its time
+path's flop count (from the shapes; see minielm/cost.py) divided by its time
 is compared with this machine's measured float64 matmul rate.
 """
 
@@ -28,6 +28,7 @@ import torch
 import minielm
 from minielm.checkpoint import expected_shapes, save_checkpoint
 from minielm.config import Config
+from minielm.cost import Shape, assembly_flops
 
 
 def random_checkpoint(directory, d, layers, f, heads, kv_heads, vocab, seed=0):
@@ -48,19 +49,6 @@ def random_checkpoint(directory, d, layers, f, heads, kv_heads, vocab, seed=0):
     weights = {"embed": tensor("embed"), "final_norm": tensor("final_norm"),
                "layers": [{n: tensor(n) for n in layer_names} for _ in range(layers)]}
     save_checkpoint(directory, config_json, weights)
-
-
-def analytic_flops(config, T) -> int:
-    """Multiply-adds × 2 of the reverse sweep, stage by stage, as minielm.linear_map performs it."""
-    d, f, H, Hkv, hd = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                        config.num_key_value_heads, config.head_dim)
-    r, flops, rows = d, 0, 1  # rows: positions where G is nonzero (only the last one at the top)
-    for _ in range(config.num_hidden_layers):
-        explicit = d * f + r * d < 2 * r * f
-        flops += rows * (2 * d * f * d + 2 * r * d * d) if explicit else rows * 4 * r * d * f  # MLP
-        flops += 2 * rows * r * d * H * hd + 2 * H * rows * T * r * hd + 2 * T * r * Hkv * hd * d  # attention
-        rows = T
-    return flops
 
 
 def peak_rss_mb() -> float:
@@ -133,7 +121,7 @@ def main():
             results[method] = json.loads(subprocess.run(command, check=True, capture_output=True,
                                                         text=True).stdout.strip().splitlines()[-1])
     rate = matmul_rate(args.threads)
-    flops = analytic_flops(config, args.tokens)
+    flops = assembly_flops(Shape.of(config), args.tokens)
     a, g = results["analytic"], results["autograd"]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {args.threads} threads; float64 matmul {rate / 1e9:.1f} GFLOP/s")
