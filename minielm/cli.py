@@ -122,13 +122,20 @@ def print_explanation(r, model):
         print(f"  {row['sigma']:>8.3f}   {out:<40} @{at}: {' '.join(row['input_tokens'])}")
 
 
-def plot_explanation(path, report, elm):
+def pyplot():
+    """matplotlib's pyplot, drawing to files only; an InputError if it is not installed."""
     try:
         import matplotlib
     except ImportError:
         raise InputError("--plot needs matplotlib: pip install 'minielm[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_explanation(path, report, elm):
+    plt = pyplot()
 
     S = torch.linalg.svdvals(elm.operators.permute(1, 0, 2).reshape(elm.operators.shape[1], -1)).cpu()
     shares = [row["share"] for row in report["per_token"]]
@@ -202,12 +209,7 @@ def layers(args) -> int:
 
 
 def plot_layers(path, rows, tokens):
-    try:
-        import matplotlib
-    except ImportError:
-        raise InputError("--plot needs matplotlib: pip install 'minielm[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"output": ("residual stream (final norm)", "tab:blue"), "attention": ("attention", "tab:orange"),

@@ -77,6 +77,14 @@ def child(args):
                       "extra_peak_mb": peak_rss_mb() - before, "checksum": float(J.abs().sum())}))
 
 
+def measure(model_dir, method, tokens, repeats=3, threads=None) -> dict:
+    """Run one method in a child process: {'seconds': median, 'extra_peak_mb': ..., 'checksum': ...}."""
+    command = [sys.executable, __file__, "--model", str(model_dir), "--tokens", str(tokens),
+               "--repeats", str(repeats), "--threads", str(threads or os.cpu_count()), "--method", method]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def matmul_rate(threads, n=1536, repeats=5) -> float:
     """This machine's float64 GEMM rate, flop/s (best of a few n × n products)."""
     torch.set_num_threads(threads)
@@ -114,12 +122,8 @@ def main():
             args.model = tmp
             random_checkpoint(tmp, args.d, args.layers, args.ffn, args.heads, args.kv_heads, args.vocab)
         config = minielm.load(args.model).config
-        results = {}
-        for method in ("analytic", "autograd"):
-            command = [sys.executable, __file__, "--model", args.model, "--tokens", str(args.tokens),
-                       "--repeats", str(args.repeats), "--threads", str(args.threads), "--method", method]
-            results[method] = json.loads(subprocess.run(command, check=True, capture_output=True,
-                                                        text=True).stdout.strip().splitlines()[-1])
+        results = {method: measure(args.model, method, args.tokens, args.repeats, args.threads)
+                   for method in ("analytic", "autograd")}
     rate = matmul_rate(args.threads)
     flops = assembly_flops(Shape.of(config), args.tokens)
     a, g = results["analytic"], results["autograd"]
