@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, MinielmError
-from .interpret import (decode_input, decode_output, layer_table, model_token, stable_rank, stacked_svd,
+from .interpret import (decode_input, decode_output, layer_table, model_token, stable_rank, stacked_svd, svd_ready,
                         token_shares)
 from .linear_map import detached_jacobian, equivalent_linear_map
 from .loader import load
@@ -34,12 +34,14 @@ class Progress:
         self.what = what
 
     def __enter__(self):
-        self.start = time.perf_counter()
-        print(f"… {self.what}", end="", file=sys.stderr, flush=True)
+        self.start, self.shown = time.perf_counter(), sys.stderr.isatty()  # only for a person watching
+        if self.shown:
+            print(f"… {self.what}", end="", file=sys.stderr, flush=True)
 
     def __exit__(self, kind, *_):
-        done = f"{time.perf_counter() - self.start:.2f} s" if kind is None else "failed"
-        print(f" ({done})", file=sys.stderr, flush=True)
+        if self.shown:
+            done = f"{time.perf_counter() - self.start:.2f} s" if kind is None else "failed"
+            print(f" ({done})", file=sys.stderr, flush=True)
 
 
 def load_model(args):
@@ -66,7 +68,7 @@ def explain(args) -> int:
     with Progress("singular value decompositions"):
         svd = stacked_svd(elm, args.k)
         ranks = stable_rank(elm.operators)
-        sigma1 = torch.linalg.matrix_norm(elm.operators, ord=2)
+        sigma1 = torch.linalg.matrix_norm(svd_ready(elm.operators), ord=2)
     probs = torch.softmax(model.logits(ids)[-1], dim=-1)
     top = torch.topk(probs, 5)
     shares = token_shares(elm)
@@ -137,7 +139,7 @@ def pyplot():
 def plot_explanation(path, report, elm):
     plt = pyplot()
 
-    S = torch.linalg.svdvals(elm.operators.permute(1, 0, 2).reshape(elm.operators.shape[1], -1)).cpu()
+    S = torch.linalg.svdvals(svd_ready(elm.operators).permute(1, 0, 2).reshape(elm.operators.shape[1], -1)).cpu()
     shares = [row["share"] for row in report["per_token"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
     left.semilogy(range(1, len(S) + 1), S, marker=".", lw=1)
@@ -269,7 +271,7 @@ def build_parser():
         sub.add_argument("--model", help=f"checkpoint directory (default: the shipped {DEFAULT_MODEL.name})")
         sub.add_argument("--dtype", default="float64", help="compute dtype (default float64)")
         sub.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-        sub.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sub
 
     sub = command("explain", explain, "the equivalent linear map of a prompt, read out")
@@ -314,6 +316,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("minielm: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, not bad input: still one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"minielm: error: internal {type(err).__name__}: {' '.join(str(err).split())} "
+              "(--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -133,8 +133,6 @@ class Config:
         config = cls(**{**kwargs, "rope_parameters": {}, "layer_types": []})
         config.num_key_value_heads = config.num_key_value_heads or config.num_attention_heads
         config.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
-        if config.sliding_window == 0:  # some files write 0 for "no window"
-            config.sliding_window = None
         config.rope_parameters = _rope_parameters(raw, source)
         config.layer_types = _layer_types(raw, config.num_hidden_layers, source)
         config._check(source)

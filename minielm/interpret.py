@@ -21,8 +21,14 @@ from .linear_map import EquivalentLinearMap
 from .model import times_transposed
 
 
+def svd_ready(J: torch.Tensor) -> torch.Tensor:
+    """linalg's SVD kernels take float32 and float64 only: bfloat16/float16 are upcast (exactly) to float32."""
+    return J if J.dtype in (torch.float32, torch.float64) else J.float()
+
+
 def stable_rank(J: torch.Tensor) -> torch.Tensor:
     """‖J‖_F² / σ_1² of each matrix in a stack (..., m, n) -> (...)."""
+    J = svd_ready(J)
     sigma1 = torch.linalg.matrix_norm(J, ord=2)
     return torch.linalg.matrix_norm(J) ** 2 / sigma1 ** 2
 
@@ -51,7 +57,8 @@ def align_signs(U, V, y):
 def stacked_svd(elm: EquivalentLinearMap, k: int = 5) -> Singular:
     """Dense SVD of [J_1 … J_T] (d × T·d), top k."""
     T, d, _ = elm.operators.shape
-    U, S, Vh = torch.linalg.svd(stacked(elm.operators), full_matrices=False)
+    U, S, Vh = torch.linalg.svd(svd_ready(stacked(elm.operators)), full_matrices=False)
+    U, S, Vh = (t.to(elm.operators.dtype) for t in (U, S, Vh))
     k = min(k, S.shape[0])
     V = Vh[:k].T.reshape(T, d, k)
     U, V = align_signs(U[:, :k], V, elm.output)

@@ -180,7 +180,8 @@ class EquivalentLinearMap:
 
     def relative_error(self) -> float:
         """‖Σ_t J_t x_t + b − y‖ / ‖y‖."""
-        return float(torch.linalg.vector_norm(self.reconstruct() - self.output) / torch.linalg.vector_norm(self.output))
+        error = self.reconstruct().double() - self.output.double()  # measured in float64 whatever the dtype
+        return float(torch.linalg.vector_norm(error) / torch.linalg.vector_norm(self.output.double()))
 
     def logits(self) -> torch.Tensor:
         """Next-token logits (V,) from the reconstruction (final-normed targets only)."""

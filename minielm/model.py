@@ -20,6 +20,7 @@ H / Hkv query / key-value heads of size hd, f = intermediate_size, V = vocab.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -195,6 +196,7 @@ class Model:
         ids = self.check_ids(ids)
         E = self.weights["embed"]
         x = E[torch.tensor(ids, device=E.device)].to(self.device, self.dtype)  # (T, d)
+        check_finite(x, None, "embedding")
         return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
 
     def norm(self, h, weight, inv_rho=None):
@@ -245,11 +247,13 @@ class Model:
         if cache is not None:
             cache.length += x.shape[0]
         y, inv_rho = self.norm(h, self.weights["final_norm"], frozen.final_norm if frozen else None)
+        check_finite(y, None, "final norm")
         return y, Frozen(layers, inv_rho)
 
     def unembed(self, y) -> torch.Tensor:
         """Logits W_U y (soft-capped where the config says so): (..., d) -> (..., V)."""
         logits = times_transposed(y, self.weights["lm_head"])
+        check_finite(logits, None, "unembedding")
         cap = self.config.final_logit_softcapping
         return cap * torch.tanh(logits / cap) if cap else logits
 
@@ -291,7 +295,11 @@ class Model:
         return new
 
     def check_ids(self, ids) -> list:
-        ids = list(ids)
+        """Token ids as a list of ints, each in the vocabulary; at least one, at most the positions."""
+        try:
+            ids = [operator.index(i) for i in ids]  # ints, numpy or 0-d torch integers
+        except TypeError:
+            ids = list(ids)
         if not ids:
             raise InputError("empty prompt: no tokens to run")
         if not all(isinstance(i, int) and 0 <= i < self.config.vocab_size for i in ids):
@@ -323,5 +331,7 @@ def sample(logits, temperature, top_k, generator) -> int:
 
 
 def check_finite(h, layer, operation):
+    """NumericalError naming where values first stopped being finite (layer None: outside the layers)."""
     if not bool(torch.isfinite(h).all()):
-        raise NumericalError(f"non-finite values after the {operation} of layer {layer}")
+        where = f"the {operation}" if layer is None else f"the {operation} of layer {layer}"
+        raise NumericalError(f"non-finite values after {where}")

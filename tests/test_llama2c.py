@@ -10,7 +10,6 @@ Three independent views of the same weights must agree:
 import importlib.util
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
 
