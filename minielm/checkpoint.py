@@ -10,11 +10,16 @@ Files are opened memory-mapped and never written.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
+import mmap
+import os
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .config import Config
 from .errors import CheckpointError
@@ -137,11 +142,74 @@ def _read_index(index: Path) -> dict:
     return {name: index.parent / shard for name, shard in weight_map.items()}
 
 
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as err:  # safetensors raises its own error type for truncated or garbage files
-        raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class MappedFile:
+    """One safetensors file, memory-mapped read-only; tensors are zero-copy views in the file's dtype.
+
+    Layout: 8 bytes little-endian n, n bytes of JSON header {name: {dtype, shape,
+    data_offsets: [begin, end]}}, then the data, offsets counted from its start.
+    Everything the header claims is checked against the file's size first.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                n = int.from_bytes(f.read(8), "little")
+                if size < 8 or n > size - 8:
+                    raise ValueError(f"header of {n} bytes does not fit in a file of {size} bytes")
+                header = json.loads(f.read(n))
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except (OSError, ValueError, RecursionError) as err:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: unreadable safetensors file (the header is not a JSON object)")
+        header.pop("__metadata__", None)
+        self.start, self.entries = 8 + n, {}
+        for name, entry in header.items():
+            self.entries[name] = self._checked(name, entry, size - self.start)
+
+    def _checked(self, name, entry, data_size):
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{self.path}: unreadable safetensors file (bad header entry for {name!r})") from None
+        count = math.prod(shape)
+        if not 0 <= begin <= end <= data_size or end - begin != count * dtype.itemsize:
+            raise CheckpointError(f"{self.path}: unreadable safetensors file (tensor {name!r} claims bytes "
+                                  f"{begin}..{end} of {data_size}: truncated or corrupt)")
+        return dtype, shape, begin, count
+
+    def keys(self):
+        return self.entries.keys()
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor as a read-only view into the mapped file (no copy)."""
+        dtype, shape, begin, count = self.entries[name]
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():  # the map is read-only; nothing writes through these views
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(self.map, dtype=dtype, count=count, offset=self.start + begin).view(shape)
+
+    def release(self, name: str) -> None:
+        """Let the kernel drop the pages of a tensor already cast: they leave this process's memory."""
+        _, _, begin, count = self.entries[name]
+        first = (self.start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        last = self.start + begin + count * self.entries[name][0].itemsize
+        if count and hasattr(self.map, "madvise"):
+            self.map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _open(path: Path) -> MappedFile:
+    return MappedFile(path)
 
 
 class TensorSource:
@@ -149,35 +217,80 @@ class TensorSource:
 
     def __init__(self, directory: Path):
         self.where = safetensors_files(directory)
-        self.handles = {}
+        self.files = {}
 
     def names(self) -> set:
         return set(self.where)
 
-    def get(self, name: str) -> torch.Tensor:
+    def file(self, name: str) -> MappedFile:
         path = self.where[name]
-        if path not in self.handles:
-            self.handles[path] = _open(path)
-        try:
-            return self.handles[path].get_tensor(name)
-        except Exception as err:
-            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({err})") from None
+        if path not in self.files:
+            self.files[path] = _open(path)
+        if name not in self.files[path].entries:
+            raise CheckpointError(f"{path}: has no tensor {name!r}, which the index places there")
+        return self.files[path]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.file(name).view(name)
 
 
-def load_weights(directory: Path, config: Config, dtype: torch.dtype, device) -> dict:
+def load_weights(directory: Path, config: Config, dtype: torch.dtype, device, stream: bool = False) -> dict:
     """All decoder tensors, by short name: {'embed', 'final_norm', 'lm_head', 'layers': [dict, ...]}.
 
-    Raises CheckpointError naming the tensor if one is missing, left over or
-    of the wrong shape.
+    Raises CheckpointError naming the tensor if one is missing, left over or of
+    the wrong shape. With `stream`, the embedding and unembedding stay
+    memory-mapped in the file's dtype and the layers are `StreamedLayers`, cast
+    to the compute dtype only while they are used.
     """
     source = TensorSource(directory)
+    plan = checked_plan(source, directory, config)
+    weights = {"layers": [{} for _ in range(config.num_hidden_layers)]}
+    for hf_name, layer, parts in plan:
+        if stream and (layer is not None or parts[0][0] in ("embed", "lm_head")):
+            continue
+        target = weights if layer is None else weights["layers"][layer]
+        for name, piece in zip((p for p, _ in parts), split_parts(source.get(hf_name), parts)):
+            target[name] = piece.to(device=device, dtype=dtype).contiguous()
+    if stream:
+        for hf_name, _, _ in plan:
+            mapped = source.file(hf_name)
+            dtype, _, begin, _ = mapped.entries[hf_name]
+            if (mapped.start + begin) % dtype.itemsize:
+                raise CheckpointError(f"{mapped.path}: tensor {hf_name!r} starts at byte {mapped.start + begin}, "
+                                      f"not a multiple of its {dtype.itemsize}-byte elements: stream=True maps "
+                                      f"tensors in place and needs them aligned; load without stream=True")
+        return_freed_memory_promptly()
+        for hf_name, layer, parts in plan:
+            if layer is None and parts[0][0] in ("embed", "lm_head"):
+                weights[parts[0][0]] = source.get(hf_name)  # (V, d) in the file's dtype, memory-mapped
+        weights["layers"] = StreamedLayers(source, plan, config.num_hidden_layers, dtype, device)
+    if config.tie_word_embeddings:
+        weights["lm_head"] = weights["embed"]
+    return weights
+
+
+def return_freed_memory_promptly() -> None:
+    """glibc keeps freed blocks under a moving size threshold (up to 32 MiB) in its heap, so a
+    streamed model's per-layer tensors would pile up there instead of going back to the system.
+    A fixed threshold of 1 MiB (mallopt M_MMAP_THRESHOLD) returns them as each layer is dropped.
+    Elsewhere than glibc this does nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        pass
+
+
+def checked_plan(source: TensorSource, directory: Path, config: Config) -> list:
+    """[(hf_name, layer or None, [(short name, rows), ...])] for every tensor the decoder uses,
+    after checking that each is present, floating point and of the expected shape, and that
+    nothing else is in the checkpoint."""
     available = source.names()
     prefix = next((p for p in DECODER_PREFIXES if p + "embed_tokens.weight" in available), None)
     if prefix is None:
         raise CheckpointError(f"{directory}: tensor 'model.embed_tokens.weight' is missing")
-    wanted = {prefix + k: v for k, v in TOP_LEVEL.items()}
+    wanted = {prefix + k: (None, v) for k, v in TOP_LEVEL.items()}
     if not config.tie_word_embeddings:
-        wanted["lm_head.weight"] = "lm_head"
+        wanted["lm_head.weight"] = (None, "lm_head")
     per_layer = layer_map(config)
     for i in range(config.num_hidden_layers):
         wanted.update({f"{prefix}layers.{i}.{k}": (i, v) for k, v in per_layer.items()})
@@ -189,28 +302,72 @@ def load_weights(directory: Path, config: Config, dtype: torch.dtype, device) ->
                               f"({len(leftover)} tensor(s) not used by a {config.num_hidden_layers}-layer "
                               f"{config.model_type} decoder)")
     shapes = expected_shapes(config)
-    weights = {"layers": [{} for _ in range(config.num_hidden_layers)]}
-    for hf_name, short in wanted.items():
+    plan = []
+    for hf_name, (layer, short) in wanted.items():
         if hf_name not in available:
             raise CheckpointError(f"{directory}: tensor {hf_name!r} is missing (a {config.num_hidden_layers}-layer "
                                   f"{config.model_type} decoder needs it)")
-        layer, short = short if isinstance(short, tuple) and isinstance(short[0], int) else (None, short)
-        parts = short if isinstance(short, tuple) else (short,)
-        expected = [shapes[p] for p in parts]
-        tensor = source.get(hf_name)
-        fused_shape = (sum(s[0] for s in expected), *expected[0][1:])
-        if tuple(tensor.shape) != fused_shape:
-            raise CheckpointError(f"{source.where[hf_name]}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+        names = short if isinstance(short, tuple) else (short,)
+        expected = [shapes[p] for p in names]
+        dtype, shape, _, _ = source.file(hf_name).entries[hf_name]
+        fused_shape = (sum(e[0] for e in expected), *expected[0][1:])
+        if shape != fused_shape:
+            raise CheckpointError(f"{source.where[hf_name]}: tensor {hf_name!r} has shape {shape}, "
                                   f"expected {fused_shape} from config.json")
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{source.where[hf_name]}: tensor {hf_name!r} has dtype {tensor.dtype}, "
+        if not dtype.is_floating_point:
+            raise CheckpointError(f"{source.where[hf_name]}: tensor {hf_name!r} has dtype {dtype}, "
                                   f"expected floating point")
-        target = weights if layer is None else weights["layers"][layer]
-        for name, piece in zip(parts, torch.split(tensor, [s[0] for s in expected])):
-            target[name] = piece.to(device=device, dtype=dtype).contiguous()
-    if config.tie_word_embeddings:
-        weights["lm_head"] = weights["embed"]
-    return weights
+        plan.append((hf_name, layer, [(n, e[0]) for n, e in zip(names, expected)]))
+    return plan
+
+
+def split_parts(tensor, parts):
+    """A fused tensor split by rows into its parts (one part: the tensor itself)."""
+    return torch.split(tensor, [rows for _, rows in parts])
+
+
+class StreamedLayers(Sequence):
+    """The layers of a streamed model: `layers[i]` is a fresh StreamedLayer each time.
+
+    The model code takes a layer once per use (a block of the forward pass, a
+    sublayer of the reverse sweep); each use casts what it reads and frees it
+    when it is dropped, so about one layer is held in the compute dtype at a time.
+    """
+
+    def __init__(self, source: TensorSource, plan: list, num_layers: int, dtype, device):
+        self.plans = [[(h, p) for h, i, p in plan if i == layer] for layer in range(num_layers)]
+        self.source, self.dtype, self.device = source, dtype, device
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return StreamedLayer(self.source, self.plans[i], self.dtype, self.device)
+
+    def __len__(self):
+        return len(self.plans)
+
+
+class StreamedLayer(Mapping):
+    """One use of a layer: weights by short name, cast from the memory-mapped file on first access;
+    the file's pages are released once cast."""
+
+    def __init__(self, source: TensorSource, plan: list, dtype, device):
+        self.source, self.dtype, self.device, self.cast = source, dtype, device, {}
+        self.where = {name: (hf_name, parts, k) for hf_name, parts in plan for k, (name, _) in enumerate(parts)}
+
+    def __getitem__(self, name):
+        if name not in self.cast:
+            hf_name, parts, k = self.where[name]
+            piece = split_parts(self.source.get(hf_name), parts)[k]
+            self.cast[name] = piece.to(device=self.device, dtype=self.dtype).contiguous()
+            self.source.file(hf_name).release(hf_name)
+        return self.cast[name]
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self):
+        return len(self.where)
 
 
 def save_checkpoint(directory, config_json: dict, weights: dict, dtype=torch.float32) -> None:

@@ -49,7 +49,7 @@ def load_model(args):
         raise InputError(f"the shipped model is not at {DEFAULT_MODEL}; pass --model DIR")
     path = args.model or DEFAULT_MODEL
     with Progress(f"loading {path}"):
-        return load(path, dtype=args.dtype, device=args.device)
+        return load(path, dtype=args.dtype, device=args.device, stream=args.stream)
 
 
 def relative_max(a, b) -> float:
@@ -271,6 +271,8 @@ def build_parser():
         sub.add_argument("--model", help=f"checkpoint directory (default: the shipped {DEFAULT_MODEL.name})")
         sub.add_argument("--dtype", default="float64", help="compute dtype (default float64)")
         sub.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        sub.add_argument("--stream", action="store_true",
+                         help="keep the weights memory-mapped and cast one layer at a time (large models)")
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sub
 

@@ -41,13 +41,17 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-def load(path, dtype=torch.float64, device="cpu") -> Model:
+def load(path, dtype=torch.float64, device="cpu", stream=False) -> Model:
     """Load a local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer).
 
     Reads only: nothing is written into the directory. Raises InputError for a bad
     dtype or device, CheckpointError, ConfigError or TokenizerError, naming the file
     and what was expected, for a missing, broken or unsupported checkpoint. A checkpoint
     without a tokenizer loads; `model.tokenizer` then raises TokenizerError.
+
+    With `stream=True` the weights stay memory-mapped in their file dtype and each
+    layer is cast to `dtype` (and moved to `device`) only while it runs: for models
+    larger than memory in float64. Results are the same as without streaming.
     """
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     if not isinstance(path, (str, os.PathLike)):
@@ -58,5 +62,7 @@ def load(path, dtype=torch.float64, device="cpu") -> Model:
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     config = Config.from_file(directory / "config.json")
-    weights = load_weights(directory, config, dtype, device)
-    return Model(config, weights, load_tokenizer(directory), directory)
+    if not isinstance(stream, bool):
+        raise InputError(f"stream must be True or False, got {stream!r}")
+    weights = load_weights(directory, config, dtype, device, stream)
+    return Model(config, weights, load_tokenizer(directory), directory, dtype, device)

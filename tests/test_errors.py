@@ -17,7 +17,6 @@ tests that nothing is written run the real command.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -355,10 +354,21 @@ def test_messages_are_one_line():
     assert str(err) == "a b c" and isinstance(err, MinielmError)
 
 
-def test_stream_with_unsupported_layout():
-    if "stream" not in inspect.signature(minielm.load).parameters:
-        pytest.skip("minielm.load has no stream= argument yet; this case of issue 7 waits for it")
-    pytest.xfail("minielm.load(stream=True) exists now: this case needs a real test")
+def test_stream_with_unsupported_layout(base, tmp_path):
+    """stream=True maps tensors in place, so each must start at a multiple of its element size.
+    A header padded by two bytes misaligns every tensor: streaming refuses, plain loading works."""
+    directory = copy_of(base, tmp_path / "ckpt")
+    path = directory / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n].rstrip() + b"  "
+    header += b" " * ((-(8 + len(header)) % 8) + 2)  # data now starts at 2 (mod 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n:])
+    assert torch.equal(minielm.load(directory).logits([1, 2, 3]), minielm.load(base).logits([1, 2, 3]))
+    with pytest.raises(CheckpointError, match="stream=True maps tensors in place and needs them aligned"):
+        minielm.load(directory, stream=True)
+    with pytest.raises(InputError, match="stream must be True or False"):
+        minielm.load(base, stream="yes")
 
 
 @pytest.mark.parametrize("tensor", ["model.norm.weight", "model.embed_tokens.weight"])

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,11 +30,11 @@ from minielm.config import Config
 from minielm.cost import Shape, assembly_flops
 
 
-def random_checkpoint(directory, d, layers, f, heads, kv_heads, vocab, seed=0):
+def random_checkpoint(directory, d, layers, f, heads, kv_heads, vocab, seed=0, dtype=torch.float32, tied=True):
     """A random Llama-style checkpoint of the given size (weights scaled so activations stay O(1))."""
     config_json = dict(model_type="llama", vocab_size=vocab, hidden_size=d, intermediate_size=f,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                       max_position_embeddings=4096, tie_word_embeddings=True)
+                       max_position_embeddings=4096, tie_word_embeddings=tied)
     shapes = expected_shapes(Config.from_dict(config_json))
     gen = torch.Generator().manual_seed(seed)
 
@@ -46,13 +45,16 @@ def random_checkpoint(directory, d, layers, f, heads, kv_heads, vocab, seed=0):
         return torch.randn(shape, generator=gen) / shape[-1] ** 0.5
 
     layer_names = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
-    weights = {"embed": tensor("embed"), "final_norm": tensor("final_norm"),
+    weights = {"embed": tensor("embed"), "final_norm": tensor("final_norm"), "lm_head": tensor("lm_head"),
                "layers": [{n: tensor(n) for n in layer_names} for _ in range(layers)]}
-    save_checkpoint(directory, config_json, weights)
+    save_checkpoint(directory, config_json, weights, dtype)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status_mb(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc. (getrusage's ru_maxrss is carried
+    across exec from the forked parent on Linux, so a child would report its parent's peak.)"""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
 def child(args):
@@ -60,7 +62,7 @@ def child(args):
     torch.set_num_threads(args.threads)
     model = minielm.load(args.model, dtype=torch.float64)
     ids = [i % model.config.vocab_size for i in range(1, args.tokens + 1)]
-    before = peak_rss_mb()
+    before = status_mb("VmRSS")
     if args.method == "analytic":
         def run():
             with torch.inference_mode():
@@ -74,7 +76,7 @@ def child(args):
         J = run()
         times.append(time.perf_counter() - start)
     print(json.dumps({"method": args.method, "seconds": statistics.median(times[1:]),
-                      "extra_peak_mb": peak_rss_mb() - before, "checksum": float(J.abs().sum())}))
+                      "extra_peak_mb": status_mb("VmHWM") - before, "checksum": float(J.abs().sum())}))
 
 
 def measure(model_dir, method, tokens, repeats=3, threads=None) -> dict:
