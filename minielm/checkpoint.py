@@ -252,13 +252,7 @@ def load_weights(directory: Path, config: Config, dtype: torch.dtype, device, st
         for name, piece in zip((p for p, _ in parts), split_parts(source.get(hf_name), parts)):
             target[name] = piece.to(device=device, dtype=dtype).contiguous()
     if stream:
-        for hf_name, _, _ in plan:
-            mapped = source.file(hf_name)
-            dtype, _, begin, _ = mapped.entries[hf_name]
-            if (mapped.start + begin) % dtype.itemsize:
-                raise CheckpointError(f"{mapped.path}: tensor {hf_name!r} starts at byte {mapped.start + begin}, "
-                                      f"not a multiple of its {dtype.itemsize}-byte elements: stream=True maps "
-                                      f"tensors in place and needs them aligned; load without stream=True")
+        check_aligned(source, plan)
         return_freed_memory_promptly()
         for hf_name, layer, parts in plan:
             if layer is None and parts[0][0] in ("embed", "lm_head"):
@@ -267,6 +261,18 @@ def load_weights(directory: Path, config: Config, dtype: torch.dtype, device, st
     if config.tie_word_embeddings:
         weights["lm_head"] = weights["embed"]
     return weights
+
+
+def check_aligned(source: TensorSource, plan: list) -> None:
+    """Streaming computes on views into the mapped file, so each tensor must start at a multiple
+    of its element size (as safetensors writers lay them out); else a CheckpointError."""
+    for hf_name, _, _ in plan:
+        mapped = source.file(hf_name)
+        file_dtype, _, begin, _ = mapped.entries[hf_name]
+        if (mapped.start + begin) % file_dtype.itemsize:
+            raise CheckpointError(f"{mapped.path}: tensor {hf_name!r} starts at byte {mapped.start + begin}, "
+                                  f"not a multiple of its {file_dtype.itemsize}-byte elements: stream=True maps "
+                                  f"tensors in place and needs them aligned; load without stream=True")
 
 
 def return_freed_memory_promptly() -> None:
