@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DEVICES
+from hf_reference import save_tiny_checkpoint
+
 import minielm
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
@@ -17,6 +20,9 @@ IDS = [1, 17, 5, 88]
 # would not do: Linux carries it across exec from the forked parent, here the test runner.)
 CHILD = """
 import json, sys, torch
+from conftest import DEVICES
+from hf_reference import save_tiny_checkpoint
+
 import minielm
 
 def status_mb(key):
@@ -62,13 +68,13 @@ def test_streamed_run_fits_in_40_percent_and_is_identical(big_bf16, tmp_path):
     assert torch.equal(streamed["operators"], minielm.equivalent_linear_map(model, IDS).operators)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["llama", "gemma3_text", "phi3", "qwen2"])
-def test_streamed_equals_loaded(case, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from hf_reference import save_tiny_checkpoint
-
+def test_streamed_equals_loaded(case, device, tmp_path):
+    """Streaming (host -> device, layer by layer, on CUDA) changes nothing in the results."""
     save_tiny_checkpoint(case, tmp_path, dtype=torch.bfloat16)
-    loaded, streamed = minielm.load(tmp_path), minielm.load(tmp_path, stream=True)
+    loaded = minielm.load(tmp_path, device=device)
+    streamed = minielm.load(tmp_path, device=device, stream=True)
     assert streamed.weights["embed"].dtype == torch.bfloat16  # kept in the file's dtype
     ids = [1, 17, 5, 88, 2, 41, 9, 60, 33, 7]
     assert torch.equal(loaded.logits(ids), streamed.logits(ids))
