@@ -61,8 +61,9 @@ def folded_attention(model: Model, w: dict, factors: FrozenLayer, rows):
     return W_O, P, W_V
 
 
-def mlp_branch(model: Model, i: int, factors: FrozenLayer, G, rows):
+def mlp_branch(model: Model, i: int, factors: FrozenLayer, G, rows, residual=False):
     """Σ of G_t · Post_t W_D diag(φ_t) W_U Pre_t over the positions in `rows`: (T', r, d).
+    With `residual`, G_t plus that, the addition fused into the last GEMM.
 
     Applied factored (two GEMMs through the f-wide hidden layer, 4·r·d·f flops a
     position) or through the explicit d × d matrices W_D diag(φ_t) W_U (2·d²·f to
@@ -75,27 +76,36 @@ def mlp_branch(model: Model, i: int, factors: FrozenLayer, G, rows):
     out = torch.empty_like(G)
     step = max(1, T_ * d // f)  # positions at a time: the (step, ·, f) temporaries stay within G's size
     for a in range(0, T_, step):
-        g = gate[a:a + step, None, :]  # (step, 1, f)
+        g, Ga = gate[a:a + step, None, :], G[a:a + step]  # (step, 1, f), (step, r, d)
         if explicit:  # (step, d, d) operators W_D diag(φ_t) W_U, then one (r×d)(d×d) product per position
-            out[a:a + step] = G[a:a + step] @ ((W_D[None] * g) @ W_U)
+            M = (W_D[None] * g) @ W_U
+            torch.baddbmm(Ga, Ga, M, beta=1 if residual else 0, out=out[a:a + step])
         else:  # factored: (r×d)(d×f), scale by φ, (r×f)(f×d)
-            out[a:a + step] = ((G[a:a + step] @ W_D) * g) @ W_U
+            X = ((Ga @ W_D) * g).flatten(0, 1)  # (step·r, f)
+            torch.addmm(Ga.flatten(0, 1), X, W_U, beta=1 if residual else 0, out=out[a:a + step].flatten(0, 1))
     return out
 
 
-def attention_branch(model: Model, i: int, factors: FrozenLayer, G, rows):
+def attention_branch(model: Model, i: int, factors: FrozenLayer, G, rows, into=None):
     """Σ_t G_t · Post_t W_O^h P_h[t,s] W_V^g(h) Pre_s for every source s: (S, r, d).
+    With `into` (a contiguous (T, r, d) tensor, G itself in the sweep), added to it in place.
 
     The query heads that share a key-value head are summed before W_V (GQA).
     """
     config = model.config
     H, Hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     W_O, P, W_V = folded_attention(model, model.weights["layers"][i], factors, rows)
-    G = G[rows]
-    T_, r = G.shape[0], G.shape[1]
-    A = (G @ W_O).view(T_, r, Hkv, H // Hkv, hd)  # (T', r, Hkv, G, hd): G_t W_O^h
+    Gr = G[rows]
+    T_, r = Gr.shape[0], Gr.shape[1]
+    A = (Gr @ W_O).view(T_, r, Hkv, H // Hkv, hd)  # (T', r, Hkv, G, hd): G_t W_O^h
     C = torch.einsum("kgts,trkge->srke", P.reshape(Hkv, H // Hkv, T_, -1), A)  # (S, r, Hkv, hd): mix over t, sum the group
-    return C.reshape(C.shape[0], r, Hkv * hd) @ W_V  # (S, r, d)
+    S, d = C.shape[0], W_V.shape[1]
+    C = C.reshape(S * r, Hkv * hd)
+    if into is None:
+        return (C @ W_V).view(S, r, d)  # (S, r, d)
+    target = into[:S].view(S * r, d)
+    torch.addmm(target, C, W_V, out=target)  # G_s += C_s W_V, the addition fused into the GEMM
+    return into[:S]
 
 
 def sweep_down(model: Model, frozen: Frozen, G, rows, stages):
@@ -104,13 +114,15 @@ def sweep_down(model: Model, frozen: Frozen, G, rows, stages):
     `rows` is the slice of positions where G is nonzero: only the last one at
     the top, all of them below the first attention sublayer.
     """
+    T = G.shape[0]
     for i, kind in stages:
-        if kind == "mlp":
+        if kind == "mlp" and rows == slice(0, T):
+            G = mlp_branch(model, i, frozen.layers[i], G, rows, residual=True)
+        elif kind == "mlp":
             G[rows] += mlp_branch(model, i, frozen.layers[i], G, rows)
         else:
-            D = attention_branch(model, i, frozen.layers[i], G, rows)
-            G[: D.shape[0]] += D
-            rows = slice(0, D.shape[0])
+            attention_branch(model, i, frozen.layers[i], G, rows, into=G)
+            rows = slice(0, T)
     return G
 
 

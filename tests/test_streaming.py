@@ -20,9 +20,6 @@ IDS = [1, 17, 5, 88]
 # would not do: Linux carries it across exec from the forked parent, here the test runner.)
 CHILD = """
 import json, sys, torch
-from conftest import DEVICES
-from hf_reference import save_tiny_checkpoint
-
 import minielm
 
 def status_mb(key):
