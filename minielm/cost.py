@@ -50,18 +50,29 @@ def forward_flops(s: Shape, T: int, frozen: bool = False) -> int:
     return s.L * (projections + attention + mlp) + (0 if frozen else 2 * s.d * s.V)
 
 
+def mlp_sweep_flops(s: Shape, positions: int, r: int) -> int:
+    """One MLP sublayer of the sweep: explicit W_D diag(φ_t) W_U or factored, as linear_map chooses."""
+    if s.d * s.f + r * s.d < 2 * r * s.f:
+        return positions * (2 * s.d * s.f * s.d + 2 * r * s.d * s.d)
+    return positions * 4 * r * s.d * s.f
+
+
 def sweep_flops(s: Shape, T: int, r: int) -> int:
     """The reverse sweep carrying r rows (r = d: all operators J_t; r = 1: one uᵀJ_t)."""
-    flops, rows = 0, 1  # rows: positions where G is nonzero (only the last at the top)
-    for _ in range(s.L):
-        if s.d * s.f + r * s.d < 2 * r * s.f:  # explicit W_D diag(φ_t) W_U, as linear_map chooses
-            flops += rows * (2 * s.d * s.f * s.d + 2 * r * s.d * s.d)
-        else:
-            flops += rows * 4 * r * s.d * s.f
-        flops += 2 * rows * r * s.d * s.H * s.hd  # G_t W_O
-        flops += 2 * s.H * rows * T * r * s.hd  # mixing over positions by P
-        flops += 2 * T * r * s.Hkv * s.hd * s.d  # W_V, after summing each GQA group
-        rows = T
+    kv = s.Hkv * s.hd
+    low_rank = T > 1 and s.L > 1 and kv * s.f < min(s.d * s.f + r * s.d, 2 * r * s.f)
+    flops = mlp_sweep_flops(s, 1, r)  # the top MLP: the last position only
+    flops += 2 * r * s.d * s.H * s.hd + 2 * s.H * T * r * s.hd  # top attention: G_T W_O, then mixing by P
+    if low_rank:  # sources s < T carried as C_s W_V' through the MLP below (spread_from_the_top)
+        flops += 2 * r * kv * s.d  # the last position's C_T W_V'
+        flops += mlp_sweep_flops(s, 1, r)  # the last position through the MLP below, in full
+        flops += 2 * kv * s.d * s.f + (T - 1) * (2 * kv * s.f * s.d + 2 * r * kv * s.d)  # W_V'W_D; R_s; C_s R_s
+    else:
+        flops += 2 * T * r * kv * s.d  # W_V for every source
+        flops += mlp_sweep_flops(s, T, r) if s.L > 1 else 0
+    for layer in range(s.L - 1):  # the attention of each lower layer, and the MLP below it
+        flops += 2 * T * r * s.d * s.H * s.hd + 2 * s.H * T * T * r * s.hd + 2 * T * r * kv * s.d
+        flops += mlp_sweep_flops(s, T, r) if layer < s.L - 2 else 0
     return flops
 
 

@@ -86,11 +86,11 @@ def mlp_branch(model: Model, i: int, factors: FrozenLayer, G, rows, residual=Fal
     return out
 
 
-def attention_branch(model: Model, i: int, factors: FrozenLayer, G, rows, into=None):
-    """Σ_t G_t · Post_t W_O^h P_h[t,s] W_V^g(h) Pre_s for every source s: (S, r, d).
-    With `into` (a contiguous (T, r, d) tensor, G itself in the sweep), added to it in place.
+def attention_mix(model: Model, i: int, factors: FrozenLayer, G, rows):
+    """C (S, r, Hkv*hd) and W_V' (Hkv*hd, d): the attention branch is C_s W_V' for every source s.
 
-    The query heads that share a key-value head are summed before W_V (GQA).
+    C_s = Σ_t G_t W_O^h P_h[t,s], with the query heads that share a key-value head
+    summed before W_V (GQA).
     """
     config = model.config
     H, Hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -99,13 +99,51 @@ def attention_branch(model: Model, i: int, factors: FrozenLayer, G, rows, into=N
     T_, r = Gr.shape[0], Gr.shape[1]
     A = (Gr @ W_O).view(T_, r, Hkv, H // Hkv, hd)  # (T', r, Hkv, G, hd): G_t W_O^h
     C = torch.einsum("kgts,trkge->srke", P.reshape(Hkv, H // Hkv, T_, -1), A)  # (S, r, Hkv, hd): mix over t, sum the group
-    S, d = C.shape[0], W_V.shape[1]
-    C = C.reshape(S * r, Hkv * hd)
+    return C.reshape(C.shape[0], r, Hkv * hd), W_V
+
+
+def attention_branch(model: Model, i: int, factors: FrozenLayer, G, rows, into=None):
+    """Σ_t G_t · Post_t W_O^h P_h[t,s] W_V^g(h) Pre_s for every source s: (S, r, d).
+    With `into` (a contiguous (T, r, d) tensor, G itself in the sweep), added to it in place.
+    """
+    C, W_V = attention_mix(model, i, factors, G, rows)
+    (S, r, kv), d = C.shape, W_V.shape[1]
     if into is None:
-        return (C @ W_V).view(S, r, d)  # (S, r, d)
+        return (C.view(S * r, kv) @ W_V).view(S, r, d)  # (S, r, d)
     target = into[:S].view(S * r, d)
-    torch.addmm(target, C, W_V, out=target)  # G_s += C_s W_V, the addition fused into the GEMM
+    torch.addmm(target, C.view(S * r, kv), W_V, out=target)  # G_s += C_s W_V, the addition fused into the GEMM
     return into[:S]
+
+
+def low_rank_pays(model: Model, r: int) -> bool:
+    """Whether carrying a source's rows as C_s W_V' (rank Hkv·hd) through an MLP beats the full
+    d-column form: 2·kv·f·d flops a position against min(explicit, factored)."""
+    d, f = model.config.hidden_size, model.config.intermediate_size
+    kv = model.config.num_key_value_heads * model.config.head_dim
+    return kv * f < min(d * f + r * d, 2 * r * f)
+
+
+def spread_from_the_top(model: Model, frozen: Frozen, G, attention_layer: int, mlp_layer: int):
+    """The top attention sublayer and the MLP below it, when G is nonzero at the last position only.
+
+    Every source s < T then receives exactly G_s = C_s W_V' (rank Hkv·hd), so the MLP
+    below acts on the small factor: G_s (I + M_s) = C_s R_s with
+    R_s = W_V' + (W_V' W_D) diag(φ_s) W_U, 2·kv·f·d flops a position instead of about
+    2·d²·f. The last position, which also carries the residual path, goes the full way.
+    """
+    T = G.shape[0]
+    C, W_V = attention_mix(model, attention_layer, frozen.layers[attention_layer], G, slice(T - 1, T))
+    G[-1] += C[-1] @ W_V
+    G[-1:] = mlp_branch(model, mlp_layer, frozen.layers[mlp_layer], G, slice(T - 1, T), residual=True)
+    W_D, gate, W_U = folded_mlp(model, model.weights["layers"][mlp_layer], frozen.layers[mlp_layer], slice(0, T - 1))
+    VD = W_V @ W_D  # (kv, f)
+    (kv, d), f = W_V.shape, W_D.shape[1]
+    step = max(1, (T - 1) * d // f)  # positions at a time: the (step, kv, f) temporary stays small
+    for a in range(0, T - 1, step):
+        b = min(a + step, T - 1)
+        R = ((VD[None] * gate[a:b, None, :]).view(-1, f) @ W_U).view(b - a, kv, d) + W_V  # (step, kv, d): R_s
+        torch.bmm(C[a:b], R, out=G[a:b])  # (step, r, d): C_s R_s
+    return G
 
 
 def sweep_down(model: Model, frozen: Frozen, G, rows, stages):
@@ -114,15 +152,21 @@ def sweep_down(model: Model, frozen: Frozen, G, rows, stages):
     `rows` is the slice of positions where G is nonzero: only the last one at
     the top, all of them below the first attention sublayer.
     """
-    T = G.shape[0]
-    for i, kind in stages:
+    T, stages = G.shape[0], list(stages)
+    k = 0
+    while k < len(stages):
+        i, kind = stages[k]
         if kind == "mlp" and rows == slice(0, T):
             G = mlp_branch(model, i, frozen.layers[i], G, rows, residual=True)
         elif kind == "mlp":
             G[rows] += mlp_branch(model, i, frozen.layers[i], G, rows)
+        elif k + 1 < len(stages) and rows != slice(0, T) and T > 1 and low_rank_pays(model, G.shape[1]):
+            G = spread_from_the_top(model, frozen, G, i, stages[k + 1][0])
+            rows, k = slice(0, T), k + 1
         else:
             attention_branch(model, i, frozen.layers[i], G, rows, into=G)
             rows = slice(0, T)
+        k += 1
     return G
 
 
