@@ -227,6 +227,7 @@ def plot_layers(path, rows, tokens):
                                xytext=(0, 7), ha="center", fontsize=9, color=color)
     left.set(title="stable rank ‖J‖²_F / σ₁² of [J_1 … J_T]", xlabel="layer", ylabel="stable rank")
     right.set(title="σ₁ (residual stream: top singular vector decoded)", xlabel="layer", ylabel="σ₁")
+    right.margins(y=0.15)  # room for the decoded tokens above the points
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
