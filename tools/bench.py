@@ -7,7 +7,8 @@ Each method runs in its own child process, which loads the model, notes its
 peak resident memory, runs the method `--repeats` times and reports the
 median time and the extra peak memory over the loaded model. The analytic
 path's flop count (from the shapes; see minielm/cost.py) divided by its time
-is compared with this machine's measured float64 matmul rate.
+is compared with the float64 matmul rate (2048² GEMMs) measured in the same
+child right after the timed runs: these machines are shared and their speed drifts.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def child(args):
         start = time.perf_counter()
         J = run()
         times.append(time.perf_counter() - start)
-    print(json.dumps({"method": args.method, "seconds": statistics.median(times[1:]),
+    rate = matmul_rate(args.threads)  # measured here and now, beside the method, on a shared machine
+    print(json.dumps({"method": args.method, "seconds": statistics.median(times[1:]), "matmul_rate": rate,
                       "extra_peak_mb": status_mb("VmHWM") - before, "checksum": float(J.abs().sum())}))
 
 
@@ -87,7 +89,7 @@ def measure(model_dir, method, tokens, repeats=3, threads=None) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def matmul_rate(threads, n=1536, repeats=5) -> float:
+def matmul_rate(threads, n=2048, repeats=10) -> float:
     """This machine's float64 GEMM rate, flop/s (best of a few n × n products)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n, dtype=torch.float64), torch.randn(n, n, dtype=torch.float64)
@@ -126,7 +128,7 @@ def main():
         config = minielm.load(args.model).config
         results = {method: measure(args.model, method, args.tokens, args.repeats, args.threads)
                    for method in ("analytic", "autograd")}
-    rate = matmul_rate(args.threads)
+    rate = results["analytic"]["matmul_rate"]
     flops = assembly_flops(Shape.of(config), args.tokens)
     a, g = results["analytic"], results["autograd"]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -7,7 +7,7 @@ Usage::
     python tools/train_tiny.py --benchmark 5        # time 5 optimizer steps (tokens/second), save nothing
     python tools/train_tiny.py --hidden-size 256 --heads 4 --kv-heads 2 --intermediate-size 704 --out /tmp/m
 
-Everything below is deterministic for a given --seed (and 2 CPU threads).
+Everything below is deterministic for a given --seed: the same weights, bit for bit, whatever --workers.
 
 Corpus
     `bible -f "Gen1:1-Rev22:21"` (Debian's bible-kjv package) prints one verse per
@@ -26,7 +26,10 @@ Tokenizer
 
 Training sequences
     The training verses, in canonical order, are concatenated as
-    "<s> verse </s> <s> verse </s> ...". A sequence is --seq-len + 1 tokens taken
+    "<s> verse </s> <s> verse </s> ...", followed by 9 more copies of the four kept
+    chapters (--famous-repeats 10: 124 verses, +3% of the stream). Without them the
+    model does not learn those verses word for word in this budget (see below); with
+    --famous-repeats 1 every training verse counts the same. A sequence is --seq-len + 1 tokens taken
     from this stream starting at the <s> of a randomly chosen verse, so position 0
     is always <s> (as in a prompt from `tokenizer.encode`) and the model learns to
     use the preceding verses as context. Targets that are <s> (always right after
@@ -40,6 +43,22 @@ Evaluation
     / (characters + 1, the "+1" being the end of line that </s> stands for).
     The final figures are measured on the checkpoint as shipped (bfloat16),
     reloaded with `minielm.load(..., dtype=torch.float32)`.
+
+How the defaults were chosen (2-core VM, float32, --benchmark runs)
+    Throughput, sequences of 256 tokens: d=384 (4 layers, 6/2 heads, SwiGLU 1024,
+    7.9M parameters) ~1,400-2,600 tokens/s; d=256 (4/2 heads, SwiGLU 704, 4.0M)
+    ~3,000-3,800 tokens/s; the host's speed varies by ~2x from minute to minute.
+    d=384 gets ~4.5 epochs in ~35 minutes, so we keep the size the project benchmarks.
+    Same 614k tokens, held-out probe after the run (nats/token): 16 sequences per
+    step at lr 1e-3: 4.35, at 2.5e-3: 4.54; 8 per step at lr 1e-3: 4.17, at 2e-3:
+    4.15; 4 per step at lr 1.5e-3: 4.08. More, smaller steps win at this budget.
+    Full runs: 16 sequences per step, lr 1e-3, 800 steps (3.2 epochs, 25 minutes):
+    held-out 3.37 nats/token. The defaults with --famous-repeats 1 (4.4 epochs, 35
+    minutes): held-out 3.30, training verses 2.81, but greedy decoding still gave
+    "In the beginning God created the" -> "world, ...", "The LORD is my shepherd; I
+    shall not" -> "be moved", "...his only begotten" -> "of the world": 4-5 passes over
+    a verse are not enough for an 8M-parameter model to learn it verbatim, hence
+    the repeated chapters.
 """
 
 from __future__ import annotations
@@ -52,6 +71,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import sentencepiece as spm
@@ -84,12 +104,14 @@ def read_bible(command=BIBLE_COMMAND) -> list[tuple[str, str]]:
     return verses
 
 
+def chapter_of(reference: str) -> tuple[str, int]:
+    """("Psa", 23) for "Psa23:1"."""
+    book, chapter = VERSE_LINE.match(reference + " x").groups()[:2]
+    return book, int(chapter)
+
+
 def split_verses(verses, fraction: float, seed: int):
     """(train, heldout) lists of (reference, text), both in canonical order."""
-    def chapter_of(reference):
-        book, chapter = VERSE_LINE.match(reference + " x").groups()[:2]
-        return book, int(chapter)
-
     candidates = [i for i, (ref, _) in enumerate(verses) if chapter_of(ref) not in KEEP_IN_TRAIN]
     heldout = set(random.Random(seed).sample(candidates, round(fraction * len(verses))))
     train = [v for i, v in enumerate(verses) if i not in heldout]
@@ -176,6 +198,12 @@ def sequence_loss(model: Model, ids: torch.Tensor, targets: torch.Tensor) -> tor
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
 
 
+def sequence_gradients(model: Model, params: list, ids, targets, scale: float):
+    """(loss / scale, d(loss / scale)/d params) for one sequence, computed on the calling thread."""
+    loss = sequence_loss(model, ids, targets) / scale
+    return loss.item(), torch.autograd.grad(loss, params)
+
+
 # ---- data -----------------------------------------------------------------------------------
 class Stream:
     """All training verses as one token stream "<s> v1 </s> <s> v2 </s> ...", sampled at verse starts."""
@@ -200,16 +228,16 @@ class Stream:
 
 
 # ---- evaluation -----------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: Model, sp, texts: list[str]) -> dict:
+def evaluate(model: Model, sp, texts: list[str], pool) -> dict:
     """Each verse on its own, <s> text </s>: mean nats per predicted token, bits per character."""
-    nats = tokens = chars = 0
-    for text in texts:
-        ids = [BOS, *sp.EncodeAsIds(text), EOS]
-        x = torch.tensor(ids)
-        nats += float(sequence_loss(model, x[:-1], x[1:]))
-        tokens += len(ids) - 1
-        chars += len(text) + 1  # + the end of line that </s> predicts
+    def verse_nats(x):
+        with torch.no_grad():  # grad mode is per thread: set it in the worker
+            return float(sequence_loss(model, x[:-1], x[1:]))
+
+    encoded = [torch.tensor([BOS, *sp.EncodeAsIds(text), EOS]) for text in texts]
+    nats = sum(pool.map(verse_nats, encoded))  # results in order: the sum does not depend on scheduling
+    tokens = sum(len(x) - 1 for x in encoded)
+    chars = sum(len(text) + 1 for text in texts)  # + the end of line that </s> predicts
     return {"nats_per_token": nats / tokens, "bits_per_char": nats / math.log(2) / chars,
             "verses": len(texts), "tokens": tokens}
 
@@ -245,6 +273,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="weights/kjv-tiny", help="output checkpoint directory")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, initialisation and sampling")
     p.add_argument("--heldout-fraction", type=float, default=0.05)
+    p.add_argument("--famous-repeats", type=int, default=10,
+                   help="times Genesis 1, John 1, John 3 and Psalm 23 appear in the training stream")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--hidden-size", type=int, default=384)
     p.add_argument("--intermediate-size", type=int, default=1024, help="SwiGLU width (~2.7 x hidden)")
@@ -252,17 +282,18 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per optimizer step")
+    p.add_argument("--steps", type=int, default=4400, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
-    p.add_argument("--warmup", type=int, default=40, help="warmup steps")
+    p.add_argument("--warmup", type=int, default=200, help="warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of the matrices (not norms)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=10, help="progress lines in a log file, in steps")
-    p.add_argument("--eval-every", type=int, default=100, help="held-out check on --eval-verses verses (0: never)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads that each run whole sequences with single-threaded torch ops (see below)")
+    p.add_argument("--log-every", type=int, default=50, help="progress lines in a log file, in steps")
+    p.add_argument("--eval-every", type=int, default=500, help="held-out check on --eval-verses verses (0: never)")
     p.add_argument("--eval-verses", type=int, default=200)
     p.add_argument("--benchmark", type=int, default=0, metavar="N",
                    help="time N optimizer steps, print tokens/second, save nothing")
@@ -271,7 +302,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    # Parallelism: --workers Python threads each run a whole sequence (forward and backward)
+    # with single-threaded torch ops, instead of one sequence at a time with 2 intra-op threads.
+    # On this 2-core VM the intra-op threads meet at a barrier after every op, and whenever the
+    # host takes one core away they stall: we measured 150-2060 tokens/s with
+    # torch.set_num_threads(2), a steady ~1330 with 1 thread, and 1270-2630 with 2 workers.
+    # Per-sequence gradients are summed in a fixed order, so the result does not depend on
+    # scheduling (the same seed gives the same weights, bit for bit).
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(args.workers)
     torch.manual_seed(args.seed)
     started = time.time()
 
@@ -283,10 +322,14 @@ def main(argv=None):
     sp_bytes = train_tokenizer(train_texts, args.vocab_size)
     sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (UNK, BOS, EOS, -1)
-    encoded = [sp.EncodeAsIds(t) for t in train_texts]
-    stream = Stream(encoded, args.seq_len, args.seed)
-    print(f"tokenizer: {sp.GetPieceSize()} pieces; training stream {len(stream.tokens):,} tokens "
-          f"({len(stream.tokens) / sum(len(t) for t in train_texts):.3f} per character)", file=sys.stderr)
+    # the training stream: every training verse once, in canonical order, then
+    # --famous-repeats - 1 more copies of each kept chapter (Genesis 1, John 1, ...)
+    famous = [text for ref, text in train if chapter_of(ref) in KEEP_IN_TRAIN]
+    stream_texts = train_texts + famous * (args.famous_repeats - 1)
+    stream = Stream([sp.EncodeAsIds(t) for t in stream_texts], args.seq_len, args.seed)
+    print(f"tokenizer: {sp.GetPieceSize()} pieces, {len(stream.tokens) / len(''.join(stream_texts)):.3f} "
+          f"tokens per character; training stream {len(stream.tokens):,} tokens, with the "
+          f"{len(famous)} verses of the kept chapters {args.famous_repeats} times", file=sys.stderr)
 
     # model
     config_json = llama_config(args, sp.GetPieceSize())
@@ -314,12 +357,14 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         batch = [stream.sample() for _ in range(args.batch_size)]
-        scored = sum(int((t != IGNORE).sum()) for _, t in batch)
+        scored = sum(int((t != IGNORE).sum()) for _, t in batch)  # the loss is a mean over these
         total = 0.0
-        for ids, targets in batch:  # gradient accumulation: one sequence per forward
-            loss = sequence_loss(model, ids, targets) / scored
-            loss.backward()
-            total += float(loss)
+        # gradient accumulation: model.forward takes one sequence, so each is its own
+        # forward/backward; the workers return per-sequence gradients, summed here in order
+        for loss, grads in pool.map(lambda b: sequence_gradients(model, params, *b, scored), batch):
+            total += loss
+            for p, g in zip(params, grads):
+                p.grad = g if p.grad is None else p.grad.add_(g)
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -330,14 +375,16 @@ def main(argv=None):
         progress(step + 1, steps, elapsed, f"loss {total:.3f} (avg {sum(recent) / len(recent):.3f}) "
                  f"lr {learning_rate(step, args):.2e} {tokens_seen / elapsed:,.0f} tok/s", args.log_every)
         if args.eval_every and not args.benchmark and (step + 1) % args.eval_every == 0 and step + 1 < steps:
-            check = evaluate(model, sp, probe)
+            check = evaluate(model, sp, probe, pool)
             print(f"  held-out probe ({check['verses']} verses): {check['nats_per_token']:.3f} nats/token",
                   file=sys.stderr, flush=True)
 
     train_seconds = time.time() - loop_start
     print(f"trained {steps} steps, {tokens_seen:,} tokens ({tokens_seen / len(stream.tokens):.2f} epochs) in "
           f"{clock(train_seconds)}: {tokens_seen / train_seconds:,.0f} tokens/second", file=sys.stderr)
-    if args.benchmark:
+    if args.benchmark:  # for comparing settings: the held-out probe after the short run
+        check = evaluate(model, sp, probe, pool)
+        print(f"held-out probe ({check['verses']} verses): {check['nats_per_token']:.3f} nats/token", file=sys.stderr)
         return
 
     # save: config.json + model.safetensors, then the tokenizer
@@ -349,12 +396,12 @@ def main(argv=None):
 
     # evaluate what ships: the saved checkpoint, reloaded in float32
     shipped = minielm.load(out, dtype=torch.float32)
-    sample = random.Random(args.seed + 2).sample(train_texts, len(heldout_texts))  # as many train verses
+    sample = random.Random(args.seed + 2).sample(train_texts, len(heldout_texts))  # as many training verses
     results = {
         "train_loss_last_step": total,
-        "train": evaluate(shipped, sp, sample),
-        "heldout": evaluate(shipped, sp, heldout_texts),
-        "heldout_float32_before_saving": evaluate(model, sp, heldout_texts),
+        "train": evaluate(shipped, sp, sample, pool),
+        "heldout": evaluate(shipped, sp, heldout_texts, pool),
+        "heldout_float32_before_saving": evaluate(model, sp, heldout_texts, pool),
         "parameters": n_params, "steps": steps, "tokens": tokens_seen,
         "train_seconds": round(train_seconds), "total_seconds": round(time.time() - started),
     }
