@@ -26,10 +26,10 @@ Tokenizer
 
 Training sequences
     The training verses, in canonical order, are concatenated as
-    "<s> verse </s> <s> verse </s> ...", followed by 9 more copies of the four kept
-    chapters (--famous-repeats 10: 124 verses, +3% of the stream). Without them the
-    model does not learn those verses word for word in this budget (see below); with
-    --famous-repeats 1 every training verse counts the same. A sequence is --seq-len + 1 tokens taken
+    "<s> verse </s> <s> verse </s> ..." (1,014,598 tokens). --famous-repeats N > 1
+    appends N - 1 more copies of the four kept chapters (124 verses, ~3,600 tokens a
+    copy) so that those verses are seen N times as often; the shipped model uses the
+    default, 1: every training verse counts the same. A sequence is --seq-len + 1 tokens taken
     from this stream starting at the <s> of a randomly chosen verse, so position 0
     is always <s> (as in a prompt from `tokenizer.encode`) and the model learns to
     use the preceding verses as context. Targets that are <s> (always right after
@@ -57,8 +57,9 @@ How the defaults were chosen (2-core VM, float32, --benchmark runs)
     minutes): held-out 3.30, training verses 2.81, but greedy decoding still gave
     "In the beginning God created the" -> "world, ...", "The LORD is my shepherd; I
     shall not" -> "be moved", "...his only begotten" -> "of the world": 4-5 passes over
-    a verse are not enough for an 8M-parameter model to learn it verbatim, hence
-    the repeated chapters.
+    a verse are not enough for an 8M-parameter model to learn it verbatim. That run
+    is the shipped model. --famous-repeats 10 (each kept verse seen ~45 times) is
+    meant to fix this for the four chapters; it has not been trained to the end yet.
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="weights/kjv-tiny", help="output checkpoint directory")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, initialisation and sampling")
     p.add_argument("--heldout-fraction", type=float, default=0.05)
-    p.add_argument("--famous-repeats", type=int, default=10,
+    p.add_argument("--famous-repeats", type=int, default=1,
                    help="times Genesis 1, John 1, John 3 and Psalm 23 appear in the training stream")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--hidden-size", type=int, default=384)
