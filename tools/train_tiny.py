@@ -328,9 +328,9 @@ def main(argv=None):
     famous = [text for ref, text in train if chapter_of(ref) in KEEP_IN_TRAIN]
     stream_texts = train_texts + famous * (args.famous_repeats - 1)
     stream = Stream([sp.EncodeAsIds(t) for t in stream_texts], args.seq_len, args.seed)
+    repeats = f", the {len(famous)} kept verses {args.famous_repeats} times" if args.famous_repeats > 1 else ""
     print(f"tokenizer: {sp.GetPieceSize()} pieces, {len(stream.tokens) / len(''.join(stream_texts)):.3f} "
-          f"tokens per character; training stream {len(stream.tokens):,} tokens, with the "
-          f"{len(famous)} verses of the kept chapters {args.famous_repeats} times", file=sys.stderr)
+          f"tokens per character; training stream {len(stream.tokens):,} tokens{repeats}", file=sys.stderr)
 
     # model
     config_json = llama_config(args, sp.GetPieceSize())
