@@ -114,7 +114,7 @@ def safetensors_files(directory: Path) -> dict:
         raise CheckpointError(f"{directory}: no *.safetensors weights file (and no model.safetensors.index.json)")
     where = {}
     for path in files:
-        for name in _open(path).keys():
+        for name in MappedFile(path).keys():
             if name in where:
                 raise CheckpointError(f"{directory}: tensor {name!r} is in both {where[name].name} and {path.name}; "
                                       f"expected each tensor in one file (or an index naming the shards)")
@@ -208,10 +208,6 @@ class MappedFile:
             self.map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
-def _open(path: Path) -> MappedFile:
-    return MappedFile(path)
-
-
 class TensorSource:
     """Memory-mapped access to the tensors of a checkpoint, by Hugging Face name."""
 
@@ -225,7 +221,7 @@ class TensorSource:
     def file(self, name: str) -> MappedFile:
         path = self.where[name]
         if path not in self.files:
-            self.files[path] = _open(path)
+            self.files[path] = MappedFile(path)
         if name not in self.files[path].entries:
             raise CheckpointError(f"{path}: has no tensor {name!r}, which the index places there")
         return self.files[path]

@@ -216,6 +216,28 @@ def trace(model: Model, x, frozen: Frozen | None = None):
     return residual, attn, mlp, Frozen(layers, inv_rho)
 
 
+def traced(model: Model, ids):
+    """x (T, d), the factors, and every intermediate state by component ('output' = the residual
+    stream after each layer, 'attention', 'mlp'), at x and at 0 (the affine part)."""
+    x = model.embed(ids)  # (T, d)
+    residual, attn, mlp, frozen = trace(model, x)
+    residual0, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)
+    return x, frozen, {"output": residual, "attention": attn, "mlp": mlp}, \
+        {"output": residual0, "attention": attn0, "mlp": mlp0}
+
+
+def target_values(model: Model, states, states0, layer: int, component: str):
+    """y and b of a target at the last position, and for a layer's output the frozen final
+    norm diag(w̃)/ρ as a vector (d,) (None for a module, whose output is taken as it is)."""
+    if component != "output":
+        return states[component][layer][-1], states0[component][layer][-1], None
+    final_w = model.weights["final_norm"]
+    # y = N_f(h^ℓ_T): the final norm, its 1/ρ frozen at this layer's own residual stream
+    y, inv_rho = model.norm(states["output"][layer][-1], final_w)
+    bias = model.norm(states0["output"][layer][-1], final_w, inv_rho)[0]
+    return y, bias, (model.config.norm_offset + final_w) * inv_rho
+
+
 # ---- the public object -----------------------------------------------------------------------
 @dataclass
 class EquivalentLinearMap:
@@ -272,22 +294,10 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
     if component not in ("output", "attention", "mlp"):
         raise InputError(f"component must be 'output', 'attention' or 'mlp', got {component!r}")
     layer %= L
-    x = model.embed(ids)  # (T, d)
-    d = x.shape[1]
-    residual, attn, mlp, frozen = trace(model, x)
-    residual0, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)  # the affine part
-    final_w = model.weights["final_norm"]
-
-    if component == "output":
-        # y = N_f(h^L_T): the final norm, its 1/ρ frozen at this layer's own residual stream.
-        y, inv_rho = model.norm(residual[layer][-1], final_w)
-        seed = torch.diag((model.config.norm_offset + final_w) * inv_rho)
-        bias = model.norm(residual0[layer][-1], final_w, inv_rho)[0]
-    else:
-        # y = the module's output at the last position (after its post-norm, if any).
-        y = (mlp if component == "mlp" else attn)[layer][-1]
-        seed = torch.eye(d, dtype=x.dtype, device=x.device)
-        bias = (mlp0 if component == "mlp" else attn0)[layer][-1]
+    x, frozen, states, states0 = traced(model, ids)
+    y, bias, final_scale = target_values(model, states, states0, layer, component)
+    # the seed ∂y/∂(point): the frozen final norm, or the identity on a module's output
+    seed = torch.diag(final_scale) if component == "output" else torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     operators = pull_back(model, frozen, seed, layer, component)
     return EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, target_name(model, layer, component))
 
@@ -346,26 +356,23 @@ def attribution(model: Model, ids, token: int | None = None) -> Attribution:
     forward pass each, so this is cheap even where the full operators are not.
     """
     ids = model.check_ids(ids)
-    x = model.embed(ids)  # (T, d)
+    x, frozen, states, states0 = traced(model, ids)
     T, L = x.shape[0], model.config.num_hidden_layers
-    residual, attn, mlp, frozen = trace(model, x)
-    _, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)
-    final_w = model.weights["final_norm"]
-    y = model.norm(residual[-1][-1], final_w, frozen.final_norm[-1])[0]
+    y, _, final_scale = target_values(model, states, states0, L - 1, "output")
     logits = times_transposed(y, model.weights["lm_head"])  # (V,), before soft-capping
     token = int(logits.argmax()) if token is None else token
     if not (isinstance(token, int) and 0 <= token < model.config.vocab_size):
         raise InputError(f"token must be an id in [0, {model.config.vocab_size}), got {token!r}")
     # u = ∂z/∂h^L_T: the unembedding row through the frozen final norm.
     w_token = model.weights["lm_head"][token].to(x.device, x.dtype)  # (d,)
-    u = w_token * (model.config.norm_offset + final_w) * frozen.final_norm[-1]  # (d,)
+    u = w_token * final_scale  # (d,)
     table = x.new_zeros(T, L, 2)
     bias = x.new_zeros(L, 2)
     for layer in range(L):
-        for k, (component, outputs0) in enumerate((("attention", attn0), ("mlp", mlp0))):
+        for k, component in enumerate(("attention", "mlp")):
             G = pull_back(model, frozen, u[None, :], layer, component)  # (T, 1, d)
             table[:, layer, k] = torch.einsum("tj,tj->t", G[:, 0, :], x)
-            bias[layer, k] = u @ outputs0[layer][-1]
+            bias[layer, k] = u @ states0[component][layer][-1]
     embedding = x.new_zeros(T)
     embedding[-1] = u @ x[-1]
     return Attribution(token, float(logits[token]), table, embedding, bias)
@@ -400,20 +407,18 @@ def reverse_layer_maps(model: Model, ids) -> dict:
     sweeps, but the GEMMs are taller and the weights are read once.
     """
     ids = model.check_ids(ids)
-    x = model.embed(ids)  # (T, d)
+    x, frozen, states, states0 = traced(model, ids)
     T, d = x.shape
-    residual, attn, mlp, frozen = trace(model, x)
-    residual0, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)
-    final_w, eye = model.weights["final_norm"], torch.eye(d, dtype=x.dtype, device=x.device)
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
     every, last = slice(0, T), slice(T - 1, T)
     G = x.new_zeros(T, 0, d)  # targets already spread over all positions
     order, maps = [], {}  # (layer, component) per block of d rows in G
     for layer in reversed(range(model.config.num_hidden_layers)):
         factors = frozen.layers[layer]
-        y, inv_rho = model.norm(residual[layer][-1], final_w)
+        y, bias, final_scale = target_values(model, states, states0, layer, "output")
         N = x.new_zeros(T, d, d)  # this layer's targets, at the last position only
-        N[-1] = torch.diag((model.config.norm_offset + final_w) * inv_rho)
-        maps[(layer, "output")] = (y, model.norm(residual0[layer][-1], final_w, inv_rho)[0])
+        N[-1] = torch.diag(final_scale)
+        maps[(layer, "output")] = (y, bias)
         # MLP sublayer: carry G and N through it, then seed the MLP module's own target
         G[every] += mlp_branch(model, layer, factors, G, every)
         N[last] += mlp_branch(model, layer, factors, N, last)
@@ -421,12 +426,12 @@ def reverse_layer_maps(model: Model, ids) -> dict:
         seed[-1] = eye
         N = torch.cat([N, x.new_zeros(T, d, d)], dim=1)
         N[-1, d:] = mlp_branch(model, layer, factors, seed, last)[0]
-        maps[(layer, "mlp")] = (mlp[layer][-1], mlp0[layer][-1])
+        maps[(layer, "mlp")] = target_values(model, states, states0, layer, "mlp")[:2]
         # attention sublayer: spread N over the positions, then seed the attention module's target
         G += attention_branch(model, layer, factors, G, every)
         N += attention_branch(model, layer, factors, N, last)
         A = attention_branch(model, layer, factors, seed, last)
-        maps[(layer, "attention")] = (attn[layer][-1], attn0[layer][-1])
+        maps[(layer, "attention")] = target_values(model, states, states0, layer, "attention")[:2]
         G = torch.cat([G, N, A], dim=1)
         order += [(layer, "output"), (layer, "mlp"), (layer, "attention")]
     result = {}
@@ -448,12 +453,9 @@ def forward_layer_maps(model: Model, ids) -> dict:
     """
     ids = model.check_ids(ids)
     config = model.config
-    x = model.embed(ids)  # (T, d)
+    x, frozen, states, states0 = traced(model, ids)
     T, d = x.shape
     H, Hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    residual, attn, mlp, frozen = trace(model, x)
-    residual0, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)
-    final_w = model.weights["final_norm"]
     K = torch.zeros(T, T, d, d, dtype=x.dtype, device=x.device)  # K[t, s] = ∂h_t/∂x_s
     K[torch.arange(T), torch.arange(T)] = torch.eye(d, dtype=x.dtype, device=x.device)
     result = {}
@@ -461,8 +463,10 @@ def forward_layer_maps(model: Model, ids) -> dict:
     def diagonal(weight, inv_rho):  # (T, d, 1): diag(w̃)/ρ_t as a row scale, or None
         return None if weight is None else ((config.norm_offset + weight) * inv_rho)[:, :, None]
 
-    def add(target, operators, y, bias):  # operators (T, d, d): ∂target/∂x_s, read off the last row
-        result[target] = EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, target_name(model, *target))
+    def add(layer, component, operators):  # operators (T, d, d): ∂target/∂x_s, read off the last row
+        y, bias, _ = target_values(model, states, states0, layer, component)
+        result[(layer, component)] = EquivalentLinearMap(model, ids, operators, x, y, bias, frozen,
+                                                         target_name(model, layer, component))
 
     for layer in range(config.num_hidden_layers):
         w, f = model.weights["layers"][layer], frozen.layers[layer]
@@ -474,7 +478,7 @@ def forward_layer_maps(model: Model, ids) -> dict:
         D = w["wo"] @ O  # (T, T, d, d)
         post = diagonal(w.get("attn_post_norm"), f.attn_post_norm)
         D = D if post is None else D * post[:, None]
-        add((layer, "attention"), D[-1], attn[layer][-1], attn0[layer][-1])
+        add(layer, "attention", D[-1])
         K = K + D
         # MLP: B_t = Post_t W_D diag(φ_t) W_U Pre_t, one d × d matrix per position
         B = (w["w_down"][None] * f.gate[:, None, :]) @ w["w_up"]  # (T, d, d)
@@ -483,9 +487,8 @@ def forward_layer_maps(model: Model, ids) -> dict:
         B = B if pre is None else B * pre.transpose(1, 2)
         B = B if post is None else B * post
         D = B[:, None] @ K  # (T, T, d, d)
-        add((layer, "mlp"), D[-1], mlp[layer][-1], mlp0[layer][-1])
+        add(layer, "mlp", D[-1])
         K = K + D
-        y, inv_rho = model.norm(residual[layer][-1], final_w)
-        scale = ((config.norm_offset + final_w) * inv_rho)[:, None]  # (d, 1): the final norm, frozen here
-        add((layer, "output"), K[-1] * scale, y, model.norm(residual0[layer][-1], final_w, inv_rho)[0])
+        final_scale = target_values(model, states, states0, layer, "output")[2]  # the final norm, frozen here
+        add(layer, "output", K[-1] * final_scale[:, None])
     return result
