@@ -20,7 +20,7 @@ import torch
 from .errors import InputError, MinielmError
 from .interpret import (decode_input, decode_output, layer_table, model_token, stable_rank, stacked_svd, svd_ready,
                         token_shares)
-from .linear_map import detached_jacobian, equivalent_linear_map
+from .linear_map import all_layer_maps, detached_jacobian, equivalent_linear_map
 from .loader import load
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "kjv-tiny"
@@ -167,9 +167,10 @@ def check(args) -> int:
         probs = torch.softmax(model.logits(ids)[-1], dim=-1)
         rows.append(("model", elm.relative_error(), float((elm.probabilities() - probs).abs().max()),
                      relative_max(elm.operators, detached_jacobian(model, ids))))
+        parts = all_layer_maps(model, ids)  # every layer and module in one pass
         for layer in range(L):
             for component in ("output", "attention", "mlp"):
-                part = equivalent_linear_map(model, ids, layer=layer, component=component)
+                part = parts[(layer, component)]
                 p_err = (float((part.probabilities() - part.model_probabilities()).abs().max())
                          if component == "output" else float("nan"))
                 rows.append((part.target, part.relative_error(), p_err, float("nan")))
