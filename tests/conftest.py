@@ -8,7 +8,10 @@ from hf_reference import FAMILIES, hf_float64_logits, save_tiny_checkpoint
 # 16 tokens: longer than every sliding window in the tiny configs (4 and 5), so the windows bind.
 PROMPT = [1, 17, 5, 88, 2, 41, 9, 60, 33, 7, 12, 99, 3, 71, 25, 50]
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The devices to parametrize over: `@pytest.mark.parametrize("device", DEVICES)`. CUDA cases are
+# always collected, and show as SKIPPED with the reason on a machine without a CUDA device.
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+DEVICES = ["cpu", CUDA]
 
 
 @pytest.fixture(scope="session")
