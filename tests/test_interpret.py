@@ -6,7 +6,8 @@ from conftest import PROMPT
 
 import minielm
 from minielm.checkpoint import save_checkpoint
-from minielm.interpret import decode_input, decode_output, layer_table, stable_rank, stacked_svd, token_shares
+from minielm.interpret import (decode_input, decode_output, layer_table, stable_rank, stacked, stacked_svd,
+                               token_shares)
 from minielm.linear_map import all_layer_maps
 from minielm.spectra import singular_vectors
 from minielm.steering import steer
@@ -18,7 +19,7 @@ def known_model(tmp_path_factory):
 
     The final norm weight is 10 on dimension 0 and 1 elsewhere, so the top singular
     vector of [J_1 … J_T] is e_0 in token T's block. Token 7's unembedding row is
-    the one most along e_0, and token 3's embedding row is e_0 itself.
+    the one most along e_0, and token 3's embedding row is e_0 itself; token 4's is its negative.
     """
     d, V = 8, 16
     gen = torch.Generator().manual_seed(0)
@@ -26,6 +27,7 @@ def known_model(tmp_path_factory):
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False)
     embed = torch.randn(V, d, generator=gen)
     embed[3] = torch.nn.functional.one_hot(torch.tensor(0), d) * 2.0
+    embed[4] = -embed[3]
     lm_head = torch.randn(V, d, generator=gen) * 0.1
     lm_head[7, 0] = 5.0
     layer = {"attn_norm": torch.ones(d), "wq": torch.randn(d, d, generator=gen), "wk": torch.randn(4, d, generator=gen),
@@ -51,9 +53,14 @@ def test_decoding_on_a_known_model(known_model):
     assert decode_input(known_model, svd.V[-1, :, 0])[0][1] == pytest.approx(1.0, abs=1e-12)
     ρ = float(torch.sqrt((elm.inputs[-1] ** 2).mean() + known_model.config.rms_norm_eps))
     assert float(svd.S[0]) == pytest.approx(10.0 / ρ, rel=1e-12)
-    # flipping the input flips y, and the alignment flips the pair with it
-    flipped = stacked_svd(minielm.equivalent_linear_map(known_model, [5, 9, 2, 3]), 1)
-    assert torch.equal(flipped.U, svd.U[:, :1])
+    # negating the last input (token 4 = -token 3) negates y but leaves [J_1 … J_T] as it was
+    # (ρ is the same): the sign rule u · y ≥ 0 must flip the singular pair with y
+    negated = minielm.equivalent_linear_map(known_model, [5, 9, 2, 4])
+    assert torch.equal(negated.output, -elm.output)
+    assert torch.allclose(negated.operators, elm.operators, rtol=0, atol=1e-15)
+    flipped = stacked_svd(negated, 1)
+    assert torch.allclose(flipped.U, -svd.U[:, :1], atol=1e-12) and torch.allclose(flipped.V, -svd.V[..., :1], atol=1e-12)
+    assert flipped.U[0, 0] < 0
 
 
 def test_stable_rank_and_shares(checkpoints):
@@ -98,15 +105,50 @@ def test_all_layers_in_one_pass(case, mode, checkpoints):
         assert elm.target == single.target
         assert float((elm.operators - single.operators).abs().max()) < 1e-12 * float(single.operators.abs().max())
         assert elm.relative_error() < 1e-13
+    # layer_table's stable ranks are ‖A‖_F² / σ_1² of each stacked map, computed here from its singular values
     rows = layer_table(model, PROMPT)
-    assert [r["target"] for r in rows][-1] == "final" and all(r["stable_rank"] >= 1 for r in rows)
+    assert [r["target"] for r in rows][-1] == "final"
+    for r in rows:
+        sigma = torch.linalg.svdvals(stacked(maps[(r["layer"], r["component"])].operators))
+        assert r["stable_rank"] == pytest.approx(float((sigma ** 2).sum() / sigma[0] ** 2), rel=1e-10)
+        assert r["singular_values"] == pytest.approx(sigma[:3].tolist(), rel=1e-10)
 
 
 def test_steering(tiny_with_tokenizer):
     model = minielm.load(tiny_with_tokenizer)
     prompt, concept = "And God called the light", "the face of the waters"
     baseline = model.generate(prompt, 12)
-    assert steer(model, concept, prompt, layer=1, scale=0.0, max_new_tokens=12) == baseline
     assert steer(model, concept, prompt, layer=1, scale=1.0, max_new_tokens=12) != baseline
     with pytest.raises(minielm.InputError, match="layer"):
         steer(model, concept, prompt, layer=5, scale=1.0)
+
+
+def steered_greedy_ids(model, S, layer, scale, ids, steps):
+    """Greedy continuation computed directly, without a KV cache: every forward pass runs over the
+    whole sequence, adding λ‖h_p‖ S x_p / ‖S x_p‖ to the residual stream after `layer` at every position p."""
+    ids = list(ids)
+    for _ in range(steps):
+        x = model.embed(ids)  # (T, d)
+        positions = torch.arange(len(ids))
+        h = x
+        for i in range(model.config.num_hidden_layers):
+            h, _, _ = model.block(i, h, positions)
+            if i == layer:
+                push = x @ S.T  # (T, d): S x_p
+                h = h + scale * h.norm(dim=-1, keepdim=True) * push / push.norm(dim=-1, keepdim=True)
+        y, _ = model.norm(h, model.weights["final_norm"])
+        ids.append(int(model.unembed(y[-1]).argmax()))
+    return ids
+
+
+@pytest.mark.parametrize("layer, scale", [(0, 0.7), (1, 1.0)])
+def test_steering_formula(tiny_with_tokenizer, layer, scale):
+    """steer() continues the text as the formula says, with S = Σ_t J^ℓ_t of the concept prompt."""
+    model = minielm.load(tiny_with_tokenizer)
+    prompt, concept, steps = "And God called the light", "the face of the waters", 10
+    S = minielm.equivalent_linear_map(model, model.tokenizer.encode(concept), layer=layer).operators.sum(0)  # (d, d)
+    ids = model.tokenizer.encode(prompt)
+    direct = steered_greedy_ids(model, S, layer, scale, ids, steps)
+    expected = model.tokenizer.decode(direct)[len(model.tokenizer.decode(ids)):]
+    assert steer(model, concept, prompt, layer=layer, scale=scale, max_new_tokens=steps) == expected
+    assert direct[len(ids):] != model.generate_ids(ids, steps)  # the steering changes the text here
