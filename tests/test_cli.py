@@ -5,6 +5,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+import minielm
+import minielm.linear_map
+from minielm.checkpoint import StreamedLayers
+from minielm.cli import CHECK_PROMPT, main
 
 
 def run(*args):
@@ -19,7 +25,14 @@ def test_explain_json(tiny_with_tokenizer, tmp_path):
     for key in ("tokens", "next_token", "top", "relative_error", "singular_values", "decoded"):
         assert key in report
     assert report["relative_error"] < 1e-13 and report["autograd_relative_difference"] < 1e-12
-    assert report["top"][0]["token"] == report["next_token"] and len(report["top"]) == 5
+    # the next-token table is the model's own, computed here in-process
+    model = minielm.load(tiny_with_tokenizer)
+    ids = model.tokenizer.encode("And God said, Let there be")
+    top = torch.topk(torch.softmax(model.logits(ids)[-1], dim=-1), 5)
+    assert report["tokens"] == [model.tokenizer.token(i) for i in ids]
+    assert [t["token"] for t in report["top"]] == [model.tokenizer.token(int(i)) for i in top.indices]
+    assert [t["probability"] for t in report["top"]] == pytest.approx(top.values.tolist(), rel=1e-12)
+    assert report["next_token"] == model.tokenizer.token(int(top.indices[0]))
     assert sum(t["share"] for t in report["per_token"]) == pytest.approx(1.0, abs=1e-12)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -39,6 +52,57 @@ def test_explain_table_and_other_commands(tiny_with_tokenizer, tmp_path):
     assert result.returncode == 0 and result.stdout.startswith("And God")
 
 
-def test_float32_check_reports_honestly(tiny_with_tokenizer):
-    result = run("check", "--model", tiny_with_tokenizer, "--dtype", "float32")
-    assert result.returncode == 0 and "float32" in result.stdout
+def reconstruction_column(stdout) -> dict:
+    """{target: reconstruction error} from the table `minielm check` prints."""
+    rows = [line.rsplit(None, 3) for line in stdout.splitlines()[1:] if line.strip() and not line.startswith("worst")]
+    return {target: float(rec) for target, rec, _, _ in rows}
+
+
+def test_float32_check_reports_honestly(tiny_with_tokenizer, capsys):
+    """In float32 the check reports float32 round-off (measured, not float64's), within the float32 bound."""
+    assert main(["check", "--model", str(tiny_with_tokenizer), "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    errors = reconstruction_column(out)
+    assert len(errors) == 1 + 3 * 2  # the model, and each layer and module of the 2 layers
+    model = minielm.load(tiny_with_tokenizer, dtype="float32")
+    measured = minielm.equivalent_linear_map(model, model.tokenizer.encode(CHECK_PROMPT)).relative_error()
+    assert errors["model"] == pytest.approx(measured, rel=0.02)  # printed to two digits
+    assert 1e-9 < max(errors.values()) < 1e-4
+    assert f"worst reconstruction error {max(errors.values()):.1e} (within 1e-04 for float32)" in out
+
+
+def test_check_fails_above_the_float64_bound(tiny_with_tokenizer, monkeypatch, capsys):
+    """`minielm check` exits 1 and says ABOVE when a frozen factor is wrong by 1e-12 (an error
+    of about 1e-12: above float64's 1e-13, far below float32's bound)."""
+    assert main(["check", "--model", str(tiny_with_tokenizer)]) == 0
+    assert "within 1e-13 for float64" in capsys.readouterr().out
+    exact = minielm.linear_map.folded_mlp
+
+    def slightly_wrong(*args):  # the MLP gate φ_t, off by a relative 1e-12 in the sweep only
+        W_D, gate, W_U = exact(*args)
+        return W_D, gate * (1 + 1e-12), W_U
+
+    monkeypatch.setattr(minielm.linear_map, "folded_mlp", slightly_wrong)
+    assert main(["check", "--model", str(tiny_with_tokenizer)]) == 1
+    out = capsys.readouterr().out
+    errors = reconstruction_column(out)
+    assert 1e-13 < errors["model"] < 1e-10
+    assert "ABOVE 1e-13 for float64" in out
+
+
+def test_stream_flag(tiny_with_tokenizer, monkeypatch, capsys):
+    """--stream loads the model streamed, and the report is the same as without it."""
+    loaded = []
+
+    def load_and_keep(*args, **kwargs):
+        loaded.append(minielm.load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(minielm.cli, "load", load_and_keep)
+    reports = []
+    for flags in ([], ["--stream"]):
+        assert main(["explain", "And God said", "--model", str(tiny_with_tokenizer), "--json", *flags]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert not isinstance(loaded[0].weights["layers"], StreamedLayers)
+    assert isinstance(loaded[1].weights["layers"], StreamedLayers)
+    assert reports[0] == reports[1]
