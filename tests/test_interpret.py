@@ -1,5 +1,7 @@
 """Reading the operators: decoding on a model with a known answer, spectra, layers, steering."""
 
+import math
+
 import pytest
 import torch
 from conftest import PROMPT
@@ -112,6 +114,20 @@ def test_all_layers_in_one_pass(case, mode, checkpoints):
         sigma = torch.linalg.svdvals(stacked(maps[(r["layer"], r["component"])].operators))
         assert r["stable_rank"] == pytest.approx(float((sigma ** 2).sum() / sigma[0] ** 2), rel=1e-10)
         assert r["singular_values"] == pytest.approx(sigma[:3].tolist(), rel=1e-10)
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma3_text"])
+def test_all_layer_maps_chooses_the_cheaper_pass(case, checkpoints):
+    """mode='auto' takes the forward pass for prompts shorter than 1.5 (L + 1) tokens, the reverse one
+    from there on. The two passes round differently, so the operators tell which one ran."""
+    model = minielm.load(checkpoints[case])
+    threshold = 1.5 * (model.config.num_hidden_layers + 1)  # 4.5 for 2 layers, 6 for 3
+    for T in (math.ceil(threshold) - 1, math.ceil(threshold)):
+        auto = all_layer_maps(model, PROMPT[:T])
+        forward, reverse = (all_layer_maps(model, PROMPT[:T], mode=mode) for mode in ("forward", "reverse"))
+        chosen, other = (forward, reverse) if T < threshold else (reverse, forward)
+        assert all(torch.equal(auto[key].operators, chosen[key].operators) for key in auto), T
+        assert not all(torch.equal(auto[key].operators, other[key].operators) for key in auto), T
 
 
 def test_steering(tiny_with_tokenizer):

@@ -110,6 +110,35 @@ def test_attribution_sums_to_the_logit(case, checkpoints):
     assert (table.table.abs().sum(0) > 0).all() and table.table[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("case", ["llama", "gemma3_text", "olmo2", "qwen2"])
+def test_attribution_cells(case, checkpoints):
+    """Every cell (source s, layer ℓ, module) against a forward computation: the frozen forward
+    pass run on x with every position but s zeroed (less its value at 0) gives module ℓ's output
+    at the last position due to x_s alone; the frozen final norm and the unembedding row read it."""
+    model = minielm.load(checkpoints[case])
+    token, T, L = 5, len(PROMPT), model.config.num_hidden_layers
+    table = minielm.attribution(model, PROMPT, token=token)
+    x = model.embed(PROMPT)  # (T, d)
+    _, _, _, frozen = trace(model, x)
+    _, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)  # the affine parts (biases)
+
+    def logit_of(v):  # z = w_token · N_f(v), the final norm frozen at the model's own 1/ρ
+        return float(model.norm(v, model.weights["final_norm"], frozen.final_norm[-1])[0] @ model.weights["lm_head"][token])
+
+    expected = torch.zeros(T, L, 2, dtype=x.dtype)
+    for s in range(T):
+        alone = torch.zeros_like(x)
+        alone[s] = x[s]
+        _, attn, mlp, _ = trace(model, alone, frozen)
+        for layer in range(L):
+            expected[s, layer, 0] = logit_of(attn[layer][-1] - attn0[layer][-1])
+            expected[s, layer, 1] = logit_of(mlp[layer][-1] - mlp0[layer][-1])
+    assert relative(table.table, expected) < 1e-12
+    bias = torch.tensor([[logit_of(attn0[layer][-1]), logit_of(mlp0[layer][-1])] for layer in range(L)], dtype=x.dtype)
+    assert torch.allclose(table.bias, bias, rtol=0, atol=1e-12)
+    assert table.embedding[-1] == pytest.approx(logit_of(x[-1]), rel=1e-12) and not table.embedding[:-1].any()
+
+
 def test_bad_arguments(checkpoints):
     model = minielm.load(checkpoints["llama"])
     with pytest.raises(minielm.InputError, match="layer"):
