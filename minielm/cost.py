@@ -83,9 +83,11 @@ def assembly_flops(s: Shape, T: int) -> int:
 
 def lanczos_flops(s: Shape, T: int, steps: int) -> int:
     """`steps` Golub–Kahan steps: a frozen forward (A v) and a one-row sweep (Aᵀ u) each,
-    plus full reorthogonalization against the bases (2·(T·d + d)·steps a step)."""
+    plus full reorthogonalization, two passes of 4 flops an element of each basis vector:
+    at step j, u (d) against the j earlier u's and v (T·d) against the j + 1 earlier v's."""
     per_step = forward_flops(s, T, frozen=True) + sweep_flops(s, T, 1)
-    return steps * per_step + 2 * steps * steps * (T * s.d + s.d) * 2
+    reorthogonalization = 4 * steps * (steps - 1) * s.d + 4 * steps * (steps + 1) * T * s.d  # 8·Σ_j (j·d + (j+1)·T·d)
+    return steps * per_step + reorthogonalization
 
 
 def assembly_bytes(s: Shape, T: int, b: int = 8) -> dict:

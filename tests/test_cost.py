@@ -3,11 +3,15 @@
 import pytest
 import torch
 from conftest import PROMPT
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import minielm
-from minielm.cost import Shape, assembly_flops, forward_flops, sweep_flops
+import minielm.spectra
+from minielm.cost import Shape, assembly_bytes, assembly_flops, forward_flops, lanczos_flops, sweep_flops
 from minielm.linear_map import pull_back, trace
+from minielm.spectra import FrozenProducts, singular_vectors
 
 
 def counted(fn) -> int:
@@ -36,3 +40,70 @@ def test_parameter_count(checkpoints):
     shape = Shape.of(model.config)
     norms = model.config.hidden_size * (2 * shape.L + 1)
     assert shape.params + norms == sum(t.numel() for t in model.parameters())
+
+
+class ElementwiseFlops(TorchDispatchMode):
+    """One flop an element for each multiply, subtract and sum (the vector work that torch's
+    counter, which counts matrix products only, leaves out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("mul", "sub"):
+            self.flops += out.numel()
+        elif name == "sum":
+            self.flops += args[0].numel()
+        return out
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3"])
+def test_lanczos_flops(case, checkpoints, monkeypatch):
+    """The Lanczos run: its matrix products (torch's counter) and the reorthogonalization's vector work."""
+    model = minielm.load(checkpoints[case])
+    shape, T, k, steps = Shape.of(model.config), len(PROMPT), 2, 8
+    reorthogonalization, exact = ElementwiseFlops(), minielm.spectra.reorthogonalize
+
+    def counted_reorthogonalize(w, basis):
+        with reorthogonalization:
+            return exact(w, basis)
+
+    monkeypatch.setattr(minielm.spectra, "reorthogonalize", counted_reorthogonalize)
+    setup = counted(lambda: FrozenProducts(model, PROMPT))  # the traced forward pass and the affine part
+    run = counted(lambda: singular_vectors(model, PROMPT, k=k, tol=0.0, max_steps=steps))
+    ritz = 2 * steps * k * (shape.d + T * shape.d)  # the top k vectors at the end: U_m P_k and V_m Q_k
+    assert run - setup - ritz + reorthogonalization.flops == lanczos_flops(shape, T, steps)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest storage (in bytes) behind any tensor an operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.bytes = max([self.bytes, *sizes])
+        return out
+
+
+@pytest.mark.parametrize("case, dtype", [("llama", torch.float64), ("qwen3", torch.float64), ("qwen3", torch.float32)])
+def test_assembly_bytes(case, dtype, checkpoints):
+    """The operators, the weights, one layer, and the largest tensor the assembly makes (qwen3: H·hd > d)."""
+    model = minielm.load(checkpoints[case], dtype=dtype)
+    shape, T, b = Shape.of(model.config), len(PROMPT), dtype.itemsize
+    memory = assembly_bytes(shape, T, b)
+    largest = LargestTensor()
+    with largest:
+        operators = minielm.equivalent_linear_map(model, PROMPT).operators
+    assert memory["operators"] == operators.nbytes
+    assert largest.bytes == max(memory["operators"], memory["temporary"])
+    if case == "llama":  # the weight formulas leave out the norms, and count an untied unembedding
+        norms = model.config.hidden_size * b  # each RMSNorm weight
+        assert memory["weights"] + (2 * shape.L + 1) * norms == sum(t.nbytes for t in model.parameters())
+        assert memory["one_layer"] + 2 * norms == sum(t.nbytes for t in model.weights["layers"][0].values())
