@@ -81,11 +81,12 @@ def assembly_flops(s: Shape, T: int) -> int:
     return sweep_flops(s, T, s.d)
 
 
-def lanczos_flops(s: Shape, T: int, steps: int) -> int:
-    """`steps` Golub–Kahan steps: a frozen forward (A v) and a one-row sweep (Aᵀ u) each,
-    plus full reorthogonalization against the bases (2·(T·d + d)·steps a step)."""
-    per_step = forward_flops(s, T, frozen=True) + sweep_flops(s, T, 1)
-    return steps * per_step + 2 * steps * steps * (T * s.d + s.d) * 2
+def lanczos_flops(s: Shape, T: int, steps: int, block: int = 1) -> int:
+    """`steps` block Golub–Kahan steps of `block` rows: a frozen forward pass over b inputs (A V)
+    and a b-row sweep (Aᵀ U) each, plus full reorthogonalization against the bases
+    (two passes, 8·b·(T·d + d)·(rows so far) a step)."""
+    per_step = block * forward_flops(s, T, frozen=True) + sweep_flops(s, T, block)
+    return steps * per_step + 4 * (block * steps) ** 2 * (T * s.d + s.d)
 
 
 def assembly_bytes(s: Shape, T: int, b: int = 8) -> dict:
