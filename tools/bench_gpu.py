@@ -164,16 +164,17 @@ def out_of_memory(error: Exception) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def bench_model(name: str, config_json: dict, tokens: list, k: int, methods: set, device, workdir: Path,
-                rate: float) -> dict:
-    directory = workdir / name
+def bench_model(name: str, config_json: dict, args, device, workdir: Path, rate: float, record: dict, save):
+    """Fill `record` with one run per prompt length, calling save() after each (a run cut off by a
+    time limit keeps what it measured)."""
+    directory, k, methods = workdir / name, args.k, set(args.methods)
     _, write_s, _ = timed(lambda: write_random_checkpoint(directory, config_json, device), device)
     model = minielm.load(directory, dtype=torch.float64, device=device, stream=True)
     shape = Shape.of(model.config)
-    record = {"model": name, "config": config_json, "params": shape.params, "checkpoint_write_s": write_s,
-              "runs": []}
+    record.update({"model": name, "config": config_json, "params": shape.params, "checkpoint_write_s": write_s,
+                   "runs": []})
     gen = torch.Generator().manual_seed(1)
-    for T in tokens:
+    for T in args.tokens:
         ids = torch.randint(0, shape.V, (T,), generator=gen).tolist()
         run = {"T": T, "operators_gb": T * shape.d ** 2 * 8 / 1e9}
         last, sigma_dense = None, None
@@ -206,7 +207,7 @@ def bench_model(name: str, config_json: dict, tokens: list, k: int, methods: set
                 run["autograd"] = {"does_not_fit": str(error).splitlines()[0]}
         del last
         if "spectra" in methods:
-            for block in (k + 4, 1):
+            for block in args.blocks or [k + 4, 1]:
                 found, seconds, peak = timed(lambda: block_lanczos(FrozenProducts(model, ids), k, block, 1e-12),
                                              device)
                 flops = lanczos_flops(shape, T, found.steps, block)
@@ -220,9 +221,9 @@ def bench_model(name: str, config_json: dict, tokens: list, k: int, methods: set
                 run[f"spectra_b{block}"] = entry
         record["runs"].append(run)
         print(json.dumps(run), flush=True)
+        save()
     del model
     shutil.rmtree(directory)  # the next model needs the disk
-    return record
 
 
 # ---- the report ----------------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ def table(results: dict) -> str:
              f"({results['matmul_n']}² GEMM); torch {results['torch']}",
              f"{'model':<11} {'T':>4} {'what':<22} {'time (s)':>9} {'of rate':>8} {'peak GB':>8}  notes"]
     for record in results["models"]:
-        for run in record["runs"]:
+        for run in record.get("runs", []):
             head = f"{record['model']:<11} {run['T']:>4}"
             for key, label in (("operators", "operators (analytic)"), ("autograd", "autograd (vectorized)")):
                 entry = run.get(key)
@@ -245,7 +246,7 @@ def table(results: dict) -> str:
                     continue
                 share = f"{entry['fraction_of_matmul_rate']:7.0%}" if "fraction_of_matmul_rate" in entry else ""
                 note = (f"reconstruction {entry['relative_error']:.1e}" if key == "operators"
-                        else f"{run['operators']['seconds'] / entry['seconds']:.2f}x the analytic speed"
+                        else f"analytic {entry['seconds'] / run['operators']['seconds']:.2f}x faster"
                         if "seconds" in run.get("operators", {}) else "")
                 lines.append(f"{head} {label:<22} {entry['seconds']:>9.2f} {share:>8} {gb(entry['peak_gb']):>8}  {note}")
             for key in sorted(k for k in run if k.startswith("spectra_b")):
@@ -265,6 +266,7 @@ def main():
     parser.add_argument("--methods", nargs="+", default=["operators", "autograd", "spectra"],
                         choices=["operators", "autograd", "spectra"])
     parser.add_argument("--k", type=int, default=4, help="singular triplets for the spectra")
+    parser.add_argument("--blocks", nargs="+", type=int, default=None, help="rows per sweep to compare (k+4 1)")
     parser.add_argument("--tiny", action="store_true", help="toy shapes, on the CPU: to test this script")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--workdir", default=None, help="where the random checkpoints are written (a temp dir)")
@@ -278,19 +280,22 @@ def main():
                "cuda": torch.version.cuda, "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
                "matmul_n": n, "matmul_rate": rate, "tiny": args.tiny, "args": vars(args), "models": []}
     print(f"{name}: float64 matmul {rate / 1e12:.3f} TFLOP/s", flush=True)
-    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
-        for model_name in args.models:
-            config_json = tiny(SHAPES[model_name]) if args.tiny else SHAPES[model_name]
-            results["models"].append(bench_model(model_name, config_json, args.tokens, args.k, set(args.methods),
-                                                 device, Path(workdir), rate))
-    report = table(results)
-    print(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = ("tiny-" if args.tiny else "") + "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
     stem = out / f"bench_gpu_{slug}_{'-'.join(args.models)}_{time.strftime('%Y%m%dT%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    stem.with_suffix(".txt").write_text(report + "\n")
+
+    def save():
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        stem.with_suffix(".txt").write_text(table(results) + "\n")
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        for model_name in args.models:
+            config_json = tiny(SHAPES[model_name]) if args.tiny else SHAPES[model_name]
+            results["models"].append({})
+            bench_model(model_name, config_json, args, device, Path(workdir), rate, results["models"][-1], save)
+    save()
+    print(table(results))
     print(f"wrote {stem}.json and .txt")
 
 
