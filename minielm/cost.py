@@ -81,13 +81,20 @@ def assembly_flops(s: Shape, T: int) -> int:
     return sweep_flops(s, T, s.d)
 
 
-def lanczos_flops(s: Shape, T: int, steps: int) -> int:
-    """`steps` Golub–Kahan steps: a frozen forward (A v) and a one-row sweep (Aᵀ u) each,
-    plus full reorthogonalization, two passes of 4 flops an element of each basis vector:
-    at step j, u (d) against the j earlier u's and v (T·d) against the j + 1 earlier v's."""
-    per_step = forward_flops(s, T, frozen=True) + sweep_flops(s, T, 1)
-    reorthogonalization = 4 * steps * (steps - 1) * s.d + 4 * steps * (steps + 1) * T * s.d  # 8·Σ_j (j·d + (j+1)·T·d)
-    return steps * per_step + reorthogonalization
+def lanczos_flops(s: Shape, T: int, steps: int, block: int = 1) -> int:
+    """`steps` block Golub–Kahan steps of b = `block` rows (minielm.spectra.block_lanczos).
+
+    Each step: a frozen forward pass over b inputs (A V) and a b-row sweep (Aᵀ U), and the
+    new blocks made orthogonal to the bases so far, projected twice (8·b·rows·n flops against
+    a basis of `rows` vectors of length n), then reduced to b new rows (2·b²·n). At step j the
+    left basis holds (j − 1)·b rows of length d and the right one j·b rows of length n = T·d.
+    The small SVDs, the residuals and the final Ritz vectors are left out.
+    """
+    b, m, n = block, steps, T * s.d
+    products = m * (b * forward_flops(s, T, frozen=True) + sweep_flops(s, T, b))
+    left = 4 * b * b * s.d * m * (m - 1) + 2 * b * b * s.d * m  # 8·b·d·Σ_j (j − 1)·b, and 2·b²·d a step
+    right = 4 * b * b * n * m * (m + 1) + 2 * b * b * n * (m + 1)  # 8·b·n·Σ_j j·b, 2·b²·n a step and the start
+    return products + left + right
 
 
 def assembly_bytes(s: Shape, T: int, b: int = 8) -> dict:

@@ -149,19 +149,20 @@ def attention_probabilities(u, w, config, layer_type, positions, cache=None, lay
 def attention(u, w, config, layer_type, positions, cache=None, layer=None, probs=None):
     """o_t = Σ_{s≤t} P[t,s] W_V u_s per head, then W_O.  A(u) = P.
 
-    u: (T, d) -> (T, d); probs: (H, T, S).
+    u: (T, d) -> (T, d); probs: (H, T, S). With P given, u may be a batch (..., T, d).
     """
-    T, H, Hkv, hd = u.shape[0], config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    T, H, Hkv, hd = u.shape[-2], config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    batch = u.shape[:-2]  # () for one input; (b,) for a batch of inputs through the frozen pass
     if probs is None:
         probs = attention_probabilities(u, w, config, layer_type, positions, cache, layer)
     elif cache is not None:
         raise InputError("a frozen forward pass cannot extend a KV cache")
-    v = linear(u, w["wv"], w.get("bv")).view(T, Hkv, hd)  # (T, Hkv, hd)
+    v = linear(u, w["wv"], w.get("bv")).view(*batch, T, Hkv, hd)  # (..., T, Hkv, hd)
     if cache is not None:
         v = cache.extend("values", layer, v)  # (S, Hkv, hd)
-    S, G = v.shape[0], H // Hkv
-    o = torch.einsum("kgts,skd->tkgd", probs.view(Hkv, G, T, S), v)  # (T, Hkv, G, hd)
-    return linear(o.reshape(T, H * hd), w["wo"], w.get("bo")), probs  # (T, d)
+    S, G = v.shape[-3], H // Hkv
+    o = torch.einsum("kgts,...skd->...tkgd", probs.view(Hkv, G, T, S), v)  # (..., T, Hkv, G, hd)
+    return linear(o.reshape(*batch, T, H * hd), w["wo"], w.get("bo")), probs  # (..., T, d)
 
 
 # ---- the model --------------------------------------------------------------------------
@@ -233,12 +234,13 @@ class Model:
     def forward(self, x, frozen: Frozen | None = None, cache: KVCache | None = None, edit=None):
         """Input vectors x (T, d) -> final-normed hidden states y (T, d), and the factors used.
 
-        With `frozen` given, every factor is taken from it: the pass is then linear in x.
+        With `frozen` given, every factor is taken from it: the pass is then linear in x,
+        and x may be a batch of inputs (..., T, d), all run through the same frozen factors.
         `edit(i, h, x) -> h`, if given, may change the residual stream after each layer i
         (steering uses it).
         """
         start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + x.shape[0], device=x.device)  # (T,)
+        positions = torch.arange(start, start + x.shape[-2], device=x.device)  # (T,)
         h, layers = x, []
         for i in range(self.config.num_hidden_layers):
             h, factors, _ = self.block(i, h, positions, frozen.layers[i] if frozen else None, cache)

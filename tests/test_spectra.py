@@ -1,0 +1,66 @@
+"""Block Lanczos spectra against the dense SVD of the assembled operators, and its stopping rule."""
+
+import pytest
+import torch
+from conftest import PROMPT
+
+import minielm
+from minielm.errors import NumericalError
+from minielm.interpret import stacked, stacked_svd
+from minielm.linear_map import traced
+from minielm.spectra import FrozenProducts, block_lanczos, singular_vectors
+
+
+def test_frozen_forward_takes_a_batch(checkpoints):
+    """model.forward(x (b, T, d), frozen) is the b single forward passes, stacked."""
+    model = minielm.load(checkpoints["qwen2"])  # biases: the affine part rides along in every item
+    x, frozen, _, _ = traced(model, PROMPT)
+    batch = torch.randn(3, *x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(0))
+    together = model.forward(batch, frozen)[0]  # (3, T, d)
+    one_by_one = torch.stack([model.forward(item, frozen)[0] for item in batch])
+    assert torch.allclose(together, one_by_one, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("case, block", [("llama", 8), ("qwen3", 8), ("gemma3_text", 8), ("olmo2", 8), ("phi3", 8),
+                                         ("qwen2", 8), ("qwen3", 1)])
+def test_block_spectra_match_the_dense_svd(case, block, checkpoints):
+    """Top 4 of [J_1 … J_T] and of one J_t, b = 1 and b = k + 4 rows per sweep, to 1e-10."""
+    model = minielm.load(checkpoints[case])
+    elm = minielm.equivalent_linear_map(model, PROMPT)
+    dense = stacked_svd(elm, k=4)
+    U, S, V = singular_vectors(model, PROMPT, k=4, block=block)
+    T, d = len(PROMPT), model.config.hidden_size
+    assert U.shape == (d, 4) and S.shape == (4,) and V.shape == (T, d, 4)
+    assert float(((S - dense.S) / dense.S).abs().max()) < 1e-10
+    assert float((U - dense.U).abs().max()) < 1e-8 and float((V - dense.V).abs().max()) < 1e-8
+    token = 9
+    P, S_t, Qh = torch.linalg.svd(elm.operators[token])
+    U_t, S_tb, V_t = singular_vectors(model, PROMPT, k=4, token=token, block=block)
+    assert U_t.shape == (d, 4) and V_t.shape == (d, 4)
+    assert float(((S_tb - S_t[:4]) / S_t[:4]).abs().max()) < 1e-10
+    assert torch.allclose(elm.operators[token] @ V_t, U_t * S_tb, rtol=0, atol=1e-10 * float(S_t[0]))
+
+
+@pytest.mark.parametrize("block", [1, 6])
+def test_the_residual_estimate_is_the_true_residual(block, tiny_with_tokenizer):
+    """Stopped at a loose tol, the reported residuals are the true ‖Aᵀu_i − σ_i v_i‖ and
+    ‖A v_i − σ_i u_i‖ (from the dense operators), below tol·σ_1, and the basis has not
+    filled R^d: the stopping rule, not exhaustion, ended the run."""
+    model = minielm.load(tiny_with_tokenizer)  # d = 48
+    ids = (model.tokenizer.encode("And God said, Let there be light: and there was light.") * 3)[:40]
+    A = stacked(minielm.equivalent_linear_map(model, ids).operators)  # (d, T·d)
+    tol = 1e-5
+    found = block_lanczos(FrozenProducts(model, ids), k=3, block=block, tol=tol)
+    true_transposed = torch.linalg.vector_norm(A.T @ found.U - found.V * found.S, dim=0)
+    true_forward = torch.linalg.vector_norm(A @ found.V - found.U * found.S, dim=0)
+    sigma1 = float(torch.linalg.matrix_norm(A, ord=2))
+    assert found.steps * block < A.shape[0]
+    assert torch.allclose(found.residuals, true_transposed, rtol=1e-6, atol=1e-12 * sigma1)
+    assert float(true_transposed.max()) <= tol * sigma1 and float(true_forward.max()) < 1e-12 * sigma1
+    assert float(true_transposed.max()) > 1e-3 * tol * sigma1  # stopped when tol was met, not long after
+
+
+def test_not_converged_is_a_one_line_error(checkpoints):
+    model = minielm.load(checkpoints["llama"])
+    with pytest.raises(NumericalError, match="not converged .* in 2 steps"):
+        singular_vectors(model, PROMPT, k=4, tol=1e-14, max_steps=2, block=1)
