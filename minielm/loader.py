@@ -118,7 +118,7 @@ def resolve_checkpoint(path) -> Path:
     if candidate.exists():
         return candidate
     model_id = MODEL_ID.fullmatch(path) if isinstance(path, str) else None
-    if model_id and ".." not in path.split("@")[0].split("/") and ".." not in (model_id["revision"] or "").split("/"):
+    if model_id and ".." not in re.split("[/@]", path):  # nothing that climbs out of the cache
         return from_hub_cache(path, model_id["org"], model_id["name"], model_id["revision"])
     raise CheckpointError(f"{candidate}: no such checkpoint directory")
 
