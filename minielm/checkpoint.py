@@ -288,7 +288,7 @@ def load_weights(source: TensorSource, config: Config, dtype: torch.dtype, devic
             continue
         target = weights if layer is None else weights["layers"][layer]
         for name, piece in zip((p for p, _ in parts), split_parts(tensor, parts)):
-            target[name] = piece.to(device=device, dtype=dtype).contiguous()
+            target[name] = to_compute(piece, dtype, device)
         source.release(hf_name)
     if stream:
         return_freed_memory_promptly()
@@ -369,6 +369,13 @@ def checked_plan(source: TensorSource, config: Config, where=None) -> list:
     return plan
 
 
+def to_compute(piece: torch.Tensor, dtype, device) -> torch.Tensor:
+    """A tensor read from the file, in the compute dtype on the compute device. It crosses to the
+    device in the file's dtype and is cast there: a CPU->GPU copy that also changes the dtype
+    would cast on the CPU first and move 4x the bytes of a bf16 weight in float64."""
+    return piece.to(device=device).to(dtype=dtype).contiguous()
+
+
 def split_parts(tensor, parts):
     """A fused tensor split by rows into its parts (one part: the tensor itself)."""
     return torch.split(tensor, [rows for _, rows in parts])
@@ -418,7 +425,7 @@ class StreamedLayer(Mapping):
             hf_name, parts = self.where[name]
             tensor = self.layers.read(hf_name)
             for part, piece in zip((p for p, _ in parts), split_parts(tensor, parts)):
-                self.cast[part] = piece.to(device=self.layers.device, dtype=self.layers.dtype).contiguous()
+                self.cast[part] = to_compute(piece, self.layers.dtype, self.layers.device)
             del tensor, piece
             self.layers.source.release(hf_name)
         return self.cast[name]
