@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from . import checks
 from .checkpoint import load_weights
 from .config import Config
 from .errors import CheckpointError, InputError, show
@@ -54,15 +55,17 @@ def load(path, dtype=torch.float64, device="cpu", stream=False) -> Model:
     larger than memory in float64. Results are the same as without streaming.
     """
     dtype, device = resolve_dtype(dtype), resolve_device(device)
+    stream = checks.boolean("stream", stream)
     if not isinstance(path, (str, os.PathLike)):
-        raise InputError(f"checkpoint path must be a str or a path, got {type(path).__name__}")
+        raise InputError(f"path must be a checkpoint directory (a str or a path), got {type(path).__name__} "
+                         f"{show(path, 40)}")
+    if os.fspath(path) == "":  # Path("") is the current directory: never load that by accident
+        raise InputError("path is empty; expected a checkpoint directory")
     directory = Path(path)
     if directory.is_file():
         raise CheckpointError(f"{directory}: is a file; expected a checkpoint directory (config.json, *.safetensors)")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     config = Config.from_file(directory / "config.json")
-    if not isinstance(stream, bool):
-        raise InputError(f"stream must be True or False, got {stream!r}")
     weights = load_weights(directory, config, dtype, device, stream)
     return Model(config, weights, load_tokenizer(directory), directory, dtype, device)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InputError
+from . import checks
 from .interpret import align_signs
-from .linear_map import pull_back, trace
+from .linear_map import checked_ids, pull_back, trace
 from .model import Model
 
 
@@ -28,12 +28,11 @@ class FrozenProducts:
     """v -> A v and u -> Aᵀ u for the frozen map of one prompt (optionally one token's J_t)."""
 
     def __init__(self, model: Model, ids, token: int | None = None):
-        ids = model.check_ids(ids)
-        self.model, self.token = model, token
+        ids = checked_ids(model, ids)
+        T = len(ids)
+        self.model = model
+        self.token = checks.optional_integer("token", token, -T, T, why=f"a position in the {T}-token prompt")
         self.x = model.embed(ids)  # (T, d)
-        T = self.x.shape[0]
-        if token is not None and not (isinstance(token, int) and -T <= token < T):
-            raise InputError(f"token must be a position in [0, {T}), got {token!r}")
         self.residual, _, _, self.frozen = trace(model, self.x)
         self.offset = self._forward(torch.zeros_like(self.x))  # the affine part b
         final_w = model.weights["final_norm"]
@@ -65,12 +64,14 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
     Returns (U, S, V): U (d, k), S (k,), V (T, d, k) — or (d, k) for one token —
     with each pair's sign chosen so that u_k · y ≥ 0.
     """
+    checked_ids(model, ids)
+    d = model.config.hidden_size
+    k = checks.integer("k", k, 1, d, closed=True, why="at most hidden_size singular triplets")
+    tol = checks.real("tol", tol, 0, low_open=True)
+    max_steps = min(checks.optional_integer("max_steps", max_steps, k, why="at least k") or d, d)
+    seed = checks.integer("seed", seed, 0, checks.SEED_LIMIT, why="a torch generator seed")
     ops = FrozenProducts(model, ids, token)
-    d = ops.x.shape[1]
-    if not (isinstance(k, int) and 1 <= k <= d):
-        raise InputError(f"k must be an integer in [1, {d}], got {k!r}")
-    shape = ops.x.shape if token is None else ops.x.shape[1:]
-    max_steps = min(max_steps or d, d)
+    shape = ops.x.shape if ops.token is None else ops.x.shape[1:]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     v = torch.randn(shape, generator=gen, dtype=ops.x.dtype).to(ops.x.device)
     Vs, Us, alphas, betas = [v / torch.linalg.vector_norm(v)], [], [], []
