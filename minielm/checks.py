@@ -23,7 +23,7 @@ import operator
 import numpy as np
 import torch
 
-from .errors import InputError, show
+from .errors import InputError, TokenizerError, show
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 
@@ -101,10 +101,13 @@ def text(name: str, value) -> str:
 
 
 def prompt(name: str, value):
-    """Text or token ids, left as they are (ids are checked against the model later); bytes refused,
-    since they would iterate as token ids."""
+    """Text, or a sequence of token ids, left as it is (ids are checked against the model later).
+    Bytes are refused: they would iterate as token ids."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         text(name, value)
+    if not isinstance(value, (str, list, tuple, range, torch.Tensor, np.ndarray)):
+        raise InputError(f"{name} must be text (str) or a list of token ids, got {type(value).__name__} "
+                         f"{show(value, 40)}")
     return value
 
 
@@ -166,8 +169,9 @@ def token_ids(value, vocab_size: int, max_positions: int, mismatch: str = "") ->
         raise InputError("ids is empty: expected at least one token id")
     for t, i in enumerate(ids):
         if not 0 <= i < vocab_size:
-            raise InputError(f"token id {i} at position {t} is outside the model's vocabulary [0, {vocab_size})"
-                             f"{mismatch}")
+            error = TokenizerError if mismatch else InputError  # the culprit: the tokenizer, or the ids
+            raise error(f"token id {i} at position {t} is outside the model's vocabulary [0, {vocab_size})"
+                        f"{mismatch}")
     if len(ids) > max_positions:
         raise InputError(f"{len(ids)} tokens exceed max_position_embeddings={max_positions}")
     return ids

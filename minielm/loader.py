@@ -57,8 +57,7 @@ def load(path, dtype=torch.float64, device="cpu", stream=False) -> Model:
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     stream = checks.boolean("stream", stream)
     if not isinstance(path, (str, os.PathLike)):
-        raise InputError(f"path must be a checkpoint directory (a str or a path), got {type(path).__name__} "
-                         f"{show(path, 40)}")
+        raise InputError(f"checkpoint path must be a str or a path, got {type(path).__name__} {show(path, 40)}")
     if os.fspath(path) == "":  # Path("") is the current directory: never load that by accident
         raise InputError("path is empty; expected a checkpoint directory")
     directory = Path(path)

@@ -280,8 +280,9 @@ class Model:
         ids = self.check_ids(ids)
         room = self.config.max_position_embeddings - len(ids)  # the whole sequence must fit the positions
         if max_new_tokens > room:
-            raise InputError(f"max_new_tokens={max_new_tokens} with a {len(ids)}-token prompt exceeds "
-                             f"max_position_embeddings={self.config.max_position_embeddings}: at most {room}")
+            raise InputError(f"max_new_tokens={max_new_tokens} after a {len(ids)}-token prompt: "
+                             f"{len(ids) + max_new_tokens} tokens exceed max_position_embeddings="
+                             f"{self.config.max_position_embeddings} (at most {room} new tokens)")
         generator = torch.Generator(device=self.device)
         if seed is not None:
             generator.manual_seed(seed)
