@@ -15,7 +15,7 @@ import tempfile
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
 import minielm
@@ -74,8 +74,9 @@ def rope_objects(raw: dict) -> list:
 
 
 @st.composite
-def mutated_configs(draw, base: dict | None = None):
-    """A config.json object (a family's base, or `base`) with 1 to 4 keys deleted or set to any JSON value."""
+def mutated_configs(draw, base: dict | None = None, keys: list = TOP_KEYS):
+    """A config.json object (a family's base, or `base`) with 1 to 4 keys (mostly from `keys`) deleted or
+    set to any JSON value."""
     raw = copy.deepcopy(base if base is not None else BASES[draw(st.sampled_from(sorted(BASES)))])
     target = raw["text_config"] if "text_config" in raw and draw(st.booleans()) else raw
     for _ in range(draw(st.integers(1, 4))):
@@ -83,7 +84,7 @@ def mutated_configs(draw, base: dict | None = None):
         if inner and draw(st.booleans()):
             obj, key = draw(st.sampled_from(inner)), draw(st.sampled_from(ROPE_KEYS) | st.text(max_size=4))
         else:
-            obj, key = target, draw(st.sampled_from(TOP_KEYS) | st.text(max_size=4))
+            obj, key = target, draw(st.sampled_from(keys) | st.text(max_size=4))
         if key in obj and draw(st.booleans()):
             del obj[key]
         else:
@@ -329,12 +330,13 @@ def logits_of(directory, raw: dict):
     return minielm.load(directory).logits(FUZZ_IDS)
 
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.function_scoped_fixture])
 
 
 @FUZZ
-@given(raw=mutated_configs(FUZZ_BASE))
+@given(raw=mutated_configs(FUZZ_BASE, sorted(FUZZ_BASE) + ["rope_scaling", "head_dim", "layer_types",
+                                                             "sliding_window", "attention_bias"]))
 def test_fuzzed_config_json_in_a_checkpoint(fuzz_checkpoint, raw):
     clean_error_or_correct_result(fuzz_checkpoint, raw)
 
@@ -345,12 +347,18 @@ def test_plausible_config_json_in_a_checkpoint(fuzz_checkpoint, raw):
     clean_error_or_correct_result(fuzz_checkpoint, raw)
 
 
+def note(what: str) -> None:
+    """A hypothesis event (shown by --hypothesis-show-statistics) inside a property test, else nothing."""
+    if currently_in_test_context():
+        event(what)
+
+
 def clean_error_or_correct_result(fuzz_checkpoint, raw: dict) -> None:
     directory, expected, weights = fuzz_checkpoint
     try:
         logits = logits_of(directory, raw)
     except (ConfigError, CheckpointError, NumericalError, InputError) as err:
-        event(type(err).__name__)
+        note(type(err).__name__)
         message = str(err)
         assert "\n" not in message and len(message) < 500, message
         if isinstance(err, (ConfigError, CheckpointError)):
@@ -360,8 +368,22 @@ def clean_error_or_correct_result(fuzz_checkpoint, raw: dict) -> None:
         assert (directory / "model.safetensors").read_bytes() == weights
     assert logits.shape == expected.shape and bool(torch.isfinite(logits).all())
     config = Config.from_dict(raw)
-    event("ran: same config read" if config == Config.from_dict(FUZZ_BASE) else "ran: another config read")
+    note("ran: same config read" if config == Config.from_dict(FUZZ_BASE) else "ran: another config read")
     if config == Config.from_dict(FUZZ_BASE):
         assert torch.equal(logits, expected), "the same config read, a different answer"
     else:
         assert torch.equal(logits_of(directory, config.to_dict()), logits)
+
+
+ODD_VALUES = [None, True, False, 0, -1, 1.5, 2**70, math.nan, math.inf, "", "16", "silu", [], [1], {}, {"x": 1}]
+
+
+@pytest.mark.parametrize("key", sorted(FUZZ_BASE) + ["rope_scaling", "head_dim", "layer_types", "sliding_window"])
+def test_every_key_set_to_odd_values(fuzz_checkpoint, key):
+    """The sweep hypothesis may miss: every key of the checkpoint's config.json set, in turn, to each of
+    a fixed list of odd JSON values (NaN and Infinity as Python's json writes them), and deleted."""
+    for value in [*ODD_VALUES, ...]:
+        raw = {k: v for k, v in FUZZ_BASE.items() if k != key}
+        if value is not ...:
+            raw[key] = value
+        clean_error_or_correct_result(fuzz_checkpoint, raw)
