@@ -6,7 +6,8 @@
     elm.relative_error()        # ‖Σ_t J_t x_t − y‖ / ‖y‖, float64 round-off
 """
 
-from .errors import CheckpointError, ConfigError, InputError, MinielmError, NumericalError, TokenizerError
+from .errors import (CheckpointError, ConfigError, InputError, MinielmError, NumericalError, OutputError,
+                     TokenizerError)
 from .linear_map import Attribution, EquivalentLinearMap, attribution, detached_jacobian, equivalent_linear_map
 from .loader import load
 from .model import Model
@@ -16,5 +17,5 @@ __all__ = [
     "load", "Model",
     "equivalent_linear_map", "EquivalentLinearMap", "detached_jacobian", "attribution", "Attribution",
     "singular_vectors",
-    "MinielmError", "CheckpointError", "ConfigError", "TokenizerError", "InputError", "NumericalError",
+    "MinielmError", "CheckpointError", "ConfigError", "TokenizerError", "InputError", "NumericalError", "OutputError",
 ]

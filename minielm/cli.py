@@ -10,18 +10,23 @@ Errors print one line on stderr and exit with status 2 (`--debug` shows the trac
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .errors import InputError, MinielmError
+from . import checks
+from .config import Config
+from .errors import InputError, MinielmError, OutputError
 from .interpret import (decode_input, decode_output, layer_table, model_token, stable_rank, stacked_svd, svd_ready,
                         token_shares)
 from .linear_map import all_layer_maps, detached_jacobian, equivalent_linear_map
-from .loader import load, shipped_model
+from .loader import load, resolve_device, resolve_dtype, shipped_model
 
 DEFAULT_MODEL = shipped_model()
 CHECK_PROMPT = "And God said, Let there be light: and there was light. And God saw the light, that it was good"
@@ -45,11 +50,88 @@ class Progress:
 
 
 def load_model(args):
-    if args.model is None and not DEFAULT_MODEL.is_dir():
-        raise InputError(f"the shipped model is not at {DEFAULT_MODEL}; pass --model DIR")
-    path = args.model or DEFAULT_MODEL
+    path = model_directory(args.model)
     with Progress(f"loading {path}"):
         return load(path, dtype=args.dtype, device=args.device, stream=args.stream)
+
+
+# ---- every flag, checked before the model loads -----------------------------------------------------
+def check_arguments(args) -> None:
+    """Check every flag before any work: one InputError (OutputError for an output path) naming the
+    flag, the value and what is allowed. Bounds that depend on the model (its layers, width and
+    positions) come from config.json, read without the weights. A new flag gets its check here."""
+    directory = model_directory(args.model)
+    resolve_dtype(args.dtype)
+    resolve_device(args.device)
+    config = Config.from_file(directory / "config.json") if directory.is_dir() else None  # else load says why
+    if getattr(args, "plot", None) is not None:  # output files: writable before the computation starts
+        writable_output(args.plot, "--plot")
+        plot_format(args.plot)
+    if getattr(args, "k", None) is not None:
+        d = config.hidden_size if config else None
+        checks.integer("-k", args.k, 1, d, closed=True, why="at most the model's hidden_size" if d else "")
+    if getattr(args, "max_new_tokens", None) is not None:
+        room = config.max_position_embeddings - 1 if config else None  # at least one prompt token
+        checks.integer("--max-new-tokens", args.max_new_tokens, 1, room, closed=True,
+                       why="max_position_embeddings minus one prompt token" if config else "")
+    if getattr(args, "temperature", None) is not None:
+        checks.real("--temperature", args.temperature, 0)
+    if getattr(args, "top_k", None) is not None:
+        checks.integer("--top-k", args.top_k, 1)
+    if getattr(args, "seed", None) is not None:
+        checks.seed("--seed", args.seed)
+    if getattr(args, "scale", None) is not None:
+        checks.real("--scale", args.scale)
+    if getattr(args, "layer", None) is not None:
+        L = config.num_hidden_layers if config else None
+        checks.integer("--layer", args.layer, 0, L, why=f"the model has {L} layers" if L else "")
+
+
+def model_directory(value) -> Path:
+    """--model as a path: the shipped model when not given; an empty value is an error, not a default."""
+    if value is None:
+        if not DEFAULT_MODEL.is_dir():
+            raise InputError(f"the shipped model is not at {DEFAULT_MODEL}; pass --model DIR")
+        return DEFAULT_MODEL
+    if not str(value).strip():
+        raise InputError(f"--model must name a checkpoint directory, got {value!r}")
+    return Path(value)
+
+
+def writable_output(path, what: str) -> Path:
+    """`path` as a file that `what` (a flag) can write, checked before any computation: not empty, not
+    an existing directory, in an existing directory, and writable there (tried by opening it, which
+    also catches read-only file systems and root's permissions; a file created by the try is removed)."""
+    if not str(path).strip():
+        raise OutputError(f"{what} needs a file name, got {str(path)!r}")
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path}: is a directory; expected a file name")
+    if not path.parent.is_dir():
+        why = "does not exist" if not path.parent.exists() else "is not a directory"
+        raise OutputError(f"{what} {path}: {path.parent} {why}")
+    existed = path.exists()
+    try:  # O_NONBLOCK: a FIFO without a reader fails instead of blocking
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK, 0o666))
+    except OSError as err:
+        raise OutputError(f"{what} {path}: cannot write there ({err.strerror})") from None
+    if not existed:
+        path.unlink()
+    return path
+
+
+def write_stdout(text: str) -> None:
+    """Print a command's whole output; a closed pipe or a full disk is an OutputError, and fd 1 then points
+    at /dev/null so that the interpreter's own flush at exit stays quiet."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as err:
+        with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(err, BrokenPipeError):
+            raise OutputError("standard output was closed before all output was written (broken pipe)") from None
+        raise OutputError(f"cannot write to standard output ({err.strerror or err})") from None
 
 
 def relative_max(a, b) -> float:
@@ -124,6 +206,30 @@ def print_explanation(r, model):
         print(f"  {row['sigma']:>8.3f}   {out:<40} @{at}: {' '.join(row['input_tokens'])}")
 
 
+def plot_format(path) -> str:
+    """The image format of a plot path, from its suffix (png when there is none: the file gets exactly the
+    name given, never a suffix added); an InputError for a format matplotlib cannot write."""
+    pyplot()  # matplotlib must be there before the computation starts
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().removeprefix(".") or "png"
+    if suffix not in formats:
+        raise InputError(f"--plot {path}: unsupported image format {suffix!r}; expected one of "
+                         f"{', '.join(sorted(formats))}")
+    return suffix
+
+
+def save_figure(plt, fig, path) -> None:
+    """Write and close a figure; a failed write (full disk, a file removed under us) is an OutputError."""
+    try:
+        fig.savefig(path, dpi=120, format=plot_format(path))
+    except OSError as err:
+        raise OutputError(f"--plot {path}: cannot write ({err.strerror or err})") from None
+    finally:
+        plt.close(fig)
+
+
 def pyplot():
     """matplotlib's pyplot, drawing to files only; an InputError if it is not installed."""
     try:
@@ -152,8 +258,7 @@ def plot_explanation(path, report, elm):
     right.set(title=f"share of y from each token: (J_t x_t)·y / ‖y‖²   → next: {report['next_token']!r}",
               ylabel="share")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 # ---- check ----------------------------------------------------------------------------------------
@@ -235,8 +340,7 @@ def plot_layers(path, rows, tokens):
         ax.set_xticks(sorted({r["layer"] for r in rows}))
     fig.suptitle(" ".join(tokens)[:120], fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 # ---- steer ------------------------------------------------------------------------------------------
@@ -262,8 +366,15 @@ def generate(args) -> int:
 
 
 # ---- the parser ---------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error printed as one line (and exit status 2) like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="minielm", description="Exact equivalent linear maps of decoder LLMs.")
+    parser = Parser(prog="minielm", description="Exact equivalent linear maps of decoder LLMs.")
     parser.add_argument("--debug", action="store_true", help="show the traceback on errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -311,7 +422,12 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        check_arguments(args)
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):  # printed at the end: an output error is then one clean line
+            code = args.run(args)
+        write_stdout(output.getvalue())
+        return code
     except MinielmError as err:
         if args.debug:
             raise

@@ -265,6 +265,9 @@ def _check_fields(kwargs: dict, source: str) -> None:
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # 0 or null: no soft-capping
         if kwargs.get(key) is not None and not (_number(kwargs[key]) is not None and kwargs[key] >= 0):
             fail(key, "a positive number or null")
+    for key in ("rms_norm_eps", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        if kwargs.get(key) is not None:  # an integer such as 2**70 is a valid JSON number, but not for torch
+            kwargs[key] = float(kwargs[key])
 
 
 def _rope_parameters(raw: dict, source: str) -> dict:
@@ -340,6 +343,11 @@ def _check_rope(params: dict, layer_type: str, source: str) -> None:
             need(key, "a list of positive numbers", lambda v: isinstance(v, list) and all(positive(x) for x in v))
         for key in ("factor", "attention_factor"):
             need(key, "a positive number or null", lambda v: v is None or positive(v))
+    for key, value in params.items():  # checked numbers as floats: an integer such as 2**70 is not for torch
+        if key != "original_max_position_embeddings" and _number(value) is not None:
+            params[key] = float(value)
+        elif key in ("short_factor", "long_factor") and isinstance(value, list):
+            params[key] = [float(v) if _number(v) is not None else v for v in value]
 
 
 def _layer_types(raw: dict, n: int, source: str) -> list:

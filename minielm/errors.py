@@ -38,6 +38,10 @@ class NumericalError(MinielmError):
     """Non-finite values appeared in the forward pass."""
 
 
+class OutputError(MinielmError):
+    """A result could not be written: an unwritable path, a closed pipe, a full disk."""
+
+
 def show(value, limit: int = 60) -> str:
     """repr(value), shortened to `limit` characters: for quoting bad values in one-line messages."""
     try:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import checks
 from .linear_map import EquivalentLinearMap
-from .model import times_transposed
+from .model import Model, times_transposed
 
 
 def svd_ready(J: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def svd_ready(J: torch.Tensor) -> torch.Tensor:
 
 def stable_rank(J: torch.Tensor) -> torch.Tensor:
     """‖J‖_F² / σ_1² of each matrix in a stack (..., m, n) -> (...)."""
-    J = svd_ready(J)
+    J = svd_ready(checks.matrices("J", J))
     sigma1 = torch.linalg.matrix_norm(J, ord=2)
     return torch.linalg.matrix_norm(J) ** 2 / sigma1 ** 2
 
@@ -56,7 +57,9 @@ def align_signs(U, V, y):
 
 def stacked_svd(elm: EquivalentLinearMap, k: int = 5) -> Singular:
     """Dense SVD of [J_1 … J_T] (d × T·d), top k."""
+    checks.instance("elm", elm, EquivalentLinearMap, "from minielm.equivalent_linear_map")
     T, d, _ = elm.operators.shape
+    k = checks.integer("k", k, 1, d, closed=True, why="[J_1 … J_T] has hidden_size singular values")
     U, S, Vh = torch.linalg.svd(svd_ready(stacked(elm.operators)), full_matrices=False)
     U, S, Vh = (t.to(elm.operators.dtype) for t in (U, S, Vh))
     k = min(k, S.shape[0])
@@ -67,6 +70,7 @@ def stacked_svd(elm: EquivalentLinearMap, k: int = 5) -> Singular:
 
 def decode_output(model, u: torch.Tensor, n: int = 5) -> list:
     """The n tokens whose unembedding rows point most along u (d,): [(token, score)]."""
+    check_decoding(model, "u", u, n)
     scores = times_transposed(u, model.weights["lm_head"])  # (V,): W_U u
     top = torch.topk(scores, n)
     return [(model_token(model, i), float(s)) for s, i in zip(top.values, top.indices)]
@@ -74,9 +78,17 @@ def decode_output(model, u: torch.Tensor, n: int = 5) -> list:
 
 def decode_input(model, v: torch.Tensor, n: int = 5) -> list:
     """The n embedding rows most cosine-similar to v (d,): [(token, cosine)]."""
+    check_decoding(model, "v", v, n)
     cosine = times_transposed(v, model.weights["embed"]) / (embedding_norms(model) * torch.linalg.vector_norm(v)).clamp_min(1e-300)
     top = torch.topk(cosine, n)
     return [(model_token(model, i), float(c)) for c, i in zip(top.values, top.indices)]
+
+
+def check_decoding(model, name, vector, n):
+    """A model, a vector (d,) in its hidden space, and a count n of tokens it has."""
+    checks.instance("model", model, Model, "from minielm.load")
+    checks.vector(name, vector, model.config.hidden_size)
+    checks.integer("n", n, 1, model.config.vocab_size, closed=True, why="the vocabulary size")
 
 
 def embedding_norms(model, chunk=16384) -> torch.Tensor:
@@ -96,6 +108,7 @@ def model_token(model, i) -> str:
 
 def token_shares(elm: EquivalentLinearMap) -> torch.Tensor:
     """(J_t x_t) · y / ‖y‖² for each t: (T,). With the bias's share, they sum to 1 exactly."""
+    checks.instance("elm", elm, EquivalentLinearMap, "from minielm.equivalent_linear_map")
     parts = torch.einsum("tij,tj->ti", elm.operators, elm.inputs)  # (T, d)
     return parts @ elm.output / (elm.output @ elm.output)
 
@@ -104,8 +117,10 @@ def layer_table(model, ids, k: int = 3) -> list:
     """For every layer output (final norm applied) and every attention and MLP module:
     the stacked operator's top singular values, stable rank, its share of the norm of its own
     target, and the top output-side vector decoded through the unembedding. One reverse pass."""
-    from .linear_map import all_layer_maps
+    from .linear_map import all_layer_maps, checked_ids
 
+    checked_ids(model, ids)
+    k = checks.integer("k", k, 1, model.config.hidden_size, closed=True, why="at most hidden_size singular values")
     rows = []
     for (layer, component), elm in sorted(all_layer_maps(model, ids).items()):
         svd = stacked_svd(elm, k)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import checks
 from .errors import InputError
 from .model import Frozen, FrozenLayer, Model, times_transposed
 
@@ -285,21 +286,33 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
     'mlp' too: that module's output at the last position (no norm).
     No autograd is used: this works under torch.inference_mode().
     """
-    ids = model.check_ids(ids)
-    L = model.config.num_hidden_layers
-    if layer is None:
-        layer, component = L - 1, "output"
-    if not (isinstance(layer, int) and -L <= layer < L):
-        raise InputError(f"layer must be an integer in [0, {L}), got {layer!r}")
-    if component not in ("output", "attention", "mlp"):
-        raise InputError(f"component must be 'output', 'attention' or 'mlp', got {component!r}")
-    layer %= L
+    ids = checked_ids(model, ids)
+    layer, component = checked_target(model, layer, component)
     x, frozen, states, states0 = traced(model, ids)
     y, bias, final_scale = target_values(model, states, states0, layer, component)
     # the seed ∂y/∂(point): the frozen final norm, or the identity on a module's output
     seed = torch.diag(final_scale) if component == "output" else torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     operators = pull_back(model, frozen, seed, layer, component)
     return EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, target_name(model, layer, component))
+
+
+def checked_ids(model: Model, ids) -> list:
+    """`model` is a Model and `ids` its token ids (a list of ints), or an InputError."""
+    checks.instance("model", model, Model, "from minielm.load")
+    return model.check_ids(ids)
+
+
+def checked_target(model: Model, layer, component):
+    """(layer, component) of a target, checked: layer None is the model's output (component 'output'
+    only); a layer in [-L, L) counts from the bottom, or from the top when negative."""
+    component = checks.one_of("component", component, ("output", "attention", "mlp"))
+    L = model.config.num_hidden_layers
+    if layer is None:
+        if component != "output":
+            raise InputError(f"component={component!r} needs a layer: pass layer=L with L in [0, {L})")
+        return L - 1, "output"
+    return checks.integer("layer", layer, -L, L, why=f"the model has {L} layers; negative counts from the top") % L, \
+        component
 
 
 def target_name(model: Model, layer: int, component: str) -> str:
@@ -316,7 +329,7 @@ def detached_jacobian(model: Model, ids) -> torch.Tensor:
     forward pass, which is the same as detaching them: only the linear path
     carries gradient. Vectorized over the d outputs, as in Golden (2025).
     """
-    ids = model.check_ids(ids)
+    ids = checked_ids(model, ids)
     with torch.no_grad():
         x = model.embed(ids)
         _, frozen = model.forward(x)
@@ -355,14 +368,13 @@ def attribution(model: Model, ids, token: int | None = None) -> Attribution:
     One row-vector reverse sweep per module (r = 1): 2L sweeps costing about a
     forward pass each, so this is cheap even where the full operators are not.
     """
-    ids = model.check_ids(ids)
+    ids = checked_ids(model, ids)
+    token = checks.optional_integer("token", token, 0, model.config.vocab_size, why="the vocabulary")
     x, frozen, states, states0 = traced(model, ids)
     T, L = x.shape[0], model.config.num_hidden_layers
     y, _, final_scale = target_values(model, states, states0, L - 1, "output")
     logits = times_transposed(y, model.weights["lm_head"])  # (V,), before soft-capping
     token = int(logits.argmax()) if token is None else token
-    if not (isinstance(token, int) and 0 <= token < model.config.vocab_size):
-        raise InputError(f"token must be an id in [0, {model.config.vocab_size}), got {token!r}")
     # u = ∂z/∂h^L_T: the unembedding row through the frozen final norm.
     w_token = model.weights["lm_head"][token].to(x.device, x.dtype)  # (d,)
     u = w_token * final_scale  # (d,)
@@ -389,9 +401,9 @@ def all_layer_maps(model: Model, ids, mode: str = "auto") -> dict:
     positions, about L·T² blocks, so it wins for short prompts on deep models
     (T < 1.5 (L + 1)).
     """
-    if mode not in ("auto", "reverse", "forward"):
-        raise InputError(f"mode must be 'auto', 'reverse' or 'forward', got {mode!r}")
-    T, L = len(model.check_ids(ids)), model.config.num_hidden_layers
+    mode = checks.one_of("mode", mode, ("auto", "reverse", "forward"))
+    ids = checked_ids(model, ids)
+    T, L = len(ids), model.config.num_hidden_layers
     if mode == "forward" or (mode == "auto" and T < 1.5 * (L + 1)):
         return forward_layer_maps(model, ids)
     return reverse_layer_maps(model, ids)
@@ -406,7 +418,7 @@ def reverse_layer_maps(model: Model, ids) -> dict:
     sublayer spreads them over all positions). The flops equal those of separate
     sweeps, but the GEMMs are taller and the weights are read once.
     """
-    ids = model.check_ids(ids)
+    ids = checked_ids(model, ids)
     x, frozen, states, states0 = traced(model, ids)
     T, d = x.shape
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
@@ -451,7 +463,7 @@ def forward_layer_maps(model: Model, ids) -> dict:
     and the targets are read off the last row: a module's increment at t = T,
     or the final norm applied to K[T] after a layer. Memory T²·d², so for short prompts.
     """
-    ids = model.check_ids(ids)
+    ids = checked_ids(model, ids)
     config = model.config
     x, frozen, states, states0 = traced(model, ids)
     T, d = x.shape

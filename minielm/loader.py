@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import checks
 from .checkpoint import SafetensorsSource, load_weights
 from .config import Config
 from .errors import CheckpointError, InputError, show
@@ -141,8 +142,7 @@ def load(path=None, dtype=torch.float64, device="cpu", stream=False) -> Model:
     CheckpointError.
     """
     dtype, device = resolve_dtype(dtype), resolve_device(device)
-    if not isinstance(stream, bool):
-        raise InputError(f"stream must be True or False, got {stream!r}")
+    stream = checks.boolean("stream", stream)
     directory = resolve_checkpoint(path)
     if directory.is_file():
         raise CheckpointError(f"{directory}: is a file; expected a checkpoint directory (config.json, *.safetensors)")

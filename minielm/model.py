@@ -20,12 +20,12 @@ H / Hkv query / key-value heads of size hd, f = intermediate_size, V = vocab.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from . import checks
 from .config import Config
 from .errors import InputError, NumericalError, TokenizerError
 from .rope import apply_rotary, rotation
@@ -266,9 +266,11 @@ class Model:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> str:
-        """The continuation of `prompt` (text or token ids), as text: greedy at temperature 0,
+        """The continuation of `prompt` (text, or a list of token ids), as text: greedy at temperature 0,
         else sampled from softmax(logits / temperature), over the top k if given, seeded."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_sampling(max_new_tokens, temperature, top_k, seed, edit)
+        prompt = checks.prompt("prompt", prompt)  # bytes would iterate as token ids: refused
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt)
         new = self.generate_ids(ids, max_new_tokens, temperature, top_k, seed, edit)
         before, after = self.tokenizer.decode(ids), self.tokenizer.decode(ids + new)
         # decoding the whole sequence keeps the space between prompt and continuation
@@ -276,9 +278,13 @@ class Model:
 
     def generate_ids(self, ids, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> list:
         """The new token ids, computed with a KV cache: the prompt once, then one token per step."""
-        if temperature < 0 or (top_k is not None and top_k < 1):
-            raise InputError(f"temperature must be >= 0 and top_k >= 1, got {temperature}, {top_k}")
-        self.check_ids(list(ids) + [0] * max_new_tokens)  # the whole sequence must fit the positions
+        max_new_tokens, temperature, top_k, seed = self.check_sampling(max_new_tokens, temperature, top_k, seed, edit)
+        ids = self.check_ids(ids)
+        room = self.config.max_position_embeddings - len(ids)  # the whole sequence must fit the positions
+        if max_new_tokens > room:
+            raise InputError(f"max_new_tokens={max_new_tokens} after a {len(ids)}-token prompt: "
+                             f"{len(ids) + max_new_tokens} tokens exceed max_position_embeddings="
+                             f"{self.config.max_position_embeddings} (at most {room} new tokens)")
         generator = torch.Generator(device=self.device)
         if seed is not None:
             generator.manual_seed(seed)
@@ -296,21 +302,30 @@ class Model:
                 step_input = [next_id]
         return new
 
+    def check_sampling(self, max_new_tokens, temperature, top_k, seed, edit=None):
+        """The generation settings, checked: (max_new_tokens, temperature, top_k, seed) as plain numbers."""
+        if edit is not None and not callable(edit):
+            raise InputError(f"edit must be None or a function edit(i, h, x) -> h, got {type(edit).__name__}")
+        return (checks.integer("max_new_tokens", max_new_tokens, 0, self.config.max_position_embeddings, closed=True,
+                               why="max_position_embeddings"),
+                checks.real("temperature", temperature, 0),
+                checks.optional_integer("top_k", top_k, 1),
+                checks.seed("seed", seed))
+
     def check_ids(self, ids) -> list:
-        """Token ids as a list of ints, each in the vocabulary; at least one, at most the positions."""
-        try:
-            ids = [operator.index(i) for i in ids]  # ints, numpy or 0-d torch integers
-        except TypeError:
-            ids = list(ids)
-        if not ids:
-            raise InputError("empty prompt: no tokens to run")
-        if not all(isinstance(i, int) and 0 <= i < self.config.vocab_size for i in ids):
-            bad = next(i for i in ids if not (isinstance(i, int) and 0 <= i < self.config.vocab_size))
-            raise InputError(f"token id {bad!r} is not an integer in [0, {self.config.vocab_size})")
-        if len(ids) > self.config.max_position_embeddings:
-            raise InputError(f"{len(ids)} tokens exceed max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
-        return ids
+        """Token ids as a list of ints, each in the vocabulary; at least one, at most the positions.
+        Text, bytes, booleans and floats are refused (see minielm.checks.token_ids)."""
+        return checks.token_ids(ids, self.config.vocab_size, self.config.max_position_embeddings,
+                                self.tokenizer_mismatch())
+
+    def tokenizer_mismatch(self) -> str:
+        """'' when the tokenizer's ids fit the model's vocabulary; else a clause naming the mismatch,
+        for messages about ids out of the vocabulary (they then come from the tokenizer)."""
+        tokenizer, vocab = self._tokenizer, self.config.vocab_size
+        if tokenizer is None or getattr(tokenizer, "vocab_size", 0) <= vocab:
+            return ""
+        return (f": the tokenizer ({tokenizer.path}) has {tokenizer.vocab_size} ids but config.json says "
+                f"vocab_size={vocab}, so the tokenizer does not match this model")
 
 
 def times_transposed(y, W, chunk=16384):
@@ -328,7 +343,8 @@ def sample(logits, temperature, top_k, generator) -> int:
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = nan
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError, NumericalError
+from . import checks
+from .errors import NumericalError
 from .interpret import align_signs
-from .linear_map import pull_back, target_values, traced
+from .linear_map import checked_ids, pull_back, target_values, traced
 from .model import Model
 
 
@@ -40,13 +41,12 @@ class FrozenProducts:
     """
 
     def __init__(self, model: Model, ids, token: int | None = None):
-        ids = model.check_ids(ids)
-        L = model.config.num_hidden_layers
-        self.model, self.token = model, token
+        ids = checked_ids(model, ids)
+        T, L = len(ids), model.config.num_hidden_layers
+        self.model = model
+        self.token = checks.optional_integer("token", token, -T, T, why=f"a position in the {T}-token prompt")
         self.x, self.frozen, states, states0 = traced(model, ids)  # x (T, d)
-        T, self.d = self.x.shape
-        if token is not None and not (isinstance(token, int) and -T <= token < T):
-            raise InputError(f"token must be a position in [0, {T}), got {token!r}")
+        self.d = self.x.shape[1]
         # y (d,), the affine part b (d,), and ∂y/∂h^L_T = diag(w̃_f)/ρ_f as a vector (d,)
         self.y, self.bias, self.out_scale = target_values(model, states, states0, L - 1, "output")
         self.n = T * self.d if token is None else self.d
@@ -153,13 +153,16 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
     Returns (U, S, V): U (d, k), S (k,), V (T, d, k) — or (d, k) for one token —
     with each pair's sign chosen so that u_k · y ≥ 0.
     """
-    ops = FrozenProducts(model, ids, token)
-    if not (isinstance(k, int) and 1 <= k <= ops.d):
-        raise InputError(f"k must be an integer in [1, {ops.d}], got {k!r}")
+    checked_ids(model, ids)
+    d = model.config.hidden_size
+    k = checks.integer("k", k, 1, d, closed=True, why="at most hidden_size singular triplets")
+    tol = checks.real("tol", tol, 0, low_open=True)
+    seed = checks.integer("seed", seed, 0, checks.SEED_LIMIT, why="a torch generator seed")
     if block is None:
-        block = k + 4 if ops.x.device.type == "cuda" else 1
-    if not (isinstance(block, int) and block >= 1):
-        raise InputError(f"block must be a positive integer, got {block!r}")
+        block = k + 4 if model.device.type == "cuda" else 1
+    block = checks.integer("block", block, 1, why="rows per sweep")
+    max_steps = checks.optional_integer("max_steps", max_steps, -(-k // block), why=f"enough {block}-row blocks for k")
+    ops = FrozenProducts(model, ids, token)
     found = block_lanczos(ops, k, min(block, ops.d), tol, max_steps, seed)
     V = found.V if token is not None else found.V.reshape(*ops.x.shape, k)  # (d, k) or (T, d, k)
     U, V = align_signs(found.U, V, ops.y)

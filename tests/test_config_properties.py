@@ -15,12 +15,13 @@ import tempfile
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
+import minielm
 from minielm.checkpoint import expected_shapes
 from minielm.config import LAYER_TYPES, SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, Config
-from minielm.errors import ConfigError
+from minielm.errors import CheckpointError, ConfigError, InputError, NumericalError
 from minielm.rope import rotation
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -73,15 +74,17 @@ def rope_objects(raw: dict) -> list:
 
 
 @st.composite
-def mutated_configs(draw):
-    raw = copy.deepcopy(BASES[draw(st.sampled_from(sorted(BASES)))])
+def mutated_configs(draw, base: dict | None = None, keys: list = TOP_KEYS):
+    """A config.json object (a family's base, or `base`) with 1 to 4 keys (mostly from `keys`) deleted or
+    set to any JSON value."""
+    raw = copy.deepcopy(base if base is not None else BASES[draw(st.sampled_from(sorted(BASES)))])
     target = raw["text_config"] if "text_config" in raw and draw(st.booleans()) else raw
     for _ in range(draw(st.integers(1, 4))):
         inner = rope_objects(target)
         if inner and draw(st.booleans()):
             obj, key = draw(st.sampled_from(inner)), draw(st.sampled_from(ROPE_KEYS) | st.text(max_size=4))
         else:
-            obj, key = target, draw(st.sampled_from(TOP_KEYS) | st.text(max_size=4))
+            obj, key = target, draw(st.sampled_from(keys) | st.text(max_size=4))
         if key in obj and draw(st.booleans()):
             del obj[key]
         else:
@@ -270,3 +273,117 @@ def test_null_means_the_default():
     """A null for a key with a default (as transformers writes them) is the default, not an error."""
     config = Config.from_dict(with_changes("llama3", head_dim=None, tie_word_embeddings=None, rms_norm_eps=None))
     assert config.head_dim == 8 and config.tie_word_embeddings is False and config.rms_norm_eps == 1e-6
+
+
+# ---- fuzzing config.json inside a real checkpoint, through minielm.load -------------------------------
+# The weights stay those of one tiny Llama-style checkpoint; only config.json changes. Whatever the file
+# says, loading and running must end in a clean one-line error (naming the checkpoint's file or tensor
+# for a ConfigError or CheckpointError), or in a correct result: the very logits of the unmutated
+# checkpoint when the config minielm reads is the same, and otherwise finite logits that a config.json
+# written from minielm's own reading (Config.to_dict) reproduces bit for bit. The weights file is
+# never written.
+FUZZ_IDS = [1, 7, 3, 60, 12, 9, 33, 5]
+FUZZ_BASE = dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+                 rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu", bos_token_id=1, eos_token_id=2)
+
+
+PLAUSIBLE = {  # values a config.json could really hold: some fit these weights, some do not
+    "rope_theta": st.floats(1.0, 1e7), "rms_norm_eps": st.floats(0, 1e-2),
+    "max_position_embeddings": st.integers(1, 1 << 20), "hidden_act": st.sampled_from(["silu", "gelu_pytorch_tanh"]),
+    "tie_word_embeddings": st.booleans(), "hidden_size": st.sampled_from([8, 16, 32]),
+    "intermediate_size": st.sampled_from([16, 32, 64]), "num_hidden_layers": st.integers(1, 3),
+    "num_key_value_heads": st.sampled_from([1, 2, 4]), "head_dim": st.sampled_from([2, 4, 8]),
+    "rope_scaling": st.none() | st.builds(dict, rope_type=st.just("linear"), factor=st.floats(0.5, 8))
+    | st.builds(dict, rope_type=st.just("llama3"), factor=st.floats(1, 8), low_freq_factor=st.just(1.0),
+                high_freq_factor=st.just(4.0), original_max_position_embeddings=st.integers(1, 64)),
+    "model_type": st.sampled_from(["llama", "mistral", "qwen2"]),
+}
+
+
+@st.composite
+def plausible_configs(draw):
+    """FUZZ_BASE with 1 or 2 keys set to plausible values."""
+    raw = dict(FUZZ_BASE)
+    for key in draw(st.lists(st.sampled_from(sorted(PLAUSIBLE)), min_size=1, max_size=2, unique=True)):
+        raw[key] = draw(PLAUSIBLE[key])
+    return raw
+
+
+@pytest.fixture(scope="module")
+def fuzz_checkpoint(tmp_path_factory):
+    """(directory, logits of FUZZ_IDS, the weights file's bytes) of a checkpoint whose config.json is FUZZ_BASE."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from bench import random_checkpoint
+
+    directory = tmp_path_factory.mktemp("config_fuzz")
+    random_checkpoint(directory, d=16, layers=2, f=32, heads=4, kv_heads=2, vocab=64, tied=False)
+    return directory, logits_of(directory, FUZZ_BASE), (directory / "model.safetensors").read_bytes()
+
+
+def logits_of(directory, raw: dict):
+    """Write raw as config.json, load the checkpoint, and run FUZZ_IDS: (T, V)."""
+    (directory / "config.json").write_text(json.dumps(raw))
+    return minielm.load(directory).logits(FUZZ_IDS)
+
+
+FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                       HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(raw=mutated_configs(FUZZ_BASE, sorted(FUZZ_BASE) + ["rope_scaling", "head_dim", "layer_types",
+                                                             "sliding_window", "attention_bias"]))
+def test_fuzzed_config_json_in_a_checkpoint(fuzz_checkpoint, raw):
+    clean_error_or_correct_result(fuzz_checkpoint, raw)
+
+
+@FUZZ
+@given(raw=plausible_configs())
+def test_plausible_config_json_in_a_checkpoint(fuzz_checkpoint, raw):
+    clean_error_or_correct_result(fuzz_checkpoint, raw)
+
+
+def note(what: str) -> None:
+    """A hypothesis event (shown by --hypothesis-show-statistics) inside a property test, else nothing."""
+    if currently_in_test_context():
+        event(what)
+
+
+def clean_error_or_correct_result(fuzz_checkpoint, raw: dict) -> None:
+    directory, expected, weights = fuzz_checkpoint
+    try:
+        logits = logits_of(directory, raw)
+    except (ConfigError, CheckpointError, NumericalError, InputError) as err:
+        note(type(err).__name__)
+        message = str(err)
+        assert "\n" not in message and len(message) < 500, message
+        if isinstance(err, (ConfigError, CheckpointError)):
+            assert str(directory) in message, message  # names the file or tensor at fault
+        return
+    finally:
+        assert (directory / "model.safetensors").read_bytes() == weights
+    assert logits.shape == expected.shape and bool(torch.isfinite(logits).all())
+    config = Config.from_dict(raw)
+    note("ran: same config read" if config == Config.from_dict(FUZZ_BASE) else "ran: another config read")
+    if config == Config.from_dict(FUZZ_BASE):
+        assert torch.equal(logits, expected), "the same config read, a different answer"
+    else:
+        assert torch.equal(logits_of(directory, config.to_dict()), logits)
+
+
+ODD_VALUES = [None, True, False, 0, -1, 1.5, 2**70, math.nan, math.inf, "", "16", "silu", [], [1], {}, {"x": 1}]
+
+
+@pytest.mark.parametrize("key", sorted(FUZZ_BASE) + ["rope_scaling", "head_dim", "layer_types", "sliding_window"])
+def test_every_key_set_to_odd_values(fuzz_checkpoint, key):
+    """The sweep hypothesis may miss: every key of the checkpoint's config.json set, in turn, to each of
+    a fixed list of odd JSON values (NaN and Infinity as Python's json writes them), and deleted."""
+    for value in [*ODD_VALUES, ...]:
+        raw = {k: v for k, v in FUZZ_BASE.items() if k != key}
+        if value is not ...:
+            raw[key] = value
+        clean_error_or_correct_result(fuzz_checkpoint, raw)

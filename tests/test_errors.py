@@ -343,7 +343,8 @@ def test_text_that_cannot_be_tokenized(base, text, fragment):
 
 def test_token_ids_outside_the_vocabulary(base):
     model = minielm.load(base)
-    with pytest.raises(InputError, match=f"token id {VOCAB} is not an integer in \\[0, {VOCAB}\\)"):
+    outside = f"token id {VOCAB} at position 1 is outside the model's vocabulary \\[0, {VOCAB}\\)$"
+    with pytest.raises(InputError, match=outside):
         model.logits([1, VOCAB])
     with pytest.raises(InputError, match="token id -1"):
         minielm.equivalent_linear_map(model, [-1, 2])
