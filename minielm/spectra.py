@@ -161,7 +161,7 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
     if block is None:
         block = k + 4 if model.device.type == "cuda" else 1
     block = checks.integer("block", block, 1, why="rows per sweep")
-    max_steps = checks.optional_integer("max_steps", max_steps, -(-k // block), why=f"enough {block}-row blocks for k")
+    max_steps = checks.optional_integer("max_steps", max_steps, -(-k // block), why=f"at least k / block blocks of {block} rows")
     ops = FrozenProducts(model, ids, token)
     found = block_lanczos(ops, k, min(block, ops.d), tol, max_steps, seed)
     V = found.V if token is not None else found.V.reshape(*ops.x.shape, k)  # (d, k) or (T, d, k)

@@ -63,4 +63,4 @@ def test_the_residual_estimate_is_the_true_residual(block, tiny_with_tokenizer):
 def test_not_converged_is_a_one_line_error(checkpoints):
     model = minielm.load(checkpoints["llama"])
     with pytest.raises(NumericalError, match="not converged .* in 2 steps"):
-        singular_vectors(model, PROMPT, k=4, tol=1e-14, max_steps=2, block=1)
+        singular_vectors(model, PROMPT, k=4, tol=1e-14, max_steps=2, block=2)
