@@ -32,6 +32,7 @@ import torch
 
 from .errors import InputError
 from .model import Frozen, FrozenLayer, Model, times_transposed
+from .progress import progress
 
 
 # ---- one residual branch, backwards -------------------------------------------------------
@@ -206,7 +207,7 @@ def trace(model: Model, x, frozen: Frozen | None = None):
     positions = torch.arange(x.shape[0], device=x.device)
     residual, attn, mlp, layers = [], [], [], []
     h = x
-    for i in range(model.config.num_hidden_layers):
+    for i in progress(range(model.config.num_hidden_layers), "forward"):
         h, factors, (a, m) = model.block(i, h, positions, frozen.layers[i] if frozen else None)
         residual.append(h)
         attn.append(a)
@@ -368,7 +369,7 @@ def attribution(model: Model, ids, token: int | None = None) -> Attribution:
     u = w_token * final_scale  # (d,)
     table = x.new_zeros(T, L, 2)
     bias = x.new_zeros(L, 2)
-    for layer in range(L):
+    for layer in progress(range(L), "attribution"):
         for k, component in enumerate(("attention", "mlp")):
             G = pull_back(model, frozen, u[None, :], layer, component)  # (T, 1, d)
             table[:, layer, k] = torch.einsum("tj,tj->t", G[:, 0, :], x)
@@ -413,7 +414,7 @@ def reverse_layer_maps(model: Model, ids) -> dict:
     every, last = slice(0, T), slice(T - 1, T)
     G = x.new_zeros(T, 0, d)  # targets already spread over all positions
     order, maps = [], {}  # (layer, component) per block of d rows in G
-    for layer in reversed(range(model.config.num_hidden_layers)):
+    for layer in progress(reversed(range(model.config.num_hidden_layers)), "reverse pass", model.config.num_hidden_layers):
         factors = frozen.layers[layer]
         y, bias, final_scale = target_values(model, states, states0, layer, "output")
         N = x.new_zeros(T, d, d)  # this layer's targets, at the last position only
@@ -468,7 +469,7 @@ def forward_layer_maps(model: Model, ids) -> dict:
         result[(layer, component)] = EquivalentLinearMap(model, ids, operators, x, y, bias, frozen,
                                                          target_name(model, layer, component))
 
-    for layer in range(config.num_hidden_layers):
+    for layer in progress(range(config.num_hidden_layers), "forward pass of ∂h/∂x"):
         w, f = model.weights["layers"][layer], frozen.layers[layer]
         # attention: V[u, s] = W_V Pre_u K[u, s], mixed over u by P, then W_O and Post_t
         pre = diagonal(w.get("attn_norm"), f.attn_norm)

@@ -22,6 +22,7 @@ from .errors import InputError
 from .interpret import align_signs
 from .linear_map import pull_back, trace
 from .model import Model
+from .progress import progress
 
 
 class FrozenProducts:
@@ -74,7 +75,7 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
     gen = torch.Generator(device="cpu").manual_seed(seed)
     v = torch.randn(shape, generator=gen, dtype=ops.x.dtype).to(ops.x.device)
     Vs, Us, alphas, betas = [v / torch.linalg.vector_norm(v)], [], [], []
-    for step in range(max_steps):
+    for step in progress(range(max_steps), "Lanczos", unit="step"):
         u = ops.matvec(Vs[-1])
         if Us:
             u = u - betas[-1] * Us[-1]
