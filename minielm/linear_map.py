@@ -276,6 +276,10 @@ class EquivalentLinearMap:
         """The model's own next-token probabilities for the same target: (V,)."""
         return torch.softmax(self.model.unembed(self.output), dim=-1)
 
+    def _repr_html_(self) -> str:  # Jupyter: tokens by share of y, each J_t's spectrum (minielm.report)
+        from .report import map_html
+        return map_html(self)
+
 
 def equivalent_linear_map(model: Model, ids, layer: int | None = None, component: str = "output") -> EquivalentLinearMap:
     """The per-token operators J_t (T, d, d) of the frozen model for the prompt `ids`.
@@ -334,6 +338,11 @@ def detached_jacobian(model: Model, ids) -> torch.Tensor:
 class Attribution:
     """A logit split exactly by (source token, layer, component).
 
+    The sum identity: `attr.total()` equals `attr.logit` to round-off, and
+        total() = table.sum() + embedding.sum() + bias.sum();
+    `table.sum()` alone is NOT the logit: it leaves out the direct path of the last
+    token's own embedding (`embedding`) and the modules' constant parts (`bias`).
+
     z = u_c · y, with y = N_f(h^L_T) and h^L_T = x_T + Σ_ℓ (attention_ℓ + mlp_ℓ)_T.
     Each module output is itself linear in the inputs, so
         z = embedding[T] + Σ_{s,ℓ,k} table[s, ℓ, k] + Σ_{ℓ,k} bias[ℓ, k]
@@ -347,7 +356,18 @@ class Attribution:
     bias: torch.Tensor  # (L, 2): the affine parts of the modules (zero without biases)
 
     def total(self) -> float:
+        """table.sum() + embedding.sum() + bias.sum(): the logit, to round-off."""
         return float(self.table.sum() + self.embedding.sum() + self.bias.sum())
+
+    def __repr__(self) -> str:
+        T, L, _ = self.table.shape
+        return (f"Attribution(token={self.token}, logit={self.logit:.6g}, table=({T}, {L}, 2), "
+                f"total()={self.total():.6g} = table.sum() {float(self.table.sum()):.6g} "
+                f"+ embedding.sum() {float(self.embedding.sum()):.6g} + bias.sum() {float(self.bias.sum()):.6g})")
+
+    def _repr_html_(self) -> str:  # Jupyter: the table as a heatmap, with the identity (minielm.report)
+        from .report import attribution_html
+        return attribution_html(self)
 
 
 def attribution(model: Model, ids, token: int | None = None) -> Attribution:
