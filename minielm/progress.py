@@ -14,6 +14,7 @@ iterable unchanged and costs nothing. (The library is tqdm.)
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -31,8 +32,9 @@ def progress(iterable, what: str, total: int | None = None, show: bool | None = 
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=what, total=total, file=sys.stderr, leave=False, unit=unit, dynamic_ncols=True,
-                mininterval=0.05)
+    size = os.get_terminal_size(sys.stderr.fileno())  # a terminal that reports 0 × 0 gets 80 × 24: tqdm
+    return tqdm(iterable, desc=what, total=total, file=sys.stderr, leave=False, unit=unit,  # draws no bar in 0 rows
+                ncols=size.columns or 80, nrows=size.lines or 24, mininterval=0.05)
 
 
 class step:
