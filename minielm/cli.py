@@ -1,10 +1,14 @@
 """The `minielm` command: explain a prompt, check exactness, generate text.
 
-    minielm explain "In the beginning God created the"
+    minielm explain "In the beginning God created the" --html report.html
+    minielm layers --prompt-file chapter.txt
+    echo "The LORD is my shepherd" | minielm generate -
     minielm check
-    minielm generate "The LORD is my shepherd"
 
-Errors print one line on stderr and exit with status 2 (`--debug` shows the traceback).
+A prompt is the argument itself, `-` for all of stdin, or `--prompt-file PATH`
+(UTF-8; one trailing newline is dropped). Progress bars show on stderr when it is
+a terminal (not with --quiet); results go to stdout. Errors print one line on
+stderr and exit with status 2 (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
@@ -15,43 +19,67 @@ import io
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from . import checks
+from . import checks, progress
 from .config import Config
 from .errors import InputError, MinielmError, OutputError
-from .interpret import (decode_input, decode_output, layer_table, model_token, stable_rank, stacked_svd, svd_ready,
-                        token_shares)
+from .interpret import (decode_input, decode_output, forward_order, layer_table, model_token, stable_rank,
+                        stacked_svd, svd_ready, token_shares)
 from .linear_map import all_layer_maps, detached_jacobian, equivalent_linear_map
-from .loader import load, resolve_device, resolve_dtype, shipped_model
+from .loader import load, resolve_checkpoint, resolve_device, resolve_dtype, shipped_model
+from .progress import step as Progress
+from .report import LEGENDS, SCHEMA_VERSION
 
 DEFAULT_MODEL = shipped_model()
 CHECK_PROMPT = "And God said, Let there be light: and there was light. And God saw the light, that it was good"
 
 
-class Progress:
-    """`with Progress("assembling operators"):` prints the step and its time on stderr."""
+# ---- prompts from anywhere ----------------------------------------------------------------------
+def read_text(source: str, what: str) -> str:
+    """The text of a file, or of all of stdin when `source` is '-': UTF-8, one trailing newline dropped."""
+    name = "stdin" if source == "-" else source
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as err:
+        raise InputError(f"{what} file {name}: cannot read ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what} from {name} is not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} "
+                         f"({err.reason})") from None
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
-    def __init__(self, what):
-        self.what = what
 
-    def __enter__(self):
-        self.start, self.shown = time.perf_counter(), sys.stderr.isatty()  # only for a person watching
-        if self.shown:
-            print(f"… {self.what}", end="", file=sys.stderr, flush=True)
+def resolve_prompt(args, text_key: str, file_key: str, what: str, default=None):
+    """args.<text_key> as the text to run: the argument, '-' (stdin) or --<file_key> PATH, exactly one."""
+    text, path = getattr(args, text_key), getattr(args, file_key)
+    if text is not None and path is not None:
+        raise InputError(f"give the {what} as an argument or with --{file_key.replace('_', '-')}, not both")
+    if path is not None:
+        text = read_text(path, what)
+    elif text == "-":
+        text = read_text("-", what)
+    elif text is None and default is None:
+        raise InputError(f"no {what}: give it as an argument, '-' to read stdin, or --{file_key.replace('_', '-')} PATH")
+    setattr(args, text_key, default if text is None else text)
 
-    def __exit__(self, kind, *_):
-        if self.shown:
-            done = f"{time.perf_counter() - self.start:.2f} s" if kind is None else "failed"
-            print(f" ({done})", file=sys.stderr, flush=True)
+
+def read_prompts(args):
+    """Every prompt of the command, read before any work starts (stdin at most once)."""
+    if getattr(args, "prompt", None) == "-" and getattr(args, "concept", None) == "-":
+        raise InputError("the prompt and the concept cannot both be read from stdin")
+    if hasattr(args, "prompt_file"):
+        resolve_prompt(args, "prompt", "prompt_file", "prompt", CHECK_PROMPT if args.command == "check" else None)
+    if hasattr(args, "concept_file"):
+        resolve_prompt(args, "concept", "concept_file", "concept")
 
 
 def load_model(args):
-    path = model_directory(args.model)
-    with Progress(f"loading {path}"):
+    path = model_path(args.model)
+    with Progress(f"loading {path or 'the shipped model'}"):
         return load(path, dtype=args.dtype, device=args.device, stream=args.stream)
 
 
@@ -60,13 +88,15 @@ def check_arguments(args) -> None:
     """Check every flag before any work: one InputError (OutputError for an output path) naming the
     flag, the value and what is allowed. Bounds that depend on the model (its layers, width and
     positions) come from config.json, read without the weights. A new flag gets its check here."""
-    directory = model_directory(args.model)
+    directory = resolve_checkpoint(model_path(args.model))
     resolve_dtype(args.dtype)
     resolve_device(args.device)
     config = Config.from_file(directory / "config.json") if directory.is_dir() else None  # else load says why
     if getattr(args, "plot", None) is not None:  # output files: writable before the computation starts
         writable_output(args.plot, "--plot")
         plot_format(args.plot)
+    if getattr(args, "html", None) is not None:
+        writable_output(args.html, "--html")
     if getattr(args, "k", None) is not None:
         d = config.hidden_size if config else None
         checks.integer("-k", args.k, 1, d, closed=True, why="at most the model's hidden_size" if d else "")
@@ -87,15 +117,11 @@ def check_arguments(args) -> None:
         checks.integer("--layer", args.layer, 0, L, why=f"the model has {L} layers" if L else "")
 
 
-def model_directory(value) -> Path:
-    """--model as a path: the shipped model when not given; an empty value is an error, not a default."""
-    if value is None:
-        if not DEFAULT_MODEL.is_dir():
-            raise InputError(f"the shipped model is not at {DEFAULT_MODEL}; pass --model DIR")
-        return DEFAULT_MODEL
-    if not str(value).strip():
-        raise InputError(f"--model must name a checkpoint directory, got {value!r}")
-    return Path(value)
+def model_path(value) -> str | None:
+    """--model as `minielm.load` takes it (None: the shipped model); an empty value is an error, not a default."""
+    if value is not None and not str(value).strip():
+        raise InputError(f"--model must name a checkpoint directory, a GGUF file or a model id, got {value!r}")
+    return value
 
 
 def writable_output(path, what: str) -> Path:
@@ -156,6 +182,7 @@ def explain(args) -> int:
     shares = token_shares(elm)
     strongest = svd.V.norm(dim=1).argmax(dim=0)  # (k,): the token whose block carries most of v_k
     report = {
+        "schema_version": SCHEMA_VERSION,
         "model": str(args.model or DEFAULT_MODEL),
         "dtype": str(model.dtype).removeprefix("torch."),
         "tokens": tokens,
@@ -176,6 +203,11 @@ def explain(args) -> int:
     if args.plot:
         with Progress(f"plotting to {args.plot}"):
             plot_explanation(args.plot, report, elm)
+    if args.html:
+        from .report import explain_page
+
+        with Progress(f"layer maps, attribution and the report {args.html}"):
+            Path(args.html).write_text(explain_page(model, elm, report), encoding="utf-8")
     if args.json:
         print(json.dumps(report, indent=1, ensure_ascii=False))
     else:
@@ -188,17 +220,21 @@ def print_explanation(r, model):
     print(f"model   {r['model']}  ({c.model_type}, d={c.hidden_size}, {c.num_hidden_layers} layers, {r['dtype']})")
     print(f"prompt  {len(r['tokens'])} tokens: {' | '.join(r['tokens'])}")
     print("\nnext token")
+    legend("next")
     for row in r["top"]:
         print(f"  {row['token']:<16} {row['probability']:.4f}")
     exact = "" if r["dtype"] == "float64" else f"   ({r['dtype']}: not exact, round-off of that dtype)"
     print(f"\nexactness{exact}")
+    legend("exactness")
     print(f"  reconstruction  ‖Σ J_t x_t − y‖ / ‖y‖         {r['relative_error']:.1e}")
     print(f"  probabilities   max |p_reconstructed − p|     {r['probability_error']:.1e}")
     print(f"  autograd        max |J − J_autograd| / max |J| {r['autograd_relative_difference']:.1e}")
     print("\nper token      share of y   stable rank      σ1")
+    legend("per_token")
     for t, row in enumerate(r["per_token"]):
         print(f"  {t:>3} {row['token']:<14} {row['share']:>8.3f} {row['stable_rank']:>12.2f} {row['sigma1']:>8.3f}")
     print("\nstacked operator [J_1 … J_T]: top singular values and vectors")
+    legend("stacked")
     print(f"  {'σ':>8}   {'output side (unembedding)':<40} input side (cosine to embeddings)")
     for row in r["decoded"]:
         out = " ".join(row["output_tokens"])
@@ -228,6 +264,11 @@ def save_figure(plt, fig, path) -> None:
         raise OutputError(f"--plot {path}: cannot write ({err.strerror or err})") from None
     finally:
         plt.close(fig)
+
+
+def legend(key: str):
+    """The section's one-line legend (minielm.report.LEGENDS), dimmed as a comment."""
+    print(f"  # {LEGENDS[key]}")
 
 
 def pyplot():
@@ -270,22 +311,31 @@ def check(args) -> int:
     with Progress(f"checking the whole model and {L} layers on {len(ids)} tokens"):
         elm = equivalent_linear_map(model, ids)
         probs = torch.softmax(model.logits(ids)[-1], dim=-1)
-        rows.append(("model", elm.relative_error(), float((elm.probabilities() - probs).abs().max()),
-                     relative_max(elm.operators, detached_jacobian(model, ids))))
         parts = all_layer_maps(model, ids)  # every layer and module in one pass
-        for layer in range(L):
-            for component in ("output", "attention", "mlp"):
-                part = parts[(layer, component)]
-                p_err = (float((part.probabilities() - part.model_probabilities()).abs().max())
-                         if component == "output" else float("nan"))
-                rows.append((part.target, part.relative_error(), p_err, float("nan")))
-    print(f"{'target':<14} {'reconstruction':>15} {'probabilities':>14} {'vs autograd':>12}")
-    for name, rec, p, ag in rows:
-        print(f"{name:<14} {rec:>15.1e} {fmt(p):>14} {fmt(ag):>12}")
-    worst = max(r[1] for r in rows)
+        for key in sorted(parts, key=forward_order):  # the order of `minielm layers`
+            part = parts[key]
+            p_err = float("nan") if key[1] != "output" else float((part.probabilities() - part.model_probabilities()).abs().max())
+            rows.append({"target": part.target, "reconstruction": part.relative_error(), "probabilities": p_err,
+                         "vs_autograd": float("nan")})
+        # the final row again from equivalent_linear_map, the public entry point, with autograd beside it
+        rows[-1] = {"target": elm.target, "reconstruction": elm.relative_error(),
+                    "probabilities": float((elm.probabilities() - probs).abs().max()),
+                    "vs_autograd": relative_max(elm.operators, detached_jacobian(model, ids))}
+    worst = max(r["reconstruction"] for r in rows)
     bound = 1e-13 if model.dtype == torch.float64 else 1e-4
-    print(f"\nworst reconstruction error {worst:.1e} ({'within' if worst < bound else 'ABOVE'} {bound:.0e} "
-          f"for {str(model.dtype).removeprefix('torch.')})")
+    verdict = (f"worst reconstruction error {worst:.1e} ({'within' if worst < bound else 'ABOVE'} {bound:.0e} "
+               f"for {str(model.dtype).removeprefix('torch.')})")
+    if args.json:
+        print(json.dumps({"schema_version": SCHEMA_VERSION, "dtype": str(model.dtype).removeprefix("torch."),
+                          "tokens": len(ids), "bound": bound, "worst": worst,
+                          "rows": [{k: (None if v != v else v) for k, v in r.items()} for r in rows]}, indent=1))
+        return 0 if worst < bound else 1
+    legend("targets")
+    legend("check")
+    print(f"{'target':<14} {'reconstruction':>15} {'probabilities':>14} {'vs autograd':>12}")
+    for r in rows:
+        print(f"{r['target']:<14} {r['reconstruction']:>15.1e} {fmt(r['probabilities']):>14} {fmt(r['vs_autograd']):>12}")
+    print(f"\n{verdict}")
     return 0 if worst < bound else 1
 
 
@@ -304,9 +354,12 @@ def layers(args) -> int:
         with Progress(f"plotting to {args.plot}"):
             plot_layers(args.plot, rows, [model_token(model, i) for i in ids])
     if args.json:
-        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        print(json.dumps({"schema_version": SCHEMA_VERSION, "tokens": [model_token(model, i) for i in ids],
+                          "targets": rows}, indent=1, ensure_ascii=False))
         return 0
-    print(f"prompt: {args.prompt!r}  ({len(ids)} tokens)\n")
+    print(f"prompt: {shorten(args.prompt)}  ({len(ids)} tokens)\n")
+    legend("targets")
+    legend("layers")
     print(f"{'target':<13} {'σ1':>8} {'σ2':>8} {'stable rank':>12} {'rec. error':>11}  "
           f"{'top output singular vector':<34} target decoded")
     for r in rows:
@@ -314,6 +367,12 @@ def layers(args) -> int:
         print(f"{r['target']:<13} {s[0]:>8.3f} {s[1] if len(s) > 1 else 0:>8.3f} {r['stable_rank']:>12.2f} "
               f"{r['relative_error']:>11.1e}  {' '.join(r['top_tokens']):<34} {' '.join(r['predicts'][:3])}")
     return 0
+
+
+def shorten(text: str, limit: int = 100) -> str:
+    """repr(text), cut to `limit` characters: a prompt read from a file can be long."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[:limit - 1] + "…"
 
 
 def plot_layers(path, rows, tokens):
@@ -386,32 +445,43 @@ def build_parser():
         sub.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
         sub.add_argument("--stream", action="store_true",
                          help="read and cast one layer at a time (large models)")
+        sub.add_argument("--quiet", action="store_true", help="no progress on stderr (none is shown when piped)")
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sub
 
+    def prompt_arguments(sub, positional=True):
+        if positional:
+            sub.add_argument("prompt", nargs="?", help="the prompt text, or - to read it from stdin")
+        else:
+            sub.add_argument("--prompt", help=f"the prompt text, or - to read it from stdin (default: {CHECK_PROMPT!r})")
+        sub.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a UTF-8 file")
+
     sub = command("explain", explain, "the equivalent linear map of a prompt, read out")
-    sub.add_argument("prompt")
+    prompt_arguments(sub)
     sub.add_argument("--json", action="store_true", help="print one JSON object")
     sub.add_argument("--plot", metavar="FILE.png", help="write the spectrum and per-token shares")
+    sub.add_argument("--html", metavar="FILE.html", help="write a self-contained interactive report (offline)")
     sub.add_argument("-k", type=int, default=5, help="singular triplets to decode (default 5)")
 
     sub = command("check", check, "exactness report for the whole model and each layer")
-    sub.add_argument("--prompt", default=CHECK_PROMPT)
+    prompt_arguments(sub, positional=False)
+    sub.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub = command("layers", layers, "how the operator emerges layer by layer: spectra, stable ranks, decoded vectors")
-    sub.add_argument("prompt")
-    sub.add_argument("--json", action="store_true", help="print a JSON list, one object per layer and module")
+    prompt_arguments(sub)
+    sub.add_argument("--json", action="store_true", help="print one JSON object, one entry per layer and module")
     sub.add_argument("--plot", metavar="FILE.png", help="write stable rank and σ1 by layer")
 
     sub = command("steer", steer_command, "generate with a concept prompt's layer operator added to the stream")
-    sub.add_argument("prompt")
-    sub.add_argument("--concept", required=True, help="the concept prompt")
+    prompt_arguments(sub)
+    sub.add_argument("--concept", help="the concept prompt, or - to read it from stdin")
+    sub.add_argument("--concept-file", metavar="PATH", help="read the concept prompt from a UTF-8 file")
     sub.add_argument("--layer", type=int, required=True)
     sub.add_argument("--scale", type=float, default=1.0, help="λ, relative to the hidden state's norm")
     sub.add_argument("--max-new-tokens", type=int, default=30)
 
     sub = command("generate", generate, "continue a prompt (greedy unless --temperature)")
-    sub.add_argument("prompt")
+    prompt_arguments(sub)
     sub.add_argument("--max-new-tokens", type=int, default=30)
     sub.add_argument("--temperature", type=float, default=0.0)
     sub.add_argument("--top-k", type=int)
@@ -421,7 +491,9 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    progress.enabled = not args.quiet  # bars on stderr, and only when it is a terminal
     try:
+        read_prompts(args)
         check_arguments(args)
         output = io.StringIO()
         with contextlib.redirect_stdout(output):  # printed at the end: an output error is then one clean line

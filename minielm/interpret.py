@@ -20,6 +20,7 @@ import torch
 from . import checks
 from .linear_map import EquivalentLinearMap
 from .model import Model, times_transposed
+from .progress import progress
 
 
 def svd_ready(J: torch.Tensor) -> torch.Tensor:
@@ -60,10 +61,11 @@ def stacked_svd(elm: EquivalentLinearMap, k: int = 5) -> Singular:
     checks.instance("elm", elm, EquivalentLinearMap, "from minielm.equivalent_linear_map")
     T, d, _ = elm.operators.shape
     k = checks.integer("k", k, 1, d, closed=True, why="[J_1 … J_T] has hidden_size singular values")
-    U, S, Vh = torch.linalg.svd(svd_ready(stacked(elm.operators)), full_matrices=False)
-    U, S, Vh = (t.to(elm.operators.dtype) for t in (U, S, Vh))
+    # SVD of the tall Aᵀ = V S Uᵀ (T·d × d): LAPACK is several times faster on it than on the wide A
+    V, S, Uh = torch.linalg.svd(svd_ready(stacked(elm.operators)).T, full_matrices=False)
+    U, S, V = (t.to(elm.operators.dtype) for t in (Uh.T, S, V))
     k = min(k, S.shape[0])
-    V = Vh[:k].T.reshape(T, d, k)
+    V = V[:, :k].reshape(T, d, k)
     U, V = align_signs(U[:, :k], V, elm.output)
     return Singular(U, S[:k], V)
 
@@ -113,22 +115,34 @@ def token_shares(elm: EquivalentLinearMap) -> torch.Tensor:
     return parts @ elm.output / (elm.output @ elm.output)
 
 
+# The order in which the targets of a layer are computed, and in which every report lists them:
+# layer ℓ's attention module, its MLP module, then the residual stream after layer ℓ ('layer ℓ').
+COMPONENTS = ("attention", "mlp", "output")
+
+
+def forward_order(key) -> tuple:
+    """Sort key for (layer, component): layer by layer, each in the order of COMPONENTS."""
+    layer, component = key
+    return layer, COMPONENTS.index(component)
+
+
 def layer_table(model, ids, k: int = 3) -> list:
-    """For every layer output (final norm applied) and every attention and MLP module:
-    the stacked operator's top singular values, stable rank, its share of the norm of its own
-    target, and the top output-side vector decoded through the unembedding. One reverse pass."""
+    """For every layer output (final norm applied) and every attention and MLP module, in
+    forward order: the stacked operator's top singular values, stable rank, reconstruction
+    error, and the top output-side vector decoded through the unembedding. One pass for the maps."""
     from .linear_map import all_layer_maps, checked_ids
 
     checked_ids(model, ids)
     k = checks.integer("k", k, 1, model.config.hidden_size, closed=True, why="at most hidden_size singular values")
     rows = []
-    for (layer, component), elm in sorted(all_layer_maps(model, ids).items()):
+    maps = all_layer_maps(model, ids)
+    for layer, component in progress(sorted(maps, key=forward_order), "spectra", unit="target"):
+        elm = maps[(layer, component)]
         svd = stacked_svd(elm, k)
-        A = stacked(elm.operators)
         rows.append({
             "layer": layer, "component": component, "target": elm.target,
             "singular_values": [float(s) for s in svd.S],
-            "stable_rank": float(stable_rank(A)),
+            "stable_rank": float(svd_ready(elm.operators).square().sum() / svd.S[0] ** 2),  # ‖A‖_F² / σ1²
             "relative_error": elm.relative_error(),
             "top_tokens": [t for t, _ in decode_output(model, svd.U[:, 0])],
             "predicts": [t for t, _ in decode_output(model, elm.output)],  # the logit lens of the target itself

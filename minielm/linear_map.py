@@ -33,6 +33,7 @@ import torch
 from . import checks
 from .errors import InputError
 from .model import Frozen, FrozenLayer, Model, times_transposed
+from .progress import progress
 
 
 # ---- one residual branch, backwards -------------------------------------------------------
@@ -207,7 +208,7 @@ def trace(model: Model, x, frozen: Frozen | None = None):
     positions = torch.arange(x.shape[0], device=x.device)
     residual, attn, mlp, layers = [], [], [], []
     h = x
-    for i in range(model.config.num_hidden_layers):
+    for i in progress(range(model.config.num_hidden_layers), "forward"):
         h, factors, (a, m) = model.block(i, h, positions, frozen.layers[i] if frozen else None)
         residual.append(h)
         attn.append(a)
@@ -275,6 +276,10 @@ class EquivalentLinearMap:
     def model_probabilities(self) -> torch.Tensor:
         """The model's own next-token probabilities for the same target: (V,)."""
         return torch.softmax(self.model.unembed(self.output), dim=-1)
+
+    def _repr_html_(self) -> str:  # Jupyter: tokens by share of y, each J_t's spectrum (minielm.report)
+        from .report import map_html
+        return map_html(self)
 
 
 def equivalent_linear_map(model: Model, ids, layer: int | None = None, component: str = "output") -> EquivalentLinearMap:
@@ -346,6 +351,11 @@ def detached_jacobian(model: Model, ids) -> torch.Tensor:
 class Attribution:
     """A logit split exactly by (source token, layer, component).
 
+    The sum identity: `attr.total()` equals `attr.logit` to round-off, and
+        total() = table.sum() + embedding.sum() + bias.sum();
+    `table.sum()` alone is NOT the logit: it leaves out the direct path of the last
+    token's own embedding (`embedding`) and the modules' constant parts (`bias`).
+
     z = u_c · y, with y = N_f(h^L_T) and h^L_T = x_T + Σ_ℓ (attention_ℓ + mlp_ℓ)_T.
     Each module output is itself linear in the inputs, so
         z = embedding[T] + Σ_{s,ℓ,k} table[s, ℓ, k] + Σ_{ℓ,k} bias[ℓ, k]
@@ -359,7 +369,18 @@ class Attribution:
     bias: torch.Tensor  # (L, 2): the affine parts of the modules (zero without biases)
 
     def total(self) -> float:
+        """table.sum() + embedding.sum() + bias.sum(): the logit, to round-off."""
         return float(self.table.sum() + self.embedding.sum() + self.bias.sum())
+
+    def __repr__(self) -> str:
+        T, L, _ = self.table.shape
+        return (f"Attribution(token={self.token}, logit={self.logit:.6g}, table=({T}, {L}, 2), "
+                f"total()={self.total():.6g} = table.sum() {float(self.table.sum()):.6g} "
+                f"+ embedding.sum() {float(self.embedding.sum()):.6g} + bias.sum() {float(self.bias.sum()):.6g})")
+
+    def _repr_html_(self) -> str:  # Jupyter: the table as a heatmap, with the identity (minielm.report)
+        from .report import attribution_html
+        return attribution_html(self)
 
 
 def attribution(model: Model, ids, token: int | None = None) -> Attribution:
@@ -380,7 +401,7 @@ def attribution(model: Model, ids, token: int | None = None) -> Attribution:
     u = w_token * final_scale  # (d,)
     table = x.new_zeros(T, L, 2)
     bias = x.new_zeros(L, 2)
-    for layer in range(L):
+    for layer in progress(range(L), "attribution"):
         for k, component in enumerate(("attention", "mlp")):
             G = pull_back(model, frozen, u[None, :], layer, component)  # (T, 1, d)
             table[:, layer, k] = torch.einsum("tj,tj->t", G[:, 0, :], x)
@@ -425,7 +446,7 @@ def reverse_layer_maps(model: Model, ids) -> dict:
     every, last = slice(0, T), slice(T - 1, T)
     G = x.new_zeros(T, 0, d)  # targets already spread over all positions
     order, maps = [], {}  # (layer, component) per block of d rows in G
-    for layer in reversed(range(model.config.num_hidden_layers)):
+    for layer in progress(reversed(range(model.config.num_hidden_layers)), "reverse pass", model.config.num_hidden_layers):
         factors = frozen.layers[layer]
         y, bias, final_scale = target_values(model, states, states0, layer, "output")
         N = x.new_zeros(T, d, d)  # this layer's targets, at the last position only
@@ -480,7 +501,7 @@ def forward_layer_maps(model: Model, ids) -> dict:
         result[(layer, component)] = EquivalentLinearMap(model, ids, operators, x, y, bias, frozen,
                                                          target_name(model, layer, component))
 
-    for layer in range(config.num_hidden_layers):
+    for layer in progress(range(config.num_hidden_layers), "forward pass of ∂h/∂x"):
         w, f = model.weights["layers"][layer], frozen.layers[layer]
         # attention: V[u, s] = W_V Pre_u K[u, s], mixed over u by P, then W_O and Post_t
         pre = diagonal(w.get("attn_norm"), f.attn_norm)

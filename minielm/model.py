@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from . import checks
 from .config import Config
 from .errors import InputError, NumericalError, TokenizerError
+from .progress import progress
 from .rope import apply_rotary, rotation
 
 ACTIVATIONS = {
@@ -242,7 +243,7 @@ class Model:
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + x.shape[-2], device=x.device)  # (T,)
         h, layers = x, []
-        for i in range(self.config.num_hidden_layers):
+        for i in progress(range(self.config.num_hidden_layers), "forward", show=False if cache else None):
             h, factors, _ = self.block(i, h, positions, frozen.layers[i] if frozen else None, cache)
             h = h if edit is None else edit(i, h, x)
             layers.append(factors)
@@ -293,7 +294,7 @@ class Model:
         eos = self.config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         with torch.no_grad():
-            for _ in range(max_new_tokens):
+            for _ in progress(range(max_new_tokens), "generating", unit="token"):
                 y, _ = self.forward(self.embed(step_input), cache=cache, edit=edit)
                 next_id = sample(self.unembed(y[-1]), temperature, top_k, generator)
                 new.append(next_id)

@@ -31,6 +31,7 @@ from .errors import NumericalError
 from .interpret import align_signs
 from .linear_map import checked_ids, pull_back, target_values, traced
 from .model import Model
+from .progress import progress
 
 
 class FrozenProducts:
@@ -102,7 +103,7 @@ def block_lanczos(ops: FrozenProducts, k: int, block: int, tol: float, max_steps
     M = start.new_zeros(0, 0)  # (p, q'), q' = q − the newest block's rows
     max_steps = max_steps or d  # the left basis fills R^d after at most d steps
     residuals, sigma = None, None
-    for step in range(1, max_steps + 1):
+    for step in progress(range(1, max_steps + 1), "Lanczos", unit="block"):
         p, q_old = U.shape[0], M.shape[1]
         C, new_U, R = extend(U, ops.apply(new_V), room=d - p)  # (b, p), (b1, d), (b, b1)
         M = torch.block_diag(M, R.T)  # (p + b1, q): M, and Rᵀ under the new columns

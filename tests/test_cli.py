@@ -54,7 +54,7 @@ def test_explain_table_and_other_commands(tiny_with_tokenizer, tmp_path):
 
 def reconstruction_column(stdout) -> dict:
     """{target: reconstruction error} from the table `minielm check` prints."""
-    rows = [line.rsplit(None, 3) for line in stdout.splitlines()[1:] if line.strip() and not line.startswith("worst")]
+    rows = [line.rsplit(None, 3) for line in stdout.splitlines() if line.startswith(("attention", "mlp", "layer", "final"))]
     return {target: float(rec) for target, rec, _, _ in rows}
 
 
@@ -63,10 +63,10 @@ def test_float32_check_reports_honestly(tiny_with_tokenizer, capsys):
     assert main(["check", "--model", str(tiny_with_tokenizer), "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     errors = reconstruction_column(out)
-    assert len(errors) == 1 + 3 * 2  # the model, and each layer and module of the 2 layers
+    assert len(errors) == 3 * 2  # each layer and module of the 2 layers, the last layer as 'final'
     model = minielm.load(tiny_with_tokenizer, dtype="float32")
     measured = minielm.equivalent_linear_map(model, model.tokenizer.encode(CHECK_PROMPT)).relative_error()
-    assert errors["model"] == pytest.approx(measured, rel=0.02)  # printed to two digits
+    assert errors["final"] == pytest.approx(measured, rel=0.02)  # printed to two digits
     assert 1e-9 < max(errors.values()) < 1e-4
     assert f"worst reconstruction error {max(errors.values()):.1e} (within 1e-04 for float32)" in out
 
@@ -86,7 +86,7 @@ def test_check_fails_above_the_float64_bound(tiny_with_tokenizer, monkeypatch, c
     assert main(["check", "--model", str(tiny_with_tokenizer)]) == 1
     out = capsys.readouterr().out
     errors = reconstruction_column(out)
-    assert 1e-13 < errors["model"] < 1e-10
+    assert 1e-13 < errors["final"] < 1e-10
     assert "ABOVE 1e-13 for float64" in out
 
 
