@@ -22,6 +22,7 @@ from .interpret import (decode_input, decode_output, layer_table, model_token, s
                         token_shares)
 from .linear_map import all_layer_maps, detached_jacobian, equivalent_linear_map
 from .loader import load
+from .steering import METHODS, NEUTRAL
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "kjv-tiny"
 CHECK_PROMPT = "And God said, Let there be light: and there was light. And God saw the light, that it was good"
@@ -246,11 +247,36 @@ def steer_command(args) -> int:
     model = load_model(args)
     with Progress("baseline and steered generation"):
         baseline = model.generate(args.prompt, args.max_new_tokens)
-        steered = steer(model, args.concept, args.prompt, args.layer, args.scale, args.max_new_tokens)
-    print(f"concept   {args.concept!r} at layer {args.layer}, scale {args.scale}")
+        steered = steer(model, args.concept, args.prompt, args.layer, args.scale, args.max_new_tokens,
+                        method=args.method, neutral=args.neutral)
+    print(f"concept   {args.concept!r} by {args.method} at layer {args.layer}, scale {args.scale}")
     print(f"baseline  {args.prompt}{baseline}")
     print(f"steered   {args.prompt}{steered}")
     return 0
+
+
+def steer_eval_command(args) -> int:
+    from .steering import evaluate, format_table, plot_tradeoff
+
+    layers, scales = number_list(args.layers, int, "--layers"), number_list(args.scales, float, "--scales")
+    methods = args.methods.split(",")
+    if not set(methods) <= set(METHODS):
+        raise InputError(f"--methods takes some of {','.join(METHODS)}, got {args.methods!r}")
+    model = load_model(args)
+    with Progress(f"{len(methods) * len(layers) * len(scales)} steered generations"):
+        result = evaluate(model, args.concept, args.prompt, layers, scales, methods, args.max_new_tokens,
+                          args.neutral, args.temperature, None, args.seed)
+    if args.plot:
+        plot_tradeoff([result], args.plot)
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
+def number_list(text, kind, flag) -> list:
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
 # ---- generate -------------------------------------------------------------------------------------
@@ -297,7 +323,25 @@ def build_parser():
     sub.add_argument("--concept", required=True, help="the concept prompt")
     sub.add_argument("--layer", type=int, required=True)
     sub.add_argument("--scale", type=float, default=1.0, help="λ, relative to the hidden state's norm")
+    sub.add_argument("--method", default="minielm", choices=METHODS,
+                     help="minielm: Σ_t J_t after the layer; paper: Golden's cycled, cumulative operators at "
+                          "the layer's input; actadd: mean activation difference (default minielm)")
+    sub.add_argument("--neutral", default=NEUTRAL, help="actadd's neutral prompt")
     sub.add_argument("--max-new-tokens", type=int, default=30)
+
+    sub = command("steer-eval", steer_eval_command,
+                  "measure steering: concept lift against fluency cost over layers, scales and recipes")
+    sub.add_argument("prompt")
+    sub.add_argument("--concept", required=True, help="the concept prompt")
+    sub.add_argument("--layers", required=True, help="comma-separated, e.g. 4,8,12")
+    sub.add_argument("--scales", default="0.1,0.2,0.4,0.8", help="comma-separated λ (default 0.1,0.2,0.4,0.8)")
+    sub.add_argument("--methods", default="minielm,paper,actadd", help="comma-separated (default all three)")
+    sub.add_argument("--neutral", default=NEUTRAL, help="actadd's neutral prompt")
+    sub.add_argument("--max-new-tokens", type=int, default=24)
+    sub.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); else seeded sampling")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--json", action="store_true", help="print the rows as JSON")
+    sub.add_argument("--plot", metavar="FILE.png", help="write lift against fluency cost")
 
     sub = command("generate", generate, "continue a prompt (greedy unless --temperature)")
     sub.add_argument("prompt")
