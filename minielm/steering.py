@@ -63,7 +63,7 @@ def steering_edit(operator: torch.Tensor, layer: int, scale: float):
     """The `edit(i, h, x)` hook that adds λ‖h_p‖ S x_p / ‖S x_p‖ after `layer`."""
 
     def edit(i, h, x):
-        if i != layer or scale == 0:
+        if i != layer:
             return h
         push = x @ operator.T  # (T, d): S x_p for every position of this call
         return h + scale * torch.linalg.vector_norm(h, dim=-1, keepdim=True) * unit(push)
@@ -88,7 +88,7 @@ def paper_edit(operators: torch.Tensor, layer: int, scale: float):
     state = {"sum": torch.zeros(d, dtype=operators.dtype, device=operators.device), "seen": 0}
 
     def edit(i, h, x):
-        if i != layer - 1 or scale == 0:  # i = -1 is the stream entering layer 0
+        if i != layer - 1:  # i = -1 is the stream entering layer 0
             return h
         k = torch.arange(state["seen"], state["seen"] + x.shape[0], device=x.device)  # absolute positions (T,)
         pushes = torch.einsum("tij,tj->ti", operators[k % T_c], x)  # (T, d): J_{k mod T_c} x_k
@@ -117,7 +117,7 @@ def actadd_edit(direction: torch.Tensor, layer: int, scale: float):
     """The hook that adds λ‖h_p‖ v/‖v‖ after `layer`."""
 
     def edit(i, h, x):
-        if i != layer or scale == 0:
+        if i != layer:
             return h
         return h + scale * torch.linalg.vector_norm(h, dim=-1, keepdim=True) * unit(direction)
 
@@ -213,14 +213,15 @@ def evaluate(model: Model, concept: str, prompt: str, layers, scales, methods=ME
              progress=None) -> dict:
     """Lift against fluency cost for each recipe over a grid of layers and scales.
 
-    For every (method, layer, λ): the continuation generated with a KV cache (greedy, or
+    For every (layer, method, λ): the continuation generated with a KV cache (greedy, or
     sampled with the same seed every time), and `measure` of it, in nats:
       next_token_lift      log-mass of the concept's tokens as the prompt's next token, steered − unsteered
       continuation_lift    the same, averaged over every step of the steered continuation
       concept_hits         how many generated tokens are concept tokens
       nll                  mean −log p of the steered continuation under the unsteered model
       repetition           share of repeated bigrams in the continuation
-    The unsteered continuation is the `baseline` row (method "none", lifts 0).
+    The unsteered continuation is the `baseline` row (method "none", lifts 0). `progress(row)`,
+    if given, sees every row as it is measured, the baseline first.
     """
     prompt_ids, concept_ids = model.tokenizer.encode(prompt), concept_token_ids(model, concept)
     sampling = dict(temperature=temperature, top_k=top_k, seed=seed)
@@ -228,8 +229,10 @@ def evaluate(model: Model, concept: str, prompt: str, layers, scales, methods=ME
     baseline = {"method": "none", "layer": None, "scale": 0.0, "text": model.tokenizer.decode(new),
                 **measure(model, prompt_ids, new, concept_ids)}
     rows = []
-    for method in methods:
-        for layer in layers:
+    if progress:
+        progress(baseline)
+    for layer in layers:
+        for method in methods:
             steering = Steering(model, concept, layer, method, neutral)
             for scale in scales:
                 new = model.generate_ids(prompt_ids, max_new_tokens, edit=steering.edit(scale), **sampling)
