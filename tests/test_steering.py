@@ -82,6 +82,8 @@ def test_evaluation_is_deterministic_and_zero_scale_has_no_lift(model):
     sampled = evaluate(model, CONCEPT, PROMPT, **grid, methods=["paper"], temperature=1.0, seed=3)
     assert evaluate(model, CONCEPT, PROMPT, **grid, methods=["paper"], temperature=1.0, seed=3) == sampled
     assert sampled["baseline"]["text"] != first["baseline"]["text"]  # sampling, not greedy
+    reseeded = evaluate(model, CONCEPT, PROMPT, **grid, methods=["paper"], temperature=1.0, seed=4)
+    assert [r["text"] for r in reseeded["rows"]] != [r["text"] for r in sampled["rows"]]  # the seed is used
     for row in first["rows"]:
         if row["scale"] == 0:
             assert row["text"] == first["baseline"]["text"]
