@@ -260,35 +260,36 @@ def format_table(result: dict) -> str:
 
 
 def plot_tradeoff(results: list, path) -> None:
-    """Lift against fluency cost, one panel per (concept, prompt), one colour per recipe (matplotlib)."""
+    """Lift against fluency cost, one panel per (concept, prompt): colour = recipe, marker = layer,
+    size = λ; the unsteered continuation is the black star (matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
     except ImportError as err:
         raise InputError("plots need matplotlib: pip install 'minielm[plot]'") from err
     colours = {"minielm": "tab:blue", "paper": "tab:orange", "actadd": "tab:green"}
-    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.4), squeeze=False)
+    layers = sorted({r["layer"] for result in results for r in result["rows"]})
+    markers = dict(zip(layers, "osD^vP*Xh<>p" * 4))
+    fig, axes = plt.subplots(1, len(results), figsize=(5.4 * len(results), 4.8), squeeze=False)
     for ax, result in zip(axes[0], results):
-        base = result["baseline"]
-        for method in dict.fromkeys(r["method"] for r in result["rows"]):
-            rows = [r for r in result["rows"] if r["method"] == method]
-            ranks = {scale: k for k, scale in enumerate(sorted({r["scale"] for r in rows}))}
-            sizes = [15 + 25 * ranks[r["scale"]] for r in rows]  # larger λ, larger point
-            ax.scatter([r["nll"] for r in rows], [r["continuation_lift"] for r in rows], s=sizes,
-                       c=colours.get(method), alpha=0.75, label=method, edgecolors="none")
-            for r in rows:
-                ax.annotate(str(r["layer"]), (r["nll"], r["continuation_lift"]), fontsize=6, alpha=0.7,
-                            xytext=(2, 2), textcoords="offset points")
-        ax.scatter([base["nll"]], [0.0], marker="*", s=160, c="black", label="unsteered")
+        rows = result["rows"]
+        ranks = {scale: k for k, scale in enumerate(sorted({r["scale"] for r in rows}))}
+        for r in rows:
+            ax.scatter(r["nll"], r["continuation_lift"], s=18 + 28 * ranks[r["scale"]], marker=markers[r["layer"]],
+                       c=colours.get(r["method"], "grey"), alpha=0.7, edgecolors="none")
+        ax.scatter([result["baseline"]["nll"]], [0.0], marker="*", s=200, c="black", zorder=3)
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set(xlabel="fluency cost: NLL of the steered text under the unsteered model (nats/token)",
-               ylabel="lift: concept log-mass, steered − unsteered (nats)")
-        ax.xaxis.label.set_size(8)
-        ax.yaxis.label.set_size(8)
+        ax.set_yscale("symlog", linthresh=1.0)  # a few runs collapse far below zero
+        ax.set_xlabel("fluency cost: NLL of the steered text under the unsteered model (nats/token)", fontsize=8)
+        ax.set_ylabel("lift: concept log-mass, steered − unsteered (nats, symlog)", fontsize=8)
         ax.set_title(f"{result['concept']!r}\n← {result['prompt']!r}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="point: layer; size: λ", title_fontsize=7)
-    fig.tight_layout()
+    handles = [Line2D([], [], ls="", marker="o", color=c, label=m) for m, c in colours.items()]
+    handles += [Line2D([], [], ls="", marker=markers[layer], color="grey", label=f"layer {layer}") for layer in layers]
+    handles += [Line2D([], [], ls="", marker="*", color="black", markersize=10, label="unsteered")]
+    fig.legend(handles=handles, fontsize=8, loc="center right", title="size: λ", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 0.9 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -29,8 +29,8 @@ CASES = [
 ]
 LAYERS = [4, 8, 12]
 SCALES = [0.05, 0.1, 0.2, 0.4, 0.8]
-FLUENT = 2.0  # nats/token: a continuation counts as fluent if its NLL under the unsteered model exceeds
-REPEATS = 0.25  # the baseline's by at most this, and at most this share of its bigrams repeat
+FLUENT = 1.5  # nats/token: a continuation counts as fluent if its NLL under the unsteered model exceeds
+REPEATS = 0.2  # the baseline's by at most this, and its share of repeated bigrams the baseline's by at most this
 
 
 def convert(gguf: Path, out: Path) -> None:
@@ -74,7 +74,7 @@ def run_case(args) -> None:
 
 
 def fluent(row, baseline) -> bool:
-    return row["nll"] <= baseline["nll"] + FLUENT and row["repetition"] <= REPEATS
+    return row["nll"] <= baseline["nll"] + FLUENT and row["repetition"] <= baseline["repetition"] + REPEATS
 
 
 def choose_default(results: list) -> dict:
@@ -96,7 +96,7 @@ def choose_default(results: list) -> dict:
                         "concept_hits": sum(r["concept_hits"] for r, _ in pairs)})
     clean = [s for s in summary if s["fluent_in"] == len(results)]
     best = lambda rows: max(rows, key=lambda s: s["mean_continuation_lift"]) if rows else None  # noqa: E731
-    return {"rule": f"fluent in every case (NLL ≤ baseline + {FLUENT} nats/token, repetition ≤ {REPEATS}); "
+    return {"rule": f"fluent in every case (NLL ≤ baseline's + {FLUENT} nats/token, repetition ≤ baseline's + {REPEATS}); "
                     "then the largest mean continuation lift",
             "default": best(clean),
             "best_per_method": {m: best([s for s in clean if s["method"] == m]) for m in ("minielm", "paper", "actadd")},
@@ -105,16 +105,32 @@ def choose_default(results: list) -> dict:
             "settings": summary}
 
 
+def gather(out: str, case: int) -> dict:
+    """One case's rows from every run written under `out` (OUT.case<k>.partial.jsonl, and extra runs
+    such as OUT.L12.case<k>.partial.jsonl), the baseline first in each file; finished or not."""
+    concept, prompt = CASES[case]
+    result = {"concept": concept, "prompt": prompt, "rows": []}
+    for path in sorted(Path(out).parent.glob(f"{Path(out).name}*.case{case}.partial.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        result["baseline"] = rows[0]
+        result["rows"] += rows[1:]
+        finished = path.with_name(path.name.replace(".partial.jsonl", ".json"))
+        if finished.exists():
+            result.update({k: v for k, v in json.loads(finished.read_text()).items() if k not in ("rows", "baseline")})
+    result["rows"].sort(key=lambda r: (r["layer"], ("minielm", "paper", "actadd").index(r["method"]), r["scale"]))
+    return result
+
+
 def combine(out: str) -> None:
     from minielm.steering import format_table, plot_tradeoff
 
-    results = [json.loads(p.read_text()) for p in sorted(Path(out).parent.glob(Path(out).name + ".case*.json"))]
+    results = [gather(out, k) for k in range(len(CASES))]
+    results = [r for r in results if r["rows"]]
     choice = choose_default(results)
     Path(f"{out}.json").write_text(json.dumps({"cases": results, "choice": choice}, indent=1))
     figure = ROOT / "tools" / "figures" / (Path(out).name + ".png")
     plot_tradeoff(results, figure)
-    lines = [f"# Steering on {results[0]['model']} ({results[0]['dtype']}, greedy, "
-             f"{results[0]['max_new_tokens']} new tokens)", "", f"Rule: {choice['rule']}.", "",
+    lines = ["# Steering Gemma 3 270M (float64, greedy, 16 new tokens)", "", f"Rule: {choice['rule']}.", "",
              f"Default: {json.dumps(choice['default'])}", ""]
     for method, row in choice["best_per_method"].items():
         lines.append(f"- best fluent {method}: {json.dumps(row)}")
