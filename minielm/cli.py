@@ -22,7 +22,7 @@ from .interpret import (decode_input, decode_output, layer_table, model_token, s
                         token_shares)
 from .linear_map import all_layer_maps, detached_jacobian, equivalent_linear_map
 from .loader import load
-from .steering import METHODS, NEUTRAL
+from .steering import DEFAULT_DEPTH, DEFAULT_METHOD, DEFAULT_SCALE, METHODS, NEUTRAL
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "kjv-tiny"
 CHECK_PROMPT = "And God said, Let there be light: and there was light. And God saw the light, that it was good"
@@ -242,9 +242,10 @@ def plot_layers(path, rows, tokens):
 
 # ---- steer ------------------------------------------------------------------------------------------
 def steer_command(args) -> int:
-    from .steering import steer
+    from .steering import default_layer, steer
 
     model = load_model(args)
+    args.layer = default_layer(model) if args.layer is None else args.layer
     with Progress("baseline and steered generation"):
         baseline = model.generate(args.prompt, args.max_new_tokens)
         steered = steer(model, args.concept, args.prompt, args.layer, args.scale, args.max_new_tokens,
@@ -321,11 +322,13 @@ def build_parser():
     sub = command("steer", steer_command, "generate with a concept prompt's layer operator added to the stream")
     sub.add_argument("prompt")
     sub.add_argument("--concept", required=True, help="the concept prompt")
-    sub.add_argument("--layer", type=int, required=True)
-    sub.add_argument("--scale", type=float, default=1.0, help="λ, relative to the hidden state's norm")
-    sub.add_argument("--method", default="minielm", choices=METHODS,
+    sub.add_argument("--layer", type=int, help=f"default: {DEFAULT_DEPTH:g} of the way up (measured best)")
+    sub.add_argument("--scale", type=float, default=DEFAULT_SCALE,
+                     help=f"λ, relative to the hidden state's norm (default {DEFAULT_SCALE:g}, measured best)")
+    sub.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
                      help="minielm: Σ_t J_t after the layer; paper: Golden's cycled, cumulative operators at "
-                          "the layer's input; actadd: mean activation difference (default minielm)")
+                          f"the layer's input; actadd: mean activation difference (default {DEFAULT_METHOD}, "
+                          "measured best)")
     sub.add_argument("--neutral", default=NEUTRAL, help="actadd's neutral prompt")
     sub.add_argument("--max-new-tokens", type=int, default=30)
 
