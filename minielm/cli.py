@@ -32,6 +32,7 @@ from .linear_map import all_layer_maps, detached_jacobian, equivalent_linear_map
 from .loader import load, resolve_checkpoint, resolve_device, resolve_dtype, shipped_model
 from .progress import step as Progress
 from .report import LEGENDS, SCHEMA_VERSION
+from .steering import DEFAULT_DEPTH, DEFAULT_METHOD, DEFAULT_SCALE, METHODS, NEUTRAL
 
 DEFAULT_MODEL = shipped_model()
 CHECK_PROMPT = "And God said, Let there be light: and there was light. And God saw the light, that it was good"
@@ -112,9 +113,17 @@ def check_arguments(args) -> None:
         checks.seed("--seed", args.seed)
     if getattr(args, "scale", None) is not None:
         checks.real("--scale", args.scale)
+    L = config.num_hidden_layers if config else None
     if getattr(args, "layer", None) is not None:
-        L = config.num_hidden_layers if config else None
         checks.integer("--layer", args.layer, 0, L, why=f"the model has {L} layers" if L else "")
+    if getattr(args, "layers", None) is not None:  # steer-eval's grid
+        args.layers = [checks.integer("--layers", v, 0, L, why=f"the model has {L} layers" if L else "")
+                       for v in number_list(args.layers, int, "--layers")]
+        args.scales = [checks.real("--scales", v) for v in number_list(args.scales, float, "--scales")]
+        methods = args.methods.split(",")
+        if not set(methods) <= set(METHODS):
+            raise InputError(f"--methods takes some of {','.join(METHODS)}, got {args.methods!r}")
+        args.methods = methods
 
 
 def model_path(value) -> str | None:
@@ -404,16 +413,39 @@ def plot_layers(path, rows, tokens):
 
 # ---- steer ------------------------------------------------------------------------------------------
 def steer_command(args) -> int:
-    from .steering import steer
+    from .steering import default_layer, steer
 
     model = load_model(args)
+    args.layer = default_layer(model) if args.layer is None else args.layer
     with Progress("baseline and steered generation"):
         baseline = model.generate(args.prompt, args.max_new_tokens)
-        steered = steer(model, args.concept, args.prompt, args.layer, args.scale, args.max_new_tokens)
-    print(f"concept   {args.concept!r} at layer {args.layer}, scale {args.scale}")
+        steered = steer(model, args.concept, args.prompt, args.layer, args.scale, args.max_new_tokens,
+                        method=args.method, neutral=args.neutral)
+    print(f"concept   {args.concept!r} by {args.method} at layer {args.layer}, scale {args.scale}")
     print(f"baseline  {args.prompt}{baseline}")
     print(f"steered   {args.prompt}{steered}")
     return 0
+
+
+def steer_eval_command(args) -> int:
+    from .steering import evaluate, format_table, plot_tradeoff
+
+    layers, scales, methods = args.layers, args.scales, args.methods  # lists, checked before loading
+    model = load_model(args)
+    with Progress(f"{len(methods) * len(layers) * len(scales)} steered generations"):
+        result = evaluate(model, args.concept, args.prompt, layers, scales, methods, args.max_new_tokens,
+                          args.neutral, args.temperature, None, args.seed)
+    if args.plot:
+        plot_tradeoff([result], args.plot)
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
+def number_list(text, kind, flag) -> list:
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
 # ---- generate -------------------------------------------------------------------------------------
@@ -476,9 +508,30 @@ def build_parser():
     prompt_arguments(sub)
     sub.add_argument("--concept", help="the concept prompt, or - to read it from stdin")
     sub.add_argument("--concept-file", metavar="PATH", help="read the concept prompt from a UTF-8 file")
-    sub.add_argument("--layer", type=int, required=True)
-    sub.add_argument("--scale", type=float, default=1.0, help="λ, relative to the hidden state's norm")
+    sub.add_argument("--layer", type=int, help=f"default: {DEFAULT_DEPTH:g} of the way up (measured best)")
+    sub.add_argument("--scale", type=float, default=DEFAULT_SCALE,
+                     help=f"λ, relative to the hidden state's norm (default {DEFAULT_SCALE:g}, measured best)")
+    sub.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
+                     help="minielm: Σ_t J_t after the layer; paper: Golden's cycled, cumulative operators at "
+                          f"the layer's input; actadd: mean activation difference (default {DEFAULT_METHOD}, "
+                          "measured best)")
+    sub.add_argument("--neutral", default=NEUTRAL, help="actadd's neutral prompt")
     sub.add_argument("--max-new-tokens", type=int, default=30)
+
+    sub = command("steer-eval", steer_eval_command,
+                  "measure steering: concept lift against fluency cost over layers, scales and recipes")
+    prompt_arguments(sub)
+    sub.add_argument("--concept", help="the concept prompt, or - to read it from stdin")
+    sub.add_argument("--concept-file", metavar="PATH", help="read the concept prompt from a UTF-8 file")
+    sub.add_argument("--layers", required=True, help="comma-separated, e.g. 4,8,12")
+    sub.add_argument("--scales", default="0.1,0.2,0.4,0.8", help="comma-separated λ (default 0.1,0.2,0.4,0.8)")
+    sub.add_argument("--methods", default="minielm,paper,actadd", help="comma-separated (default all three)")
+    sub.add_argument("--neutral", default=NEUTRAL, help="actadd's neutral prompt")
+    sub.add_argument("--max-new-tokens", type=int, default=24)
+    sub.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); else seeded sampling")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--json", action="store_true", help="print the rows as JSON")
+    sub.add_argument("--plot", metavar="FILE.png", help="write lift against fluency cost")
 
     sub = command("generate", generate, "continue a prompt (greedy unless --temperature)")
     prompt_arguments(sub)

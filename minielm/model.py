@@ -237,12 +237,12 @@ class Model:
 
         With `frozen` given, every factor is taken from it: the pass is then linear in x,
         and x may be a batch of inputs (..., T, d), all run through the same frozen factors.
-        `edit(i, h, x) -> h`, if given, may change the residual stream after each layer i
-        (steering uses it).
+        `edit(i, h, x) -> h`, if given, may change the residual stream after each layer i,
+        and with i = -1 the stream entering layer 0 (steering uses it).
         """
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + x.shape[-2], device=x.device)  # (T,)
-        h, layers = x, []
+        h, layers = (x if edit is None else edit(-1, x, x)), []
         for i in progress(range(self.config.num_hidden_layers), "forward", show=False if cache else None):
             h, factors, _ = self.block(i, h, positions, frozen.layers[i] if frozen else None, cache)
             h = h if edit is None else edit(i, h, x)

@@ -1,18 +1,44 @@
-"""Steering with an equivalent linear map: a concept prompt's operator, applied to new text.
+"""Steering: a concept prompt's equivalent linear map, applied to new text while it is generated.
 
-For a concept prompt c and a layer ℓ, take the operators J^ℓ_t of c to the
-residual stream after layer ℓ (final norm applied, as in Golden 2025) and sum
-them: S = Σ_t J^ℓ_t (d × d) is the concept's linear response to an input
-placed at every one of its positions. While generating new text, each position
-p's input vector x_p is mapped to a steering vector S x_p, rescaled to the norm
-of that position's hidden state h_p, and added with weight λ:
+Three recipes, all edits of the residual stream made through `model.generate(..., edit=...)`.
+Layers are numbered from 0; "after layer ℓ" is the residual stream leaving block ℓ, which
+is also the input of block ℓ+1. J^ℓ_t (d × d) is the operator from the concept's input vector
+x_t to its residual stream after layer ℓ at the last position, final norm applied (Golden 2025):
+`equivalent_linear_map(model, concept_ids, layer=ℓ).operators[t]`.
 
-    h_p <- h_p + λ ‖h_p‖ S x_p / ‖S x_p‖          after layer ℓ, at every position
+minielm (`method="minielm"`): one operator, the sum over the concept's positions,
+S = Σ_t J^ℓ_t, applied to each new position's own input vector, normalized, and added
+*after* layer ℓ, the space S maps into:
 
-Where: the operator's output lives in the residual stream *after* layer ℓ, so
-that is where it is added. (Golden's code adds it at the input of layer ℓ, one
-layer earlier than the space the operator maps into.) λ = 0 leaves the model
-unchanged.
+    h_p <- h_p + λ ‖h_p‖ S x_p / ‖S x_p‖                    after layer ℓ, every position p
+
+paper (`method="paper"`, Golden's `apply_steering_operator`): the concept's operators one
+per position, cycled over the positions k of the new text, summed cumulatively over
+positions, rescaled, and added at the *input* of layer ℓ:
+
+    c_k = Σ_{j ≤ k} J^ℓ_{j mod T_c} x_j                        (T_c: the concept's length)
+    h_k <- h_k + λ ‖h_k‖ c_k / (2 ‖c_k‖)                     input of layer ℓ, every position k
+
+  The one-layer offset: J^ℓ maps into the stream *after* layer ℓ, but the paper adds its
+  output at the stream *entering* layer ℓ (its `lsplit` is the number of layers in the
+  operator, and generation resumes at layer `lsplit - 1`). Layer ℓ itself then processes
+  the push; minielm's recipe adds it where it lives and leaves it to the layers above.
+  With a KV cache, c_k is a running sum carried from one generation step to the next: an
+  edit holds that state, so build a new one for every generation.
+
+actadd (`method="actadd"`, activation addition, Turner et al. 2023): a fixed direction, the
+mean residual stream after layer ℓ over the concept's tokens minus that over a neutral
+prompt's (the BOS position, identical in both, left out), added where it was measured:
+
+    v = mean_t h^ℓ_t(concept) − mean_t h^ℓ_t(neutral)
+    h_p <- h_p + λ ‖h_p‖ v / ‖v‖                              after layer ℓ, every position p
+
+λ = 0 leaves the model unchanged in every recipe. λ is relative to the hidden state's
+norm in all three; the paper's 1/2 makes its push half of minielm's at the same λ.
+
+`evaluate` measures what a recipe does over a grid of layers and scales: the concept's lift
+(log-probability of the concept's own tokens, steered against unsteered) and the fluency cost
+(negative log-likelihood of the steered text under the unsteered model, and its repetition).
 """
 
 from __future__ import annotations
@@ -21,16 +47,27 @@ import torch
 
 from . import checks
 from .errors import InputError, NumericalError
-from .linear_map import equivalent_linear_map
+from .linear_map import equivalent_linear_map, trace
 from .model import Model
 
+METHODS = ("minielm", "paper", "actadd")
+NEUTRAL = "This is a sentence about something."  # actadd's default neutral prompt
 
+# The measured default (README.steer.md; tools/results/steer_gemma3_270m.md): on Gemma 3 270M
+# the best lift at a fluent cost, over three concepts, came from this recipe a quarter of the
+# way up the layers at this λ. `minielm steer` uses it when no --method/--layer/--scale is given.
+DEFAULT_METHOD, DEFAULT_DEPTH, DEFAULT_SCALE = "actadd", 0.25, 0.05
+
+
+def default_layer(model: Model) -> int:
+    """The default steering layer: DEFAULT_DEPTH of the way up (layer 4 of Gemma 3 270M's 18)."""
+    return int(DEFAULT_DEPTH * model.config.num_hidden_layers)
+
+
+# ---- minielm's recipe ---------------------------------------------------------------------------------
 def steering_operator(model: Model, concept: str, layer: int) -> torch.Tensor:
     """S = Σ_t J^ℓ_t for the concept prompt: (d, d)."""
-    checks.instance("model", model, Model, "from minielm.load")
-    layer = steering_layer(model, layer)
-    ids = model.tokenizer.encode(checks.text("concept", concept))
-    return equivalent_linear_map(model, ids, layer=layer).operators.sum(0)
+    return concept_operators(model, concept, layer).sum(0)
 
 
 def steering_layer(model: Model, layer) -> int:
@@ -48,25 +85,242 @@ def steering_edit(operator: torch.Tensor, layer: int, scale: float):
     scale = checks.real("scale", scale)
 
     def edit(i, h, x):
-        if i != layer or scale == 0:
+        if i != layer:
             return h
         push = x @ operator.T  # (T, d): S x_p for every position of this call
-        push = push / torch.linalg.vector_norm(push, dim=-1, keepdim=True).clamp_min(1e-300)
-        h = h + scale * torch.linalg.vector_norm(h, dim=-1, keepdim=True) * push
-        if not bool(torch.isfinite(h).all()):  # name the steering, not the layer above that would see it
-            raise NumericalError(f"non-finite values after steering at layer {layer} with scale {scale:g}")
-        return h
+        return checked_finite(h + scale * torch.linalg.vector_norm(h, dim=-1, keepdim=True) * unit(push), layer, scale)
 
     return edit
 
 
-def steer(model: Model, concept: str, prompt: str, layer: int, scale: float, max_new_tokens: int = 30,
-          temperature: float = 0.0, top_k: int | None = None, seed: int | None = None) -> str:
-    """The continuation of `prompt` with the concept's layer-`layer` operator added to the stream."""
+# ---- the paper's recipe -------------------------------------------------------------------------------
+def concept_operators(model: Model, concept: str, layer: int) -> torch.Tensor:
+    """J^ℓ_t for every position t of the concept prompt: (T_c, d, d), in the model's dtype."""
     checks.instance("model", model, Model, "from minielm.load")
-    layer, scale = steering_layer(model, layer), checks.real("scale", scale)
-    checks.text("concept", concept)
+    layer, concept = steering_layer(model, layer), checks.text("concept", concept)
+    return equivalent_linear_map(model, model.tokenizer.encode(concept), layer=layer).operators
+
+
+def paper_edit(operators: torch.Tensor, layer: int, scale: float):
+    """The hook that adds λ‖h_k‖ c_k / (2‖c_k‖) at the input of `layer` (Golden's recipe).
+
+    It keeps the running sum c and the number of positions seen, so that a KV-cached
+    generation (the prompt in one call, then one token per call) sums over every position
+    so far. One edit per generation.
+    """
+    T_c, d = operators.shape[0], operators.shape[-1]
+    state = {"sum": torch.zeros(d, dtype=operators.dtype, device=operators.device), "seen": 0}
+
+    def edit(i, h, x):
+        if i != layer - 1:  # i = -1 is the stream entering layer 0
+            return h
+        k = torch.arange(state["seen"], state["seen"] + x.shape[0], device=x.device)  # absolute positions (T,)
+        pushes = torch.einsum("tij,tj->ti", operators[k % T_c], x)  # (T, d): J_{k mod T_c} x_k
+        c = state["sum"] + torch.cumsum(pushes, dim=0)  # (T, d): c_k, the running sum
+        state["sum"], state["seen"] = c[-1], state["seen"] + x.shape[0]
+        return checked_finite(h + scale * torch.linalg.vector_norm(h, dim=-1, keepdim=True) * unit(c) / 2, layer, scale)
+
+    return edit
+
+
+# ---- activation addition ---------------------------------------------------------------------------
+def activation_difference(model: Model, concept: str, layer: int, neutral: str = NEUTRAL) -> torch.Tensor:
+    """v = mean residual stream after `layer` over the concept's tokens minus the neutral prompt's: (d,)."""
+
+    def mean_stream(text):
+        ids = model.tokenizer.encode(text)
+        keep = [t for t, i in enumerate(ids) if i != model.tokenizer.bos_id] or [len(ids) - 1]
+        with torch.no_grad():
+            residual = trace(model, model.embed(ids))[0][layer]  # (T, d)
+        return residual[keep].mean(0)
+
+    return mean_stream(concept) - mean_stream(neutral)
+
+
+def actadd_edit(direction: torch.Tensor, layer: int, scale: float):
+    """The hook that adds λ‖h_p‖ v/‖v‖ after `layer`."""
+
+    def edit(i, h, x):
+        if i != layer:
+            return h
+        return checked_finite(h + scale * torch.linalg.vector_norm(h, dim=-1, keepdim=True) * unit(direction), layer, scale)
+
+    return edit
+
+
+# ---- one entry point ----------------------------------------------------------------------------------
+class Steering:
+    """A concept's steering ingredient for one recipe and layer, computed once; `edit(scale)` makes hooks."""
+
+    def __init__(self, model: Model, concept: str, layer: int, method: str = "minielm", neutral: str = NEUTRAL):
+        checks.instance("model", model, Model, "from minielm.load")
+        method = checks.one_of("method", method, METHODS)
+        layer, concept = steering_layer(model, layer), checks.text("concept", concept)
+        if not concept.strip():
+            raise InputError("empty concept prompt")
+        self.method, self.layer = method, layer
+        if method == "minielm":
+            self.ingredient = steering_operator(model, concept, layer)  # S (d, d)
+        elif method == "paper":
+            self.ingredient = concept_operators(model, concept, layer)  # J^ℓ_t (T_c, d, d)
+        else:
+            self.ingredient = activation_difference(model, concept, layer, neutral)  # v (d,)
+
+    def edit(self, scale: float):
+        """A fresh hook for one generation at this λ."""
+        make = {"minielm": steering_edit, "paper": paper_edit, "actadd": actadd_edit}[self.method]
+        return make(self.ingredient, self.layer, checks.real("scale", scale))
+
+
+def steer(model: Model, concept: str, prompt: str, layer: int, scale: float, max_new_tokens: int = 30,
+          temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
+          method: str = "minielm", neutral: str = NEUTRAL) -> str:
+    """The continuation of `prompt` steered toward `concept` by `method` at `layer` with weight `scale`."""
     checks.prompt("prompt", prompt)
     model.check_sampling(max_new_tokens, temperature, top_k, seed)
-    edit = steering_edit(steering_operator(model, concept, layer), layer, scale)
+    edit = Steering(model, concept, layer, method, neutral).edit(scale)
     return model.generate(prompt, max_new_tokens, temperature, top_k, seed, edit=edit)
+
+
+def checked_finite(h: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    """h, or a NumericalError naming the steering (not the layer above, which would see it first)."""
+    if not bool(torch.isfinite(h).all()):
+        raise NumericalError(f"non-finite values after steering at layer {layer} with scale {scale:g}")
+    return h
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    """v / ‖v‖ along the last axis (zero stays zero)."""
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-300)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+STOPWORDS = {"the", "a", "an", "in", "of", "on", "at", "to", "and", "or", "is", "for", "with", "by", "from", "as"}
+
+
+def concept_token_ids(model: Model, concept: str) -> list:
+    """The concept's own tokens, with and without a leading space, less specials and stopwords."""
+    tok, eos = model.tokenizer, model.config.eos_token_id
+    specials = {model.config.bos_token_id, tok.bos_id, *(eos if isinstance(eos, list) else [eos])}
+    ids = set(tok.encode(concept)) | set(tok.encode(" " + concept))
+    keep = [i for i in ids if i not in specials and tok.decode([i]).strip().lower() not in STOPWORDS | {""}]
+    if not keep:
+        raise InputError(f"the concept {concept!r} has no tokens but stopwords")
+    return sorted(keep)
+
+
+def next_token_log_probs(model: Model, ids: list, edit=None) -> torch.Tensor:
+    """log p(· | ids[:t+1]) at every position, in one pass without a cache: (T, V)."""
+    with torch.no_grad():
+        y, _ = model.forward(model.embed(ids), edit=edit)
+        return torch.log_softmax(model.unembed(y), dim=-1)
+
+
+def repetition_rate(ids: list) -> float:
+    """The share of the continuation's bigrams that already occurred in it: 0 for none repeated."""
+    bigrams = list(zip(ids, ids[1:]))
+    return 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
+def measure(model: Model, prompt_ids: list, new: list, concept_ids: list, edit_for_scoring=None) -> dict:
+    """Lift and cost of one continuation `new` of the prompt.
+
+    The steered distributions come from one uncached pass over prompt + continuation with
+    a fresh edit (the same edit that generated it); the unsteered from one without.
+    concept mass m(t) = log Σ_{c ∈ concept} p(c | prompt, new[:t]).
+    """
+    seq, P = prompt_ids + new, len(prompt_ids)
+    base = next_token_log_probs(model, seq)[P - 1:-1]  # (N, V): predicting new[0..N-1]
+    steered = base if edit_for_scoring is None else next_token_log_probs(model, seq, edit_for_scoring)[P - 1:-1]
+    lift = torch.logsumexp(steered[:, concept_ids], -1) - torch.logsumexp(base[:, concept_ids], -1)  # (N,)
+    nll = -base[torch.arange(len(new)), torch.tensor(new)]  # (N,) -log p_unsteered(new_t | ...)
+    return {"next_token_lift": float(lift[0]), "continuation_lift": float(lift.mean()),
+            "concept_hits": sum(i in set(concept_ids) for i in new), "nll": float(nll.mean()),
+            "repetition": repetition_rate(new)}
+
+
+def evaluate(model: Model, concept: str, prompt: str, layers, scales, methods=METHODS, max_new_tokens: int = 24,
+             neutral: str = NEUTRAL, temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
+             progress=None) -> dict:
+    """Lift against fluency cost for each recipe over a grid of layers and scales.
+
+    For every (layer, method, λ): the continuation generated with a KV cache (greedy, or
+    sampled with the same seed every time), and `measure` of it, in nats:
+      next_token_lift      log-mass of the concept's tokens as the prompt's next token, steered − unsteered
+      continuation_lift    the same, averaged over every step of the steered continuation
+      concept_hits         how many generated tokens are concept tokens
+      nll                  mean −log p of the steered continuation under the unsteered model
+      repetition           share of repeated bigrams in the continuation
+    The unsteered continuation is the `baseline` row (method "none", lifts 0). `progress(row)`,
+    if given, sees every row as it is measured, the baseline first.
+    """
+    prompt_ids, concept_ids = model.tokenizer.encode(prompt), concept_token_ids(model, concept)
+    sampling = dict(temperature=temperature, top_k=top_k, seed=seed)
+    new = model.generate_ids(prompt_ids, max_new_tokens, **sampling)
+    baseline = {"method": "none", "layer": None, "scale": 0.0, "text": model.tokenizer.decode(new),
+                **measure(model, prompt_ids, new, concept_ids)}
+    rows = []
+    if progress:
+        progress(baseline)
+    for layer in layers:
+        for method in methods:
+            steering = Steering(model, concept, layer, method, neutral)
+            for scale in scales:
+                new = model.generate_ids(prompt_ids, max_new_tokens, edit=steering.edit(scale), **sampling)
+                rows.append({"method": method, "layer": layer, "scale": float(scale),
+                             "text": model.tokenizer.decode(new),
+                             **measure(model, prompt_ids, new, concept_ids, steering.edit(scale))})
+                if progress:
+                    progress(rows[-1])
+    return {"concept": concept, "prompt": prompt, "concept_tokens": [model.tokenizer.decode([i]) for i in concept_ids],
+            "max_new_tokens": max_new_tokens, **sampling, "baseline": baseline, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    """The evaluation as a Markdown table, the baseline first."""
+    lines = [f"concept {result['concept']!r}, prompt {result['prompt']!r}",
+             "",
+             "| method | layer | λ | next-token lift | continuation lift | hits | NLL | repetition | continuation |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in [result["baseline"]] + result["rows"]:
+        text = " ".join(r["text"].split()).replace("|", "\\|")[:80]
+        lines.append(f"| {r['method']} | {'' if r['layer'] is None else r['layer']} | {r['scale']:g} "
+                     f"| {r['next_token_lift']:+.2f} | {r['continuation_lift']:+.2f} | {r['concept_hits']} "
+                     f"| {r['nll']:.2f} | {r['repetition']:.2f} | {text} |")
+    return "\n".join(lines)
+
+
+def plot_tradeoff(results: list, path) -> None:
+    """Lift against fluency cost, one panel per (concept, prompt): colour = recipe, marker = layer,
+    size = λ; the unsteered continuation is the black star (matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+    except ImportError as err:
+        raise InputError("plots need matplotlib: pip install 'minielm[plot]'") from err
+    colours = {"minielm": "tab:blue", "paper": "tab:orange", "actadd": "tab:green"}
+    layers = sorted({r["layer"] for result in results for r in result["rows"]})
+    markers = dict(zip(layers, "osD^vP*Xh<>p" * 4))
+    fig, axes = plt.subplots(1, len(results), figsize=(5.4 * len(results), 4.8), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        rows = result["rows"]
+        ranks = {scale: k for k, scale in enumerate(sorted({r["scale"] for r in rows}))}
+        for r in rows:
+            ax.scatter(r["nll"], r["continuation_lift"], s=18 + 28 * ranks[r["scale"]], marker=markers[r["layer"]],
+                       c=colours.get(r["method"], "grey"), alpha=0.7, edgecolors="none")
+        ax.scatter([result["baseline"]["nll"]], [0.0], marker="*", s=200, c="black", zorder=3)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_yscale("symlog", linthresh=1.0)  # a few runs collapse far below zero
+        ax.set_xlabel("fluency cost: NLL of the steered text under the unsteered model (nats/token)", fontsize=8)
+        ax.set_ylabel("lift: concept log-mass, steered − unsteered (nats, symlog)", fontsize=8)
+        ax.set_title(f"{result['concept']!r}\n← {result['prompt']!r}", fontsize=9)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], ls="", marker="o", color=c, label=m) for m, c in colours.items()]
+    handles += [Line2D([], [], ls="", marker=markers[layer], color="grey", label=f"layer {layer}") for layer in layers]
+    handles += [Line2D([], [], ls="", marker="*", color="black", markersize=10, label="unsteered")]
+    fig.legend(handles=handles, fontsize=8, loc="center right", title="size: λ", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 0.9 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
