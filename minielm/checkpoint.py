@@ -1,25 +1,29 @@
-"""Reading a local Hugging Face checkpoint: config.json and *.safetensors.
+"""Reading a checkpoint's tensors: the weight-name maps, the checks, and the safetensors files.
 
 One declarative map per family names every tensor the decoder consumes, from
 the Hugging Face name to minielm's short name. Fused tensors (Phi-3's
 `qkv_proj` and `gate_up_proj`) map to a tuple of short names and are split by
 rows. Loading checks that every expected tensor is present with the expected
-shape and that no tensor is left over, then casts to the compute dtype.
-Files are opened memory-mapped and never written.
+shape and that no tensor is left over, reads each one, checks that its values
+are finite, then casts it to the compute dtype.
+
+Everything above the file format works through a `TensorSource`: five methods
+that a safetensors directory (`SafetensorsSource`, here) and a GGUF file both
+implement. Files are only read: never written, and never memory-mapped, so a
+file that shrinks or changes during a run is a CheckpointError, not a crash.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import math
-import mmap
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .config import Config
 from .errors import CheckpointError
@@ -103,26 +107,97 @@ def expected_shapes(config: Config) -> dict:
     }
 
 
-# ---- the files ------------------------------------------------------------------------
-def safetensors_files(directory: Path) -> dict:
-    """Tensor name -> the file that holds it, from the index file or the files themselves."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        return _read_index(index)
-    files = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
-    if not files:
-        raise CheckpointError(f"{directory}: no *.safetensors weights file (and no model.safetensors.index.json)")
-    where = {}
-    for path in files:
-        for name in MappedFile(path).keys():
-            if name in where:
-                raise CheckpointError(f"{directory}: tensor {name!r} is in both {where[name].name} and {path.name}; "
-                                      f"expected each tensor in one file (or an index naming the shards)")
-            where[name] = path
-    return where
+# ---- the tensor source ------------------------------------------------------------------
+class TensorSource(Protocol):
+    """Where the tensors come from: the one interface between a file format and everything above
+    it (`checked_plan`, `load_weights`, `StreamedLayers`). `SafetensorsSource` implements it for a
+    Hugging Face directory; a GGUF reader implements the same five methods."""
+
+    def names(self) -> set[str]:
+        """The Hugging Face tensor names in the checkpoint ("model.layers.0.self_attn.q_proj.weight", ...)."""
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of a tensor as `get` returns it (before the cast to the compute dtype)."""
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor on the CPU, in Hugging Face layout, in memory this process owns."""
+
+    def release(self, name: str) -> None:
+        """Drop whatever was read or cached for `name` (may do nothing)."""
+
+    def origin(self, name: str) -> str:
+        """The file to name in an error message about this tensor."""
 
 
-def _read_index(index: Path) -> dict:
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsSource:
+    """The tensors of a Hugging Face checkpoint directory: its *.safetensors files, or the shards
+    that model.safetensors.index.json names.
+
+    Each file is opened with the `safetensors` library, which validates the header first: the
+    JSON, dtypes and shapes, data offsets that tile the data exactly (no gap, no overlap) and a
+    file exactly as long as the header says. Tensors are read with its `pread` backend into memory
+    this process owns, never mapped: a mapped file that shrinks during a run kills the process
+    with SIGBUS, a short read is an error that can be named. Each read also compares the file's
+    size and modification time with those seen at opening, so a file rewritten during a run is a
+    CheckpointError, not a mix of old and new weights.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.files = {}  # path -> SafetensorsFile, opened on first use
+        index = self.directory / "model.safetensors.index.json"
+        self.where = read_index(index) if index.is_file() else self.tensors_by_file()
+
+    def tensors_by_file(self) -> dict:
+        """Tensor name -> the file that holds it, from the files themselves (no index)."""
+        paths = sorted(p for p in self.directory.glob("*.safetensors") if p.is_file())
+        if not paths:
+            raise CheckpointError(f"{self.directory}: no *.safetensors weights file "
+                                  f"(and no model.safetensors.index.json)")
+        where = {}
+        for path in paths:
+            for name in self.open(path).names:
+                if name in where:
+                    raise CheckpointError(f"{self.directory}: tensor {name!r} is in both {where[name].name} and "
+                                          f"{path.name}; expected each tensor in one file (or an index naming "
+                                          f"the shards)")
+                where[name] = path
+        return where
+
+    def open(self, path: Path) -> "SafetensorsFile":
+        if path not in self.files:
+            self.files[path] = SafetensorsFile(path)
+        return self.files[path]
+
+    def file(self, name: str) -> "SafetensorsFile":
+        opened = self.open(self.where[name])
+        if name not in opened.names:
+            raise CheckpointError(f"{opened.path}: has no tensor {name!r}, which the index places there")
+        return opened
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return self.file(name).info(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.file(name).read(name)
+
+    def release(self, name: str) -> None:
+        """Nothing to drop: `get` hands over the only copy it read."""
+
+    def origin(self, name: str) -> str:
+        return str(self.where[name])
+
+
+def read_index(index: Path) -> dict:
     """Tensor name -> shard file, from model.safetensors.index.json; every shard must be there."""
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
@@ -142,133 +217,95 @@ def _read_index(index: Path) -> dict:
     return {name: index.parent / shard for name, shard in weight_map.items()}
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class MappedFile:
-    """One safetensors file, memory-mapped read-only; tensors are zero-copy views in the file's dtype.
-
-    Layout: 8 bytes little-endian n, n bytes of JSON header {name: {dtype, shape,
-    data_offsets: [begin, end]}}, then the data, offsets counted from its start.
-    Everything the header claims is checked against the file's size first.
-    """
+class SafetensorsFile:
+    """One safetensors file, opened (and its header validated) by the safetensors library."""
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                n = int.from_bytes(f.read(8), "little")
-                if size < 8 or n > size - 8:
-                    raise ValueError(f"header of {n} bytes does not fit in a file of {size} bytes")
-                header = json.loads(f.read(n))
-                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        except (OSError, ValueError, RecursionError) as err:
+            self.stamp = file_stamp(path)  # before the library reads the header: a later change shows
+            self.handle = safe_open(path, framework="pt", backend="pread")
+            self.names = set(self.handle.keys())
+        except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{path}: unreadable safetensors file (the header is not a JSON object)")
-        header.pop("__metadata__", None)
-        self.start, self.entries = 8 + n, {}
-        for name, entry in header.items():
-            self.entries[name] = self._checked(name, entry, size - self.start)
 
-    def _checked(self, name, entry, data_size):
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        piece = self.handle.get_slice(name)
+        if piece.get_dtype() not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {piece.get_dtype()}, "
+                                  f"which minielm does not read; expected one of {', '.join(SAFETENSORS_DTYPES)}")
+        return tuple(piece.get_shape()), SAFETENSORS_DTYPES[piece.get_dtype()]
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor, read from the file into a fresh CPU tensor; a CheckpointError if the file
+        is shorter than its header says or has changed since it was opened."""
         try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{self.path}: unreadable safetensors file (bad header entry for {name!r})") from None
-        count = math.prod(shape)
-        if not 0 <= begin <= end <= data_size or end - begin != count * dtype.itemsize:
-            raise CheckpointError(f"{self.path}: unreadable safetensors file (tensor {name!r} claims bytes "
-                                  f"{begin}..{end} of {data_size}: truncated or corrupt)")
-        return dtype, shape, begin, count
-
-    def keys(self):
-        return self.entries.keys()
-
-    def view(self, name: str) -> torch.Tensor:
-        """The tensor as a read-only view into the mapped file (no copy)."""
-        dtype, shape, begin, count = self.entries[name]
-        if count == 0:
-            return torch.empty(shape, dtype=dtype)
-        with warnings.catch_warnings():  # the map is read-only; nothing writes through these views
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(self.map, dtype=dtype, count=count, offset=self.start + begin).view(shape)
-
-    def release(self, name: str) -> None:
-        """Let the kernel drop the pages of a tensor already cast: they leave this process's memory."""
-        _, _, begin, count = self.entries[name]
-        first = (self.start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
-        last = self.start + begin + count * self.entries[name][0].itemsize
-        if count and hasattr(self.map, "madvise"):
-            self.map.madvise(mmap.MADV_DONTNEED, first, last - first)
+            tensor = self.handle.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({err}): the file is shorter "
+                                  f"than its header says; was it truncated or rewritten during this run?") from None
+        if file_stamp(self.path) != self.stamp:
+            raise CheckpointError(f"{self.path}: the file changed on disk during this run (while reading "
+                                  f"tensor {name!r}); load the checkpoint again")
+        return tensor
 
 
-class TensorSource:
-    """Memory-mapped access to the tensors of a checkpoint, by Hugging Face name."""
-
-    def __init__(self, directory: Path):
-        self.where = safetensors_files(directory)
-        self.files = {}
-
-    def names(self) -> set:
-        return set(self.where)
-
-    def file(self, name: str) -> MappedFile:
-        path = self.where[name]
-        if path not in self.files:
-            self.files[path] = MappedFile(path)
-        if name not in self.files[path].entries:
-            raise CheckpointError(f"{path}: has no tensor {name!r}, which the index places there")
-        return self.files[path]
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.file(name).view(name)
+def file_stamp(path: Path) -> tuple:
+    """What identifies a file's contents cheaply: its inode, size and modification time."""
+    try:
+        stat = os.stat(path)
+    except OSError as err:
+        raise CheckpointError(f"{path}: the file is gone or unreadable ({err.strerror})") from None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def load_weights(directory: Path, config: Config, dtype: torch.dtype, device, stream: bool = False) -> dict:
+# ---- loading: check the plan, read, check the values, cast ----------------------------------
+def load_weights(source: TensorSource, config: Config, dtype: torch.dtype, device, stream: bool = False,
+                 where=None) -> dict:
     """All decoder tensors, by short name: {'embed', 'final_norm', 'lm_head', 'layers': [dict, ...]}.
 
-    Raises CheckpointError naming the tensor if one is missing, left over or of
-    the wrong shape. With `stream`, the embedding and unembedding stay
-    memory-mapped in the file's dtype and the layers are `StreamedLayers`, cast
-    to the compute dtype only while they are used.
+    Raises CheckpointError naming the tensor if one is missing, left over, of the wrong shape, or
+    holds a non-finite value (`where` names the checkpoint for a tensor that is missing). With
+    `stream`, the embedding and unembedding are kept in the file's dtype and the layers are
+    `StreamedLayers`, read and cast to the compute dtype only while they are used.
     """
-    source = TensorSource(directory)
-    plan = checked_plan(source, directory, config)
+    plan = checked_plan(source, config, where)
     weights = {"layers": [{} for _ in range(config.num_hidden_layers)]}
     for hf_name, layer, parts in plan:
-        if stream and (layer is not None or parts[0][0] in ("embed", "lm_head")):
+        if stream and layer is not None:
+            continue
+        tensor = read_checked(source, hf_name, dtype)
+        if stream and parts[0][0] in ("embed", "lm_head"):
+            weights[parts[0][0]] = tensor  # (V, d) in the file's dtype, cast a block of rows at a time
             continue
         target = weights if layer is None else weights["layers"][layer]
-        for name, piece in zip((p for p, _ in parts), split_parts(source.get(hf_name), parts)):
+        for name, piece in zip((p for p, _ in parts), split_parts(tensor, parts)):
             target[name] = piece.to(device=device, dtype=dtype).contiguous()
+        source.release(hf_name)
     if stream:
-        check_aligned(source, plan)
         return_freed_memory_promptly()
-        for hf_name, layer, parts in plan:
-            if layer is None and parts[0][0] in ("embed", "lm_head"):
-                weights[parts[0][0]] = source.get(hf_name)  # (V, d) in the file's dtype, memory-mapped
         weights["layers"] = StreamedLayers(source, plan, config.num_hidden_layers, dtype, device)
     if config.tie_word_embeddings:
         weights["lm_head"] = weights["embed"]
     return weights
 
 
-def check_aligned(source: TensorSource, plan: list) -> None:
-    """Streaming computes on views into the mapped file, so each tensor must start at a multiple
-    of its element size (as safetensors writers lay them out); else a CheckpointError."""
-    for hf_name, _, _ in plan:
-        mapped = source.file(hf_name)
-        file_dtype, _, begin, _ = mapped.entries[hf_name]
-        if (mapped.start + begin) % file_dtype.itemsize:
-            raise CheckpointError(f"{mapped.path}: tensor {hf_name!r} starts at byte {mapped.start + begin}, "
-                                  f"not a multiple of its {file_dtype.itemsize}-byte elements: stream=True maps "
-                                  f"tensors in place and needs them aligned; load without stream=True")
+def read_checked(source: TensorSource, hf_name: str, dtype: torch.dtype) -> torch.Tensor:
+    """source.get(hf_name), after checking that every value is finite and stays finite in `dtype`."""
+    tensor = source.get(hf_name)
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        index = tuple(int(i) for i in (~finite).nonzero()[0])
+        raise CheckpointError(f"{source.origin(hf_name)}: tensor {hf_name!r} holds non-finite weights "
+                              f"({int((~finite).sum())} of {tensor.numel()}, the first {tensor[index].item()} "
+                              f"at index {list(index)}); the checkpoint is corrupt")
+    if tensor.numel() and torch.finfo(dtype).max < torch.finfo(tensor.dtype).max:
+        largest = tensor.abs().max()  # the cast is monotone: if the largest value fits, all do
+        if not bool(torch.isfinite(largest.to(dtype))):
+            raise CheckpointError(f"{source.origin(hf_name)}: tensor {hf_name!r} holds {largest.item():g}, beyond "
+                                  f"the range of {dtype} (at most {torch.finfo(dtype).max:g}); "
+                                  f"load it in float32 or float64")
+    return tensor
 
 
 def return_freed_memory_promptly() -> None:
@@ -282,14 +319,15 @@ def return_freed_memory_promptly() -> None:
         pass
 
 
-def checked_plan(source: TensorSource, directory: Path, config: Config) -> list:
+def checked_plan(source: TensorSource, config: Config, where=None) -> list:
     """[(hf_name, layer or None, [(short name, rows), ...])] for every tensor the decoder uses,
     after checking that each is present, floating point and of the expected shape, and that
-    nothing else is in the checkpoint."""
+    nothing else is in the checkpoint. `where` names the checkpoint when a tensor is missing."""
+    where = where if where is not None else "the checkpoint"
     available = source.names()
     prefix = next((p for p in DECODER_PREFIXES if p + "embed_tokens.weight" in available), None)
     if prefix is None:
-        raise CheckpointError(f"{directory}: tensor 'model.embed_tokens.weight' is missing")
+        raise CheckpointError(f"{where}: tensor 'model.embed_tokens.weight' is missing")
     wanted = {prefix + k: (None, v) for k, v in TOP_LEVEL.items()}
     if not config.tie_word_embeddings:
         wanted["lm_head.weight"] = (None, "lm_head")
@@ -300,24 +338,24 @@ def checked_plan(source: TensorSource, directory: Path, config: Config) -> list:
     leftover = sorted(n for n in available - set(wanted)
                       if not n.startswith(IGNORED_PREFIXES) and not n.endswith(IGNORED_SUFFIXES))
     if leftover:
-        raise CheckpointError(f"{source.where[leftover[0]]}: unexpected tensor {leftover[0]!r} "
+        raise CheckpointError(f"{source.origin(leftover[0])}: unexpected tensor {leftover[0]!r} "
                               f"({len(leftover)} tensor(s) not used by a {config.num_hidden_layers}-layer "
                               f"{config.model_type} decoder)")
     shapes = expected_shapes(config)
     plan = []
     for hf_name, (layer, short) in wanted.items():
         if hf_name not in available:
-            raise CheckpointError(f"{directory}: tensor {hf_name!r} is missing (a {config.num_hidden_layers}-layer "
+            raise CheckpointError(f"{where}: tensor {hf_name!r} is missing (a {config.num_hidden_layers}-layer "
                                   f"{config.model_type} decoder needs it)")
         names = short if isinstance(short, tuple) else (short,)
         expected = [shapes[p] for p in names]
-        dtype, shape, _, _ = source.file(hf_name).entries[hf_name]
+        shape, dtype = source.info(hf_name)
         fused_shape = (sum(e[0] for e in expected), *expected[0][1:])
-        if shape != fused_shape:
-            raise CheckpointError(f"{source.where[hf_name]}: tensor {hf_name!r} has shape {shape}, "
+        if tuple(shape) != fused_shape:
+            raise CheckpointError(f"{source.origin(hf_name)}: tensor {hf_name!r} has shape {tuple(shape)}, "
                                   f"expected {fused_shape} from config.json")
         if not dtype.is_floating_point:
-            raise CheckpointError(f"{source.where[hf_name]}: tensor {hf_name!r} has dtype {dtype}, "
+            raise CheckpointError(f"{source.origin(hf_name)}: tensor {hf_name!r} has dtype {dtype}, "
                                   f"expected floating point")
         plan.append((hf_name, layer, [(n, e[0]) for n, e in zip(names, expected)]))
     return plan
@@ -332,37 +370,49 @@ class StreamedLayers(Sequence):
     """The layers of a streamed model: `layers[i]` is a fresh StreamedLayer each time.
 
     The model code takes a layer once per use (a block of the forward pass, a
-    sublayer of the reverse sweep); each use casts what it reads and frees it
-    when it is dropped, so about one layer is held in the compute dtype at a time.
+    sublayer of the reverse sweep); each use reads and casts what it needs and frees
+    it when it is dropped, so about one layer is held in the compute dtype at a time.
+    Each tensor's values are checked (finite) the first time it is read.
     """
 
     def __init__(self, source: TensorSource, plan: list, num_layers: int, dtype, device):
         self.plans = [[(h, p) for h, i, p in plan if i == layer] for layer in range(num_layers)]
         self.source, self.dtype, self.device = source, dtype, device
+        self.checked = set()  # hf names whose values were checked
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return StreamedLayer(self.source, self.plans[i], self.dtype, self.device)
+        return StreamedLayer(self, self.plans[i])
 
     def __len__(self):
         return len(self.plans)
 
+    def read(self, hf_name: str) -> torch.Tensor:
+        """The tensor from the source, its values checked on the first read."""
+        if hf_name in self.checked:
+            return self.source.get(hf_name)
+        tensor = read_checked(self.source, hf_name, self.dtype)
+        self.checked.add(hf_name)
+        return tensor
+
 
 class StreamedLayer(Mapping):
-    """One use of a layer: weights by short name, cast from the memory-mapped file on first access;
-    the file's pages are released once cast."""
+    """One use of a layer: weights by short name, read and cast on first access. A fused
+    tensor (Phi-3's qkv_proj) is read once and all its parts are cast together."""
 
-    def __init__(self, source: TensorSource, plan: list, dtype, device):
-        self.source, self.dtype, self.device, self.cast = source, dtype, device, {}
-        self.where = {name: (hf_name, parts, k) for hf_name, parts in plan for k, (name, _) in enumerate(parts)}
+    def __init__(self, layers: StreamedLayers, plan: list):
+        self.layers, self.cast = layers, {}
+        self.where = {name: (hf_name, parts) for hf_name, parts in plan for name, _ in parts}
 
     def __getitem__(self, name):
         if name not in self.cast:
-            hf_name, parts, k = self.where[name]
-            piece = split_parts(self.source.get(hf_name), parts)[k]
-            self.cast[name] = piece.to(device=self.device, dtype=self.dtype).contiguous()
-            self.source.file(hf_name).release(hf_name)
+            hf_name, parts = self.where[name]
+            tensor = self.layers.read(hf_name)
+            for part, piece in zip((p for p, _ in parts), split_parts(tensor, parts)):
+                self.cast[part] = piece.to(device=self.layers.device, dtype=self.layers.dtype).contiguous()
+            del tensor, piece
+            self.layers.source.release(hf_name)
         return self.cast[name]
 
     def __iter__(self):

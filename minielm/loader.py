@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_weights
+from .checkpoint import SafetensorsSource, load_weights
 from .config import Config
 from .errors import CheckpointError, InputError, show
 from .model import Model
@@ -49,9 +49,10 @@ def load(path, dtype=torch.float64, device="cpu", stream=False) -> Model:
     and what was expected, for a missing, broken or unsupported checkpoint. A checkpoint
     without a tokenizer loads; `model.tokenizer` then raises TokenizerError.
 
-    With `stream=True` the weights stay memory-mapped in their file dtype and each
-    layer is cast to `dtype` (and moved to `device`) only while it runs: for models
-    larger than memory in float64. Results are the same as without streaming.
+    With `stream=True` each layer is read from the file and cast to `dtype` (and moved
+    to `device`) only while it runs: for models larger than memory in float64. The
+    embedding and unembedding are held in the file's dtype. Results are the same as
+    without streaming.
     """
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     if not isinstance(path, (str, os.PathLike)):
@@ -64,5 +65,5 @@ def load(path, dtype=torch.float64, device="cpu", stream=False) -> Model:
     config = Config.from_file(directory / "config.json")
     if not isinstance(stream, bool):
         raise InputError(f"stream must be True or False, got {stream!r}")
-    weights = load_weights(directory, config, dtype, device, stream)
+    weights = load_weights(SafetensorsSource(directory), config, dtype, device, stream, where=directory)
     return Model(config, weights, load_tokenizer(directory), directory, dtype, device)

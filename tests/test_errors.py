@@ -96,6 +96,14 @@ def fill_tensor(name, value):
     return lambda tensors: tensors[name].fill_(value)
 
 
+def huge(*names):
+    """Weights of 1e300 in float64: finite, but their products overflow."""
+    def change(tensors):
+        for name in names:
+            tensors[name] = torch.full_like(tensors[name], 1e300, dtype=torch.float64)
+    return change
+
+
 def write(name: str, data: bytes | str):
     def change(directory: Path):
         path = directory / name
@@ -221,10 +229,15 @@ CASES = [
          skip="this machine has 8 CUDA devices" if torch.cuda.device_count() > 7 else None),
     Case("device_tpu", InputError, ["unknown device 'tpu'", "expected 'cpu', 'cuda' or 'cuda:N'"],
          load=dict(device="tpu")),
-    Case("inf_weight_in_mlp", NumericalError, ["non-finite values after the MLP of layer 1"],
-         lambda d: edit_tensors(d, fill_tensor(DOWN1, math.inf)), run=logits(PROMPT)),
-    Case("nan_weight_in_attention", NumericalError, ["non-finite values after the attention of layer 0"],
-         lambda d: edit_tensors(d, fill_tensor(Q0, math.nan)), run=linear_map(PROMPT)),
+    Case("inf_weight_in_mlp", CheckpointError,
+         ["{dir}/model.safetensors: tensor 'model.layers.1.mlp.down_proj.weight' holds non-finite weights"],
+         lambda d: edit_tensors(d, fill_tensor(DOWN1, math.inf))),
+    Case("nan_weight_in_attention", CheckpointError,
+         ["{dir}/model.safetensors: tensor 'model.layers.0.self_attn.q_proj.weight' holds non-finite weights"],
+         lambda d: edit_tensors(d, fill_tensor(Q0, math.nan))),
+    Case("huge_weight_overflows_in_mlp", NumericalError, ["non-finite values after the MLP of layer 1"],
+         lambda d: edit_tensors(d, huge(DOWN1, "model.layers.1.mlp.up_proj.weight")),  # finite weights
+         run=logits(PROMPT)),
 ]
 CASE_IDS = [case.name for case in CASES]
 
@@ -354,9 +367,9 @@ def test_messages_are_one_line():
     assert str(err) == "a b c" and isinstance(err, MinielmError)
 
 
-def test_stream_with_unsupported_layout(base, tmp_path):
-    """stream=True maps tensors in place, so each must start at a multiple of its element size.
-    A header padded by two bytes misaligns every tensor: streaming refuses, plain loading works."""
+def test_stream_with_unaligned_layout(base, tmp_path):
+    """A header padded by two bytes misaligns every tensor: tensors are read, not mapped, so
+    loading and streaming both work and agree."""
     directory = copy_of(base, tmp_path / "ckpt")
     path = directory / "model.safetensors"
     data = path.read_bytes()
@@ -365,19 +378,11 @@ def test_stream_with_unsupported_layout(base, tmp_path):
     header += b" " * ((-(8 + len(header)) % 8) + 2)  # data now starts at 2 (mod 8)
     path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n:])
     assert torch.equal(minielm.load(directory).logits([1, 2, 3]), minielm.load(base).logits([1, 2, 3]))
-    with pytest.raises(CheckpointError, match="stream=True maps tensors in place and needs them aligned"):
-        minielm.load(directory, stream=True)
+    assert torch.equal(minielm.load(directory, stream=True).logits([1, 2, 3]), minielm.load(base).logits([1, 2, 3]))
     with pytest.raises(InputError, match="stream must be True or False"):
         minielm.load(base, stream="yes")
 
 
-@pytest.mark.parametrize("tensor", ["model.norm.weight", "model.embed_tokens.weight"])
-def test_non_finite_in_final_norm_or_embedding(base, tmp_path, tensor):
-    directory = copy_of(base, tmp_path / "ckpt")
-    edit_tensors(directory, fill_tensor(tensor, math.nan))
-    model = minielm.load(directory)
-    with pytest.raises(NumericalError, match="final norm" if "norm" in tensor else "embedding"):
-        model.logits(model.tokenizer.encode(PROMPT))
 
 
 # ---- non-float64 analysis: the achieved error, measured ---------------------------------------------
