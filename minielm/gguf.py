@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import TOP_LEVEL, layer_map
 from .config import Config
 from .errors import CheckpointError, ConfigError, TokenizerError, show
 from .tokenizer import Tokenizer
@@ -175,23 +176,14 @@ class GGUFSource:
     """
 
     def __init__(self, path: Path, reader=None, config: Config | None = None):
-        import gguf
-
         self.path = Path(path)
         self.reader = reader if reader is not None else read_gguf(self.path)
         self.config = config if config is not None else gguf_config(self.reader, self.path)
-        self.arch = metadata_arch(self.reader)
-        arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch)
-        gguf_names = gguf.get_tensor_name_map(arch_id, self.config.num_hidden_layers)
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        self.hf_to_gguf = {}
-        for name in self.tensors:
-            if name in ROPE_FACTOR_TENSORS:
-                continue
-            hf = _hf_name(name, gguf_names, self.config.num_hidden_layers)
-            if hf is None:
-                raise CheckpointError(f"{self.path}: unexpected GGUF tensor {name!r} for architecture {self.arch!r}")
-            self.hf_to_gguf[hf] = name
+        self.arch = self.reader.fields["general.architecture"].contents()
+        self.tensors = {t.name: t for t in self.reader.tensors if t.name not in ROPE_FACTOR_TENSORS}
+        to_hf = hf_names(self.arch, self.config)
+        # a tensor minielm does not know keeps its GGUF name: checked_plan then reports it as unexpected
+        self.hf_to_gguf = {to_hf.get(name, name): name for name in self.tensors}
 
     def names(self) -> set:
         return set(self.hf_to_gguf)
@@ -213,7 +205,7 @@ class GGUFSource:
 
         tensor = self.tensors[self.hf_to_gguf[name]]
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # float32, the reference
-        weight = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.info(name)[0])
+        weight = torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(self.info(name)[0])  # owned, writable
         if self.arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = self.config.num_attention_heads if ".q_proj" in name else self.config.num_key_value_heads
             weight = unpermute_rows(weight, heads)
@@ -226,32 +218,25 @@ class GGUFSource:
         return self.arch == "gemma3" and name.endswith("norm.weight")
 
 
-def metadata_arch(reader) -> str:
-    return reader.fields["general.architecture"].contents()
+def hf_names(arch: str, config: Config) -> dict:
+    """GGUF tensor name -> Hugging Face name, for every tensor a decoder of this config has.
 
+    gguf-py's own map (gguf.get_tensor_name_map, the one llama.cpp's converter uses) gives the GGUF
+    name of each HF module; asked for every HF name minielm's family map holds, it gives the inverse.
+    """
+    import gguf
 
-def _hf_name(gguf_name: str, gguf_names, layers: int) -> str | None:
-    """HF name of a GGUF tensor, by asking gguf-py's name map which HF name it maps to this one."""
-    base, _, suffix = gguf_name.rpartition(".")
-    candidates = [f"model.layers.{i}." for i in range(layers)] if base.startswith("blk.") else [""]
-    for hf_base in _HF_CANDIDATES:
-        for prefix in candidates:
-            hf = hf_base.replace("{layer}.", prefix) if "{layer}" in hf_base else hf_base
-            if "{layer}" in hf_base and not base.startswith("blk."):
-                continue
-            if "{layer}" not in hf_base and base.startswith("blk."):
-                continue
-            if gguf_names.get_name(hf) == base:
-                return f"{hf}.{suffix}"
-    return None
-
-
-# the HF modules minielm's families have (checkpoint.py's maps), for the reverse look-up
-_HF_CANDIDATES = ["model.embed_tokens", "model.norm", "lm_head"] + ["{layer}." + m for m in (
-    "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "self_attn.qkv_proj", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm",
-    "pre_feedforward_layernorm", "post_feedforward_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)] + ["{layer}.mlp.gate_up_proj"]
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    to_gguf = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
+    hf = ["model." + k for k in TOP_LEVEL] + ["lm_head.weight"]
+    hf += [f"model.layers.{i}.{k}" for i in range(config.num_hidden_layers) for k in layer_map(config)]
+    names = {}
+    for name in hf:
+        module, _, suffix = name.rpartition(".")  # "...q_proj", "weight"
+        gguf_module = to_gguf.get_name(module)
+        if gguf_module is not None:
+            names[f"{gguf_module}.{suffix}"] = name
+    return names
 
 
 def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -263,3 +248,132 @@ def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """
     rows, cols = weight.shape
     return weight.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# ---- tokenizer --------------------------------------------------------------------------
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (tokenizer.ggml.token_type)
+
+# How a byte-level vocabulary splits text before its merges apply, by tokenizer.ggml.pre
+# (the regexes of transformers' GGUF tokenizer converter, which follow llama.cpp's).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {"llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT,
+                        "smaug-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT}
+
+
+def gguf_tokenizer(reader, path: Path) -> Tokenizer | None:
+    """The tokenizer the file's metadata describes, built with the `tokenizers` library; None if none.
+
+    `llama`: a SentencePiece vocabulary with scores (Llama 2, Gemma): BPE whose merges are implied by
+    the vocabulary, best score first, with byte fallback. `gpt2`: a byte-level BPE vocabulary with
+    its merges (Llama 3, Qwen). Control tokens (<bos>, <start_of_turn>, ...) are special tokens.
+    """
+    fields = reader.fields
+    if "tokenizer.ggml.model" not in fields or "tokenizer.ggml.tokens" not in fields:
+        return None
+    kind = fields["tokenizer.ggml.model"].contents()
+    arch = fields["general.architecture"].contents()
+    try:
+        tokens = fields["tokenizer.ggml.tokens"].contents()
+        types = fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in fields else []
+        if kind == "llama":
+            scores = fields["tokenizer.ggml.scores"].contents() if "tokenizer.ggml.scores" in fields else None
+            space_prefix = _field(fields, "tokenizer.ggml.add_space_prefix", True)
+            tok = sentencepiece_bpe(tokens, scores, _field(fields, "tokenizer.ggml.unknown_token_id", None),
+                                    space_prefix, gemma=arch == "gemma3")
+            add_bos = _field(fields, "tokenizer.ggml.add_bos_token", True)
+        elif kind == "gpt2":
+            merges = fields["tokenizer.ggml.merges"].contents()
+            tok = byte_level_bpe(tokens, merges, _field(fields, "tokenizer.ggml.pre", None))
+            add_bos = _field(fields, "tokenizer.ggml.add_bos_token", False)
+        else:
+            raise TokenizerError(f"{path}: GGUF tokenizer model {show(kind)} is not supported; "
+                                 f"supported: llama (SentencePiece), gpt2 (byte-level BPE)")
+        _add_special_tokens(tok, tokens, types)
+    except TokenizerError:
+        raise
+    except Exception as err:
+        raise TokenizerError(f"{path}: unreadable GGUF tokenizer metadata ({err})") from None
+    bos_id = _field(fields, "tokenizer.ggml.bos_token_id", None)
+    return Tokenizer(
+        lambda text: tok.encode(text, add_special_tokens=False).ids,
+        lambda ids: tok.decode(ids, skip_special_tokens=False),
+        lambda i: tok.id_to_token(i),
+        bos_id if add_bos and bos_id is not None else None,
+        len(tokens),
+        path,
+    )
+
+
+def _field(fields, key, default):
+    return fields[key].contents() if key in fields else default
+
+
+def sentencepiece_bpe(tokens: list, scores: list | None, unk_id, space_prefix: bool, gemma: bool):
+    """A SentencePiece-style BPE tokenizer from a vocabulary with scores.
+
+    SentencePiece BPE merges the adjacent pair whose union is the best-scoring vocabulary entry;
+    as explicit merges that is every split of every token into two tokens, ranked by the token's
+    score. Gemma's files spell whitespace-only tokens with real spaces and rank merges by position,
+    not score (both as transformers' GGUF converter and Gemma's own tokenizer.json have it).
+    """
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+
+    if gemma:
+        tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
+        scores = [-i for i in range(len(tokens))]
+    elif scores is None:
+        scores = [-i for i in range(len(tokens))]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = tokens[unk_id] if unk_id is not None else None
+    tok = HFTokenizer(models.BPE(vocab, merges_from_scores(tokens, scores, vocab), unk_token=unk, fuse_unk=True,
+                                 byte_fallback=True))
+    decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma or not space_prefix:
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+    else:  # Llama 2 style: "▁" before the text, spaces as "▁"; the decoder strips the first space again
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        decode.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(decode)
+    return tok
+
+
+def merges_from_scores(tokens: list, scores: list, vocab: dict) -> list:
+    """[(left, right)] for every token that splits into two vocabulary entries, best token score first."""
+    merges = []
+    for token, score in zip(tokens, scores):
+        pairs = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
+        pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges += [(left, right, score) for left, right in pairs]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def byte_level_bpe(tokens: list, merges: list, pre: str | None):
+    """A byte-level BPE tokenizer (GPT-2 style) from the vocabulary and merges the file lists."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = HFTokenizer(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], ignore_merges=pre in (
+        "llama3", "llama-v3", "llama-bpe")))
+    split = PRE_TOKENIZER_SPLITS.get(pre)
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                              use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _add_special_tokens(tok, tokens: list, types: list) -> None:
+    """Control tokens as special tokens, user-defined ones as added tokens: both matched whole in text."""
+    from tokenizers import AddedToken
+
+    control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == CONTROL]
+    user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
+    tok.add_special_tokens(control)
+    tok.add_tokens(user)

@@ -1,4 +1,4 @@
-"""`minielm.load`: a local checkpoint directory -> a Model in one compute dtype on one device."""
+"""`minielm.load`: a local checkpoint directory or GGUF file -> a Model in one compute dtype on one device."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from .checkpoint import SafetensorsSource, load_weights
 from .config import Config
 from .errors import CheckpointError, InputError, show
+from .gguf import GGUFSource, gguf_config, gguf_tokenizer, read_gguf
 from .model import Model
 from .tokenizer import load_tokenizer
 
@@ -42,7 +43,8 @@ def resolve_device(device) -> torch.device:
 
 
 def load(path, dtype=torch.float64, device="cpu", stream=False) -> Model:
-    """Load a local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer).
+    """Load a local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer),
+    or a GGUF file (`*.gguf`, llama.cpp's format; quantized tensors are dequantized).
 
     Reads only: nothing is written into the directory. Raises InputError for a bad
     dtype or device, CheckpointError, ConfigError or TokenizerError, naming the file
@@ -58,12 +60,24 @@ def load(path, dtype=torch.float64, device="cpu", stream=False) -> Model:
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"checkpoint path must be a str or a path, got {type(path).__name__}")
     directory = Path(path)
+    if not isinstance(stream, bool):
+        raise InputError(f"stream must be True or False, got {stream!r}")
+    if directory.is_file() and directory.suffix.lower() == ".gguf":
+        return load_gguf(directory, dtype, device, stream)
     if directory.is_file():
-        raise CheckpointError(f"{directory}: is a file; expected a checkpoint directory (config.json, *.safetensors)")
+        raise CheckpointError(f"{directory}: is a file; expected a checkpoint directory (config.json, *.safetensors) "
+                              f"or a .gguf file")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     config = Config.from_file(directory / "config.json")
-    if not isinstance(stream, bool):
-        raise InputError(f"stream must be True or False, got {stream!r}")
     weights = load_weights(SafetensorsSource(directory), config, dtype, device, stream, where=directory)
     return Model(config, weights, load_tokenizer(directory), directory, dtype, device)
+
+
+def load_gguf(path: Path, dtype, device, stream) -> Model:
+    """A GGUF file: config and tokenizer from its metadata, weights dequantized (minielm/gguf.py)."""
+    reader = read_gguf(path)
+    config = gguf_config(reader, path)
+    source = GGUFSource(path, reader, config)
+    weights = load_weights(source, config, dtype, device, stream, where=path)
+    return Model(config, weights, gguf_tokenizer(reader, path), path, dtype, device)
