@@ -213,6 +213,11 @@ class GGUFSource:
             weight = weight.to(torch.float64) - 1.0  # exact for float32 values: 1 + (w - 1) == w
         return weight
 
+    def quantized_types(self) -> list:
+        """The block-quantized GGUF types the file's tensors use (F32, F16, BF16 are exact, not listed)."""
+        exact = ("F32", "F16", "BF16", "F64")
+        return sorted({t.tensor_type.name for t in self.tensors.values()} - set(exact))
+
     def _norm_offset(self, name: str) -> bool:
         """Gemma's norms scale by (1 + w), and the converter stored 1 + w."""
         return self.arch == "gemma3" and name.endswith("norm.weight")

@@ -80,4 +80,6 @@ def load_gguf(path: Path, dtype, device, stream) -> Model:
     config = gguf_config(reader, path)
     source = GGUFSource(path, reader, config)
     weights = load_weights(source, config, dtype, device, stream, where=path)
-    return Model(config, weights, gguf_tokenizer(reader, path), path, dtype, device)
+    model = Model(config, weights, gguf_tokenizer(reader, path), path, dtype, device)
+    model.dequantized_from = source.quantized_types()  # e.g. ['Q4_K', 'Q6_K']: the model is their dequantization
+    return model

@@ -135,3 +135,87 @@ def test_not_gguf_is_one_line_error(tmp_path):
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(minielm.CheckpointError, match="not a readable GGUF file"):
         minielm.load(bad)
+
+
+# ---- tokenizers from the metadata ---------------------------------------------------------------
+TEXTS = ["In the beginning God created the heaven", "  two  spaces\tand a tab\nnew line", "Grüße, 東京! 🙂 1234567",
+         "And God said, Let there be light: and there was light.<eos>"]
+
+
+def write_tokenizer_gguf(path, kind, tokens, types, scores=None, merges=None, pre=None, space_prefix=True):
+    """A GGUF file holding only a vocabulary, under the keys convert_hf_to_gguf.py writes."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(kind)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if scores is not None:
+        writer.add_token_scores(scores)
+    if merges is not None:
+        writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    if kind == "llama":
+        writer.add_unk_token_id(0)
+        writer.add_add_space_prefix(space_prefix)
+    writer.add_add_bos_token(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def both_tokenizers(path):
+    from transformers import AutoTokenizer
+    from minielm.gguf import gguf_tokenizer, read_gguf
+
+    return gguf_tokenizer(read_gguf(path), path), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_sentencepiece_vocabulary(tmp_path):
+    """A SentencePiece BPE model's vocabulary and scores (Llama 2 style) as llama.cpp stores them:
+    encodes as sentencepiece itself does, and as transformers' GGUF tokenizer."""
+    import sentencepiece
+    from conftest import TEXT
+
+    (tmp_path / "corpus.txt").write_text(TEXT * 3)
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spm"), vocab_size=300, model_type="bpe",
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False)  # as Llama 2's tokenizer.model
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+    n = sp.GetPieceSize()
+    types = [2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 6 if sp.IsByte(i) else 5 if sp.IsUnused(i) else 1
+             for i in range(n)]
+    path = tmp_path / "spm.gguf"
+    write_tokenizer_gguf(path, "llama", [sp.IdToPiece(i) for i in range(n)], types, [sp.GetScore(i) for i in range(n)])
+    ours, theirs = both_tokenizers(path)
+    for text in TEXTS:
+        ids = ours.encode(text)
+        if "  " not in text:  # sentencepiece splits at every space before merging; llama.cpp does not
+            assert ids == [sp.bos_id()] + sp.EncodeAsIds(text), text
+        assert ids == theirs(text).input_ids, text
+        assert ours.decode(ids[1:]) == sp.DecodeIds(ids[1:])
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe"])
+def test_byte_level_vocabulary(tmp_path, pre):
+    """A byte-level BPE vocabulary with merges (Qwen, Llama 3 style): encodes as transformers' GGUF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from conftest import TEXT
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([TEXT] * 3, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    state = __import__("json").loads(bpe.to_str())["model"]
+    tokens = sorted(state["vocab"], key=state["vocab"].get)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in state["merges"]]
+    path = tmp_path / "bpe.gguf"
+    write_tokenizer_gguf(path, "gpt2", tokens, [3, 3, 3] + [1] * (len(tokens) - 3), merges=merges, pre=pre)
+    ours, theirs = both_tokenizers(path)
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == theirs(text).input_ids, text
+        assert ours.decode(ids) == theirs.decode(ids), text
