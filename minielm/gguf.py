@@ -76,8 +76,7 @@ def config_dict(reader, path: Path) -> dict:
         raise CheckpointError(f"{path}: tensor 'token_embd.weight' is missing")
 
     def get(key, default=None):
-        value = meta.get(f"{arch}.{key}", default)
-        return value
+        return meta.get(f"{arch}.{key}", default)
 
     def required(key):
         if f"{arch}.{key}" not in meta:

@@ -76,6 +76,9 @@ def write_gguf(model, path, arch: str, qtype, seed: int = 0, metadata=None) -> d
         writer.add_tensor(gguf_name, data, raw_dtype=qtype)
     if config.tie_word_embeddings:
         reference["lm_head.weight"] = reference["model.embed_tokens.weight"]
+    rope = config.rope_parameters
+    if rope.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, config.head_dim))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -110,3 +113,23 @@ def _write_metadata(writer, config, arch: str, extra: dict) -> None:
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
     for key, value in extra.items():
         writer.add_key_value(key, value[0], value[1])
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors: Llama 3's per-frequency divisors, float32."""
+    import math
+
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)

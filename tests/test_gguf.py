@@ -115,6 +115,29 @@ def test_config_from_metadata(tmp_path):
     assert config.final_logit_softcapping == 10.0 and config.tie_word_embeddings
 
 
+def test_llama3_rope_factors(tmp_path):
+    """Llama 3.1's RoPE scaling, stored by the converter as a float32 factor per frequency (rope_freqs):
+    the frequencies are HF's llama3 ones to float32 round-off of those factors."""
+    from hf_reference import load_hf_float64
+    from minielm.rope import inverse_frequencies
+
+    rope = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=32)
+    config = FAMILIES["llama"][0]()
+    config.rope_parameters = rope
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_(model, 0)
+    write_gguf(model, tmp_path / "llama3.gguf", "llama", Q.F32)
+    model.save_pretrained(tmp_path / "hf")
+    expected = load_hf_float64(tmp_path / "hf").model.rotary_emb.inv_freq
+    loaded = minielm.load(tmp_path / "llama3.gguf").config
+    ours, scale = inverse_frequencies(loaded, loaded.rope_parameters["full_attention"], 100, torch.float64, "cpu")
+    assert scale == 1.0
+    err = ((ours - expected).abs() / expected).max().item()
+    print(f"llama3 RoPE from rope_freqs: frequencies vs HF {err:.1e}")
+    assert err < 1e-6 and not torch.allclose(expected, 1.0 / 10000.0 ** (torch.arange(0, 64, 2) / 64.0).double())
+
+
 def test_streamed_equals_loaded(tmp_path):
     path, _ = gguf_and_reference("llama", Q.Q4_K, tmp_path)
     loaded, streamed = minielm.load(path), minielm.load(path, stream=True)
