@@ -377,7 +377,8 @@ def _add_special_tokens(tok, tokens: list, types: list) -> None:
     """Control tokens as special tokens, user-defined ones as added tokens: both matched whole in text."""
     from tokenizers import AddedToken
 
-    control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == CONTROL]
-    user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
+    known = [(t, k) for t, k in zip(tokens, types) if tok.token_to_id(t) is not None]  # never new ids
+    control = [AddedToken(t, normalized=False, special=True) for t, k in known if k == CONTROL]
+    user = [AddedToken(t, normalized=False, special=False) for t, k in known if k == USER_DEFINED]
     tok.add_special_tokens(control)
     tok.add_tokens(user)

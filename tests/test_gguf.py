@@ -87,6 +87,7 @@ def test_llama_every_type_matches_hf(qtype, tmp_path):
     err = relative_error(model.logits(PROMPT), expected)
     print(f"llama {qtype.name}: logits vs HF {err:.1e}")
     assert err <= 1e-12
+    assert model.dequantized_from == ([] if qtype in (Q.F32, Q.F16, Q.BF16) else [qtype.name])  # for explain
 
 
 FAMILY_TYPES = {"mistral": Q.Q5_0, "qwen3": Q.Q8_0, "gemma3": Q.Q4_0, "qwen2": Q.Q5_1, "olmo2": Q.Q4_1,

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import minielm
+from minielm.gguf import gguf_tokenizer, read_gguf
 
 from hf_reference import _LowPrecisionDetector, float64_everywhere
 
@@ -49,29 +50,31 @@ def shared_parse_and_float64_dequantization():
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
-    """(minielm model, {prompt ids: transformers float64 logits}, transformers tokenizer), the file parsed once."""
+    """(minielm model, {prompt ids: transformers float64 logits}, transformers tokenizer), the file parsed once.
+    transformers' model is loaded, run and freed before minielm's is loaded: one float64 copy at a time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = tmp_path_factory.mktemp("gemma3_270m")
     path = gemma_package.assemble(directory / gemma_package.MODEL_NAME)  # checks the sha256
     with shared_parse_and_float64_dequantization():
-        model = minielm.load(path)
+        tokenizer = gguf_tokenizer(read_gguf(path), path)
+        short = tokenizer.encode(SHORT)
+        long = tokenizer.encode(LONG_TEXT * 8)[:LONG_TOKENS]
         hf_tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=path.name)
-        short = model.tokenizer.encode(SHORT)
-        long = model.tokenizer.encode(LONG_TEXT * 8)[:LONG_TOKENS]
         with float64_everywhere():
             hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=path.name, dtype=torch.float64,
                                                       attn_implementation="eager").eval()
-    assert all(p.dtype == torch.float64 for p in hf.parameters())
-    assert not any("Gguf" in type(m).__name__ for m in hf.modules()), "transformers kept packed weights"
-    expected = {}
-    detector = _LowPrecisionDetector()
-    with torch.no_grad(), float64_everywhere(), detector:
-        for ids in (short, long):
-            expected[tuple(ids)] = hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
-    assert not detector.offenders, sorted(set(detector.offenders))[:5]
-    del hf
-    gc.collect()
+        assert all(p.dtype == torch.float64 for p in hf.parameters())
+        assert not any("Gguf" in type(m).__name__ for m in hf.modules()), "transformers kept packed weights"
+        expected = {}
+        detector = _LowPrecisionDetector()
+        with torch.no_grad(), float64_everywhere(), detector:
+            for ids in (short, long):
+                expected[tuple(ids)] = hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+        assert not detector.offenders, sorted(set(detector.offenders))[:5]
+        del hf
+        gc.collect()
+        model = minielm.load(path)
     return model, expected, hf_tokenizer
 
 
