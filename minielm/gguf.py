@@ -204,7 +204,8 @@ class GGUFSource:
 
         tensor = self.tensors[self.hf_to_gguf[name]]
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # float32, the reference
-        weight = torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(self.info(name)[0])  # owned, writable
+        values = np.require(values, np.float32, ["C", "W"])  # a copy where it is a view into the file (F32)
+        weight = torch.from_numpy(values).reshape(self.info(name)[0])  # (out, in): HF layout
         if self.arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = self.config.num_attention_heads if ".q_proj" in name else self.config.num_key_value_heads
             weight = unpermute_rows(weight, heads)

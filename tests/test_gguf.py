@@ -162,7 +162,8 @@ def test_not_gguf_is_one_line_error(tmp_path):
 
 
 # ---- tokenizers from the metadata ---------------------------------------------------------------
-TEXTS = ["In the beginning God created the heaven", "  two  spaces\tand a tab\nnew line", "Grüße, 東京! 🙂 1234567",
+TEXTS = ["In the beginning God created the heaven", "  two  spaces\tand a tab\nnew line",
+         "Grüße, 東京! 🙂 1234567",
          "And God said, Let there be light: and there was light.<eos>"]
 
 

@@ -116,7 +116,8 @@ def test_greedy_continuation_knows_a_fact(gemma):
     assert "Paris" in text, text
 
 
-@pytest.mark.parametrize("text", [SHORT, "  two  spaces\tand a tab\nnew line", "Grüße, 東京! 🙂 <start_of_turn>user",
+@pytest.mark.parametrize("text", [SHORT, "  two  spaces\tand a tab\nnew line",
+                                  "Grüße, 東京! 🙂 <start_of_turn>user",
                                   "x = f(y) + 12345.678", ""])
 def test_tokenizer_matches_transformers(gemma, text):
     model, _, hf_tokenizer = gemma
