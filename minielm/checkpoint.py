@@ -129,8 +129,9 @@ class TensorSource(Protocol):
         """The file to name in an error message about this tensor."""
 
 
+# The dtypes minielm reads. Not the float8 ones: FP8 checkpoints pair each weight with a scale tensor,
+# which a plain cast would ignore.
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
 
@@ -238,16 +239,23 @@ class SafetensorsFile:
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor, read from the file into a fresh CPU tensor; a CheckpointError if the file
-        is shorter than its header says or has changed since it was opened."""
+        has changed since it was opened, or cannot be read as its header says."""
         try:
             tensor = self.handle.get_tensor(name)
         except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({err}): the file is shorter "
-                                  f"than its header says; was it truncated or rewritten during this run?") from None
-        if file_stamp(self.path) != self.stamp:
-            raise CheckpointError(f"{self.path}: the file changed on disk during this run (while reading "
-                                  f"tensor {name!r}); load the checkpoint again")
+            self.check_unchanged(name)  # a short read is most likely a file cut during the run: say so
+            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({err})") from None
+        self.check_unchanged(name)
         return tensor
+
+    def check_unchanged(self, name: str) -> None:
+        now = file_stamp(self.path)
+        if now != self.stamp:
+            (_, inode, size, _), (_, inode_now, size_now, _) = self.stamp, now
+            what = (f"it is now {size_now} bytes, not {size}" if size_now != size else
+                    "it was rewritten" if inode_now == inode else "another file took its place")
+            raise CheckpointError(f"{self.path}: the file changed on disk during this run ({what}; reading tensor "
+                                  f"{name!r}); load the checkpoint again")
 
 
 def file_stamp(path: Path) -> tuple:

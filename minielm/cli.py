@@ -21,9 +21,9 @@ from .errors import InputError, MinielmError
 from .interpret import (decode_input, decode_output, layer_table, model_token, stable_rank, stacked_svd, svd_ready,
                         token_shares)
 from .linear_map import all_layer_maps, detached_jacobian, equivalent_linear_map
-from .loader import load
+from .loader import load, shipped_model
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "kjv-tiny"
+DEFAULT_MODEL = shipped_model()
 CHECK_PROMPT = "And God said, Let there be light: and there was light. And God saw the light, that it was good"
 
 
@@ -278,7 +278,7 @@ def build_parser():
         sub.add_argument("--dtype", default="float64", help="compute dtype (default float64)")
         sub.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
         sub.add_argument("--stream", action="store_true",
-                         help="keep the weights memory-mapped and cast one layer at a time (large models)")
+                         help="read and cast one layer at a time (large models)")
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sub
 

@@ -1,8 +1,13 @@
-"""`minielm.load`: a local checkpoint directory or GGUF file -> a Model in one compute dtype on one device."""
+"""`minielm.load`: a checkpoint -> a Model in one compute dtype on one device.
+
+A checkpoint is named by a local directory, a GGUF file, a Hugging Face model id found in the
+local cache (never the network), or nothing at all for the model shipped inside the package.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -12,7 +17,7 @@ from .config import Config
 from .errors import CheckpointError, InputError, show
 from .gguf import GGUFSource, gguf_config, gguf_tokenizer, read_gguf
 from .model import Model
-from .tokenizer import load_tokenizer
+from .tokenizer import check_vocabulary, load_tokenizer
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,26 +47,105 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-def load(path, dtype=torch.float64, device="cpu", stream=False) -> Model:
-    """Load a local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer),
-    or a GGUF file (`*.gguf`, llama.cpp's format; quantized tensors are dequantized).
+# ---- what a model name means: the shipped model, a directory, or a Hugging Face model id -------------
+SHIPPED = "kjv-tiny"
+MODEL_ID = re.compile(r"(?P<org>[\w.-]+)/(?P<name>[\w.-]+)(@(?P<revision>[\w.-]+(/[\w.-]+)*))?")
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
-    Reads only: nothing is written into the directory. Raises InputError for a bad
-    dtype or device, CheckpointError, ConfigError or TokenizerError, naming the file
-    and what was expected, for a missing, broken or unsupported checkpoint. A checkpoint
-    without a tokenizer loads; `model.tokenizer` then raises TokenizerError.
+
+def shipped_model() -> Path:
+    """Where the shipped model is: inside the installed package (a wheel puts it at
+    minielm/weights/kjv-tiny), or at the top of the repository (a checkout, an editable install)."""
+    package = Path(__file__).resolve().parent
+    candidates = [package / "weights" / SHIPPED, package.parent / "weights" / SHIPPED]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+def hub_cache() -> Path:
+    """The local Hugging Face hub cache, found as huggingface_hub finds it: $HF_HUB_CACHE (or the
+    older $HUGGINGFACE_HUB_CACHE), else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else
+    ~/.cache/huggingface/hub."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return Path(os.environ[variable]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "hub"
+
+
+def from_hub_cache(model_id: str, org: str, name: str, revision: str | None) -> Path:
+    """The snapshot directory of `org/name` at `revision` (default: main) in the local hub cache.
+
+    Layout: <cache>/models--org--name/refs/<branch or tag> holds a commit hash, and
+    snapshots/<commit>/ holds the files. A full commit hash may also be given directly.
+    Nothing is fetched: a model that is not there is a CheckpointError saying where we looked."""
+    repo = hub_cache() / f"models--{org}--{name}"
+    revision = revision or "main"
+    ref = repo / "refs" / revision
+    searched = [ref]
+    commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else None
+    if commit is None and COMMIT.fullmatch(revision):
+        commit = revision
+    if commit is not None and COMMIT.fullmatch(commit):
+        snapshot = repo / "snapshots" / commit
+        if snapshot.is_dir():
+            return snapshot
+        searched.append(snapshot)
+    have = sorted(p.name for p in (repo / "snapshots").iterdir()) if (repo / "snapshots").is_dir() else []
+    found = f"; the cache holds snapshots {', '.join(have)}" if have else ""
+    raise CheckpointError(f"{model_id}: no such checkpoint directory ({Path.cwd() / model_id}), and not in the "
+                          f"local Hugging Face cache "
+                          f"(searched {', '.join(map(str, searched))}{found}). minielm never downloads: get it "
+                          f"once with `hf download {org}/{name}{' --revision ' + revision if revision != 'main' else ''}` "
+                          f"(set HF_HUB_CACHE or HF_HOME if your cache is elsewhere), or pass a checkpoint directory")
+
+
+def resolve_checkpoint(path) -> Path:
+    """The checkpoint that `path` names: None or 'kjv-tiny' the shipped model; an existing
+    directory (or file) itself; 'org/name' or 'org/name@revision' a snapshot in the local
+    Hugging Face cache."""
+    if path is None or (path == SHIPPED and not Path(path).exists()):
+        model = shipped_model()
+        if not model.is_dir():
+            raise CheckpointError(f"{model}: the shipped model {SHIPPED} is not installed; reinstall minielm, "
+                                  f"or pass a checkpoint directory")
+        return model
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"checkpoint path must be a str or a path, got {type(path).__name__}")
+    if os.fspath(path) == "":
+        raise InputError("checkpoint path is empty; expected a checkpoint directory, a model id 'org/name', "
+                         "or nothing for the shipped model")
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    model_id = MODEL_ID.fullmatch(path) if isinstance(path, str) else None
+    if model_id and ".." not in re.split("[/@]", path):  # nothing that climbs out of the cache
+        return from_hub_cache(path, model_id["org"], model_id["name"], model_id["revision"])
+    raise CheckpointError(f"{candidate}: no such checkpoint directory")
+
+
+def load(path=None, dtype=torch.float64, device="cpu", stream=False) -> Model:
+    """Load a checkpoint: a local Hugging Face directory (config.json, *.safetensors, tokenizer),
+    a GGUF file (`*.gguf`, llama.cpp's format: quantized tensors are dequantized), a model id
+    'org/name' or 'org/name@revision' from the local Hugging Face cache (offline), or, with no
+    path or "kjv-tiny", the model shipped with minielm.
+
+    Reads only: nothing is written, nothing is downloaded. Raises InputError for a bad dtype or
+    device, CheckpointError, ConfigError or TokenizerError, naming the file and what was
+    expected, for a missing, broken or unsupported checkpoint, a tensor with non-finite values,
+    or a tokenizer whose ids reach past config.json's vocab_size. A checkpoint without a
+    tokenizer loads; `model.tokenizer` then raises TokenizerError.
 
     With `stream=True` each layer is read from the file and cast to `dtype` (and moved
     to `device`) only while it runs: for models larger than memory in float64. The
     embedding and unembedding are held in the file's dtype. Results are the same as
-    without streaming.
+    without streaming. A file that is truncated or rewritten during the run is a
+    CheckpointError.
     """
     dtype, device = resolve_dtype(dtype), resolve_device(device)
-    if not isinstance(path, (str, os.PathLike)):
-        raise InputError(f"checkpoint path must be a str or a path, got {type(path).__name__}")
-    directory = Path(path)
     if not isinstance(stream, bool):
         raise InputError(f"stream must be True or False, got {stream!r}")
+    directory = resolve_checkpoint(path)
     if directory.is_file() and directory.suffix.lower() == ".gguf":
         return load_gguf(directory, dtype, device, stream)
     if directory.is_file():
@@ -70,8 +154,10 @@ def load(path, dtype=torch.float64, device="cpu", stream=False) -> Model:
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     config = Config.from_file(directory / "config.json")
+    tokenizer = load_tokenizer(directory)
+    check_vocabulary(tokenizer, config, directory / "config.json")
     weights = load_weights(SafetensorsSource(directory), config, dtype, device, stream, where=directory)
-    return Model(config, weights, load_tokenizer(directory), directory, dtype, device)
+    return Model(config, weights, tokenizer, directory, dtype, device)
 
 
 def load_gguf(path: Path, dtype, device, stream) -> Model:
@@ -79,7 +165,9 @@ def load_gguf(path: Path, dtype, device, stream) -> Model:
     reader = read_gguf(path)
     config = gguf_config(reader, path)
     source = GGUFSource(path, reader, config)
+    tokenizer = gguf_tokenizer(reader, path)
+    check_vocabulary(tokenizer, config, f"{path} (GGUF metadata)")
     weights = load_weights(source, config, dtype, device, stream, where=path)
-    model = Model(config, weights, gguf_tokenizer(reader, path), path, dtype, device)
+    model = Model(config, weights, tokenizer, path, dtype, device)
     model.dequantized_from = source.quantized_types()  # e.g. ['Q4_K', 'Q6_K']: the model is their dequantization
     return model

@@ -23,7 +23,7 @@ class Tokenizer:
     def __init__(self, encode_text, decode_ids, id_to_piece, bos_id, vocab_size, path=None):
         self._encode, self._decode, self._piece = encode_text, decode_ids, id_to_piece
         self.bos_id = bos_id  # prepended by encode(); None when the checkpoint adds no BOS
-        self.vocab_size = vocab_size
+        self.vocab_size = vocab_size  # ids are in [0, vocab_size)
         self.path = path  # the tokenizer file, for messages
 
     def _where(self) -> str:
@@ -73,6 +73,15 @@ class Tokenizer:
             raise TokenizerError(f"{self._where()}expected integer token ids, got {show(ids, 40)} ({err})") from None
 
 
+def check_vocabulary(tokenizer, config, config_path) -> None:
+    """A tokenizer whose ids reach past the model's vocabulary belongs to another model: every
+    such id would index past the embedding. Named at load, rather than as a bad token id later."""
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise TokenizerError(f"{tokenizer.path}: the tokenizer has token ids up to {tokenizer.vocab_size - 1}, but "
+                             f"{config_path} says vocab_size={config.vocab_size}: the tokenizer and the weights "
+                             f"do not belong to the same model")
+
+
 def load_tokenizer(directory: Path):
     """The checkpoint's tokenizer, or None when it ships none."""
     settings = _read_settings(directory / "tokenizer_config.json")
@@ -120,7 +129,7 @@ def _from_tokenizer_json(path: Path, settings: dict) -> Tokenizer:
             plain = tok.encode("a", add_special_tokens=False).ids
             add_bos = len(with_special) > len(plain) and with_special[1:len(plain) + 1] == plain
             bos_id = with_special[0] if add_bos else None
-        vocab_size = tok.get_vocab_size()
+        vocab_size = 1 + max(tok.get_vocab(with_added_tokens=True).values(), default=-1)  # ids: 0 .. max
     except Exception as err:
         raise TokenizerError(f"{path}: unreadable tokenizer ({err})") from None
     return Tokenizer(
