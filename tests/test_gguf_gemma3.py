@@ -2,7 +2,7 @@
 
 The oracle is transformers' own GGUF loading (`from_pretrained(..., gguf_file=...)`) in float64 with
 its float32 casts removed: `float64_everywhere` for the forward, and its dequantization made to
-return float64, because it subtracts Gemma's norm offset from the float32 values in float32, which
+return float64 for 1-D tensors, because it subtracts Gemma's norm offset from the float32 values in float32, which
 is not exact for norm weights below 0.5 (thousands of them in this file). The dequantized values
 themselves are the gguf package's in both.
 
@@ -34,14 +34,20 @@ LONG_TEXT = (
 LONG_TOKENS = 600  # longer than the 512-token sliding window of the local layers
 
 
+def float64_vectors(values):
+    """1-D tensors (the norms, whose offset transformers subtracts) in float64; matrices stay float32
+    (cast to float64 exactly later), so that transformers' loading holds no float64 copies of them."""
+    return values.astype(np.float64) if values.ndim == 1 else values
+
+
 @contextlib.contextmanager
 def shared_parse_and_float64_dequantization():
-    """gguf.GGUFReader parses a path once; gguf.dequantize (transformers' import) returns float64."""
+    """gguf.GGUFReader parses a path once; gguf.dequantize (transformers' import) returns float64 vectors."""
     import gguf
 
     reader, dequantize = gguf.GGUFReader, gguf.dequantize
     gguf.GGUFReader = functools.lru_cache(maxsize=2)(lambda path, mode="r": reader(path, mode))
-    gguf.dequantize = lambda data, qtype: dequantize(data, qtype).astype(np.float64)
+    gguf.dequantize = lambda data, qtype: float64_vectors(dequantize(data, qtype))
     try:
         yield
     finally:
