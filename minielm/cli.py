@@ -194,6 +194,7 @@ def explain(args) -> int:
         "schema_version": SCHEMA_VERSION,
         "model": str(args.model or DEFAULT_MODEL),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "dequantized_from": getattr(model, "dequantized_from", []),  # quantized GGUF types, if any
         "tokens": tokens,
         "next_token": model_token(model, top.indices[0]),
         "top": [{"token": model_token(model, i), "probability": float(p)} for p, i in zip(top.values, top.indices)],
@@ -227,6 +228,9 @@ def explain(args) -> int:
 def print_explanation(r, model):
     c = model.config
     print(f"model   {r['model']}  ({c.model_type}, d={c.hidden_size}, {c.num_hidden_layers} layers, {r['dtype']})")
+    if r.get("dequantized_from"):
+        print(f"weights dequantized from GGUF {', '.join(r['dequantized_from'])}: "
+              f"the exactness below is for the dequantized model")
     print(f"prompt  {len(r['tokens'])} tokens: {' | '.join(r['tokens'])}")
     print("\nnext token")
     legend("next")

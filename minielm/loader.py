@@ -1,7 +1,7 @@
 """`minielm.load`: a checkpoint -> a Model in one compute dtype on one device.
 
-A checkpoint is named by a local directory, a Hugging Face model id found in the local
-cache (never the network), or nothing at all for the model shipped inside the package.
+A checkpoint is named by a local directory, a GGUF file, a Hugging Face model id found in the
+local cache (never the network), or nothing at all for the model shipped inside the package.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from . import checks
 from .checkpoint import SafetensorsSource, load_weights
 from .config import Config
 from .errors import CheckpointError, InputError, show
+from .gguf import GGUFSource, gguf_config, gguf_tokenizer, read_gguf
 from .model import Model
 from .tokenizer import check_vocabulary, load_tokenizer
 
@@ -126,8 +127,9 @@ def resolve_checkpoint(path) -> Path:
 
 def load(path=None, dtype=torch.float64, device="cpu", stream=False) -> Model:
     """Load a checkpoint: a local Hugging Face directory (config.json, *.safetensors, tokenizer),
-    a model id 'org/name' or 'org/name@revision' from the local Hugging Face cache (offline),
-    or, with no path or "kjv-tiny", the model shipped with minielm.
+    a GGUF file (`*.gguf`, llama.cpp's format: quantized tensors are dequantized), a model id
+    'org/name' or 'org/name@revision' from the local Hugging Face cache (offline), or, with no
+    path or "kjv-tiny", the model shipped with minielm.
 
     Reads only: nothing is written, nothing is downloaded. Raises InputError for a bad dtype or
     device, CheckpointError, ConfigError or TokenizerError, naming the file and what was
@@ -144,8 +146,11 @@ def load(path=None, dtype=torch.float64, device="cpu", stream=False) -> Model:
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     stream = checks.boolean("stream", stream)
     directory = resolve_checkpoint(path)
+    if directory.is_file() and directory.suffix.lower() == ".gguf":
+        return load_gguf(directory, dtype, device, stream)
     if directory.is_file():
-        raise CheckpointError(f"{directory}: is a file; expected a checkpoint directory (config.json, *.safetensors)")
+        raise CheckpointError(f"{directory}: is a file; expected a checkpoint directory (config.json, *.safetensors) "
+                              f"or a .gguf file")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     config = Config.from_file(directory / "config.json")
@@ -153,3 +158,16 @@ def load(path=None, dtype=torch.float64, device="cpu", stream=False) -> Model:
     check_vocabulary(tokenizer, config, directory / "config.json")
     weights = load_weights(SafetensorsSource(directory), config, dtype, device, stream, where=directory)
     return Model(config, weights, tokenizer, directory, dtype, device)
+
+
+def load_gguf(path: Path, dtype, device, stream) -> Model:
+    """A GGUF file: config and tokenizer from its metadata, weights dequantized (minielm/gguf.py)."""
+    reader = read_gguf(path)
+    config = gguf_config(reader, path)
+    source = GGUFSource(path, reader, config)
+    tokenizer = gguf_tokenizer(reader, path)
+    check_vocabulary(tokenizer, config, f"{path} (GGUF metadata)")
+    weights = load_weights(source, config, dtype, device, stream, where=path)
+    model = Model(config, weights, tokenizer, path, dtype, device)
+    model.dequantized_from = source.quantized_types()  # e.g. ['Q4_K', 'Q6_K']: the model is their dequantization
+    return model

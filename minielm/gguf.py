@@ -1,0 +1,385 @@
+"""Reading a GGUF file (llama.cpp, Ollama, LM Studio) as if it were a Hugging Face checkpoint.
+
+A GGUF file holds everything in one place: metadata (the hyperparameters under
+llama.cpp's key names, the tokenizer's vocabulary) and tensors, most of them
+quantized in blocks. The `gguf` package (llama.cpp's own gguf-py) reads the file
+and dequantizes the blocks; this module only translates:
+
+* the metadata into a config.json dict for `Config.from_dict`
+  (`gguf_config`), and into a `tokenizers` tokenizer (`gguf_tokenizer`);
+* the tensors into Hugging Face names and layout (`GGUFSource`), undoing
+  what llama.cpp's converter (convert_hf_to_gguf.py) did on the way in:
+
+    llama (and Mistral, stored as llama)   q and k rows permuted for llama.cpp's
+                                           interleaved RoPE: permuted back
+    gemma3                                 every norm weight stored with the 1 of
+                                           Gemma's (1 + w) added: 1 subtracted again
+                                           in float64, where w - 1 is exact
+    no `output.weight`                     tied embeddings
+
+The dequantized values are the model's weights by definition: a model loaded
+from a quantized file is exactly equivalent to its linear maps, as any other,
+but it is the dequantized model, not the original one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import TOP_LEVEL, layer_map
+from .config import Config
+from .errors import CheckpointError, ConfigError, TokenizerError, show
+from .tokenizer import Tokenizer
+
+# llama.cpp's architecture name -> minielm's model_type
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3",
+                 "olmo2": "olmo2"}
+# Tensors a GGUF file may hold that are not weights of a Hugging Face checkpoint: RoPE frequency
+# factors (read into the config instead).
+ROPE_FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def read_gguf(path: Path):
+    """The file, opened by gguf-py's reader (memory-mapped, read-only); CheckpointError if it is not GGUF."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as err:  # bad magic, truncated header, an unknown value type ...
+        raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from None
+
+
+def metadata(reader) -> dict:
+    """key -> value for every metadata field but the tokenizer's large arrays (read on demand)."""
+    return {key: field.contents() for key, field in reader.fields.items()
+            if not (key.startswith("tokenizer.ggml.") and field.types and field.types[0].name == "ARRAY")}
+
+
+# ---- config ---------------------------------------------------------------------------
+def gguf_config(reader, path: Path) -> Config:
+    """The Config the file's metadata describes, built from the config.json dict it amounts to."""
+    return Config.from_dict(config_dict(reader, path), f"{path} (GGUF metadata)")
+
+
+def config_dict(reader, path: Path) -> dict:
+    """The GGUF metadata as config.json keys, per architecture, with llama.cpp's built-in defaults."""
+    meta = metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"{path}: GGUF architecture {show(arch)} is not supported; "
+                          f"supported: {', '.join(ARCHITECTURES)}")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{path}: tensor 'token_embd.weight' is missing")
+
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    def required(key):
+        if f"{arch}.{key}" not in meta:
+            raise ConfigError(f"{path}: GGUF metadata key {arch}.{key!r} is missing")
+        return meta[f"{arch}.{key}"]
+
+    heads = required("attention.head_count")
+    kv_heads = get("attention.head_count_kv", heads)
+    if isinstance(heads, list) or isinstance(kv_heads, list):  # per-layer counts: must be one value here
+        if len(set(np.atleast_1d(heads))) != 1 or len(set(np.atleast_1d(kv_heads))) != 1:
+            raise ConfigError(f"{path}: per-layer head counts differ; minielm needs the same in every layer")
+        heads, kv_heads = int(np.atleast_1d(heads)[0]), int(np.atleast_1d(kv_heads)[0])
+    hidden = required("embedding_length")
+    head_dim = get("attention.key_length", hidden // heads)
+    layers = required("block_count")
+    raw = {
+        "model_type": ARCHITECTURES[arch],
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]),  # GGUF shapes list the fastest axis first
+        "hidden_size": hidden,
+        "intermediate_size": required("feed_forward_length"),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),  # float32 in the file: used as stored
+        "max_position_embeddings": get("context_length", 2048),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "rope_theta": get("rope.freq_base", 10_000.0),
+        "sliding_window": get("attention.sliding_window"),
+        "attn_logit_softcapping": get("attn_logit_softcapping"),
+        "final_logit_softcapping": get("final_logit_softcapping"),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+    rotary = get("rope.dimension_count")
+    if rotary and rotary != head_dim:
+        raw["partial_rotary_factor"] = rotary / head_dim
+    scaling = _rope_scaling(meta, arch, tensors, reader, raw, path)
+    if arch == "gemma3":
+        # llama.cpp's built-ins for Gemma 3 (llama-model.cpp): every 6th layer global, local RoPE base
+        # 10000 without scaling, scores scaled by key_length^-1/2 (d/heads for the 27B, 62 layers).
+        pattern = get("attention.sliding_window_pattern", 6)
+        if isinstance(pattern, list):  # one flag per layer: True where the layer slides
+            raw["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
+        else:
+            raw["sliding_window_pattern"] = pattern
+        raw["rope_local_base_freq"] = 10_000.0
+        raw["query_pre_attn_scalar"] = hidden // heads if layers == 62 else head_dim
+        raw["rope_scaling"] = scaling
+    elif scaling:
+        raw["rope_scaling"] = scaling
+    if arch == "llama" and raw["sliding_window"]:
+        raw["model_type"] = "mistral"  # llama with a sliding window is minielm's (and HF's) mistral
+    if arch in ("qwen2", "qwen3") and raw["sliding_window"]:
+        raw["sliding_window"] = None  # Qwen files carry one but do not use it (use_sliding_window false)
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+def _rope_scaling(meta, arch, tensors, reader, raw, path) -> dict | None:
+    """rope_scaling for config.json: llama.cpp keeps linear scaling in metadata, and per-frequency
+    factors (Llama 3's, Phi-3's longrope) as tensors. Those factors divide the frequencies exactly
+    as HF's longrope factors do, so they become longrope settings, with llama.cpp's attention factor."""
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if "rope_freqs.weight" in tensors:  # Llama 3.1+: one factor per frequency, the same at every length
+        factors = _floats(reader, tensors["rope_freqs.weight"])
+        return {"rope_type": "longrope", "short_factor": factors, "long_factor": factors, "attention_factor": 1.0,
+                "original_max_position_embeddings": raw["max_position_embeddings"]}
+    if "rope_factors_long.weight" in tensors:  # Phi-3 longrope
+        return {"rope_type": "longrope",
+                "short_factor": _floats(reader, tensors["rope_factors_short.weight"]),
+                "long_factor": _floats(reader, tensors["rope_factors_long.weight"]),
+                "attention_factor": meta.get(f"{arch}.rope.scaling.attn_factor"),
+                "original_max_position_embeddings": meta.get(f"{arch}.rope.scaling.original_context_length")}
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": meta[f"{arch}.rope.scaling.factor"]}
+    raise ConfigError(f"{path}: GGUF rope scaling type {show(kind)} is not supported; supported: linear, "
+                      f"and per-frequency factor tensors (Llama 3, Phi-3 longrope)")
+
+
+def _floats(reader, tensor) -> list:
+    import gguf
+
+    return [float(x) for x in gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1)]
+
+
+# ---- tensors --------------------------------------------------------------------------
+class GGUFSource:
+    """The tensors of a GGUF file under Hugging Face names, in Hugging Face layout.
+
+    names() -> set of HF names;  info(name) -> (shape, dtype of get());  get(name) -> CPU tensor,
+    dequantized and with the converter's changes undone;  release(name);  origin(name) -> the file.
+    Dequantized values come as float32 (the `gguf` package's reference dequantization; exact for
+    every type) or float64 where the norm offset was subtracted.
+    """
+
+    def __init__(self, path: Path, reader=None, config: Config | None = None):
+        self.path = Path(path)
+        self.reader = reader if reader is not None else read_gguf(self.path)
+        self.config = config if config is not None else gguf_config(self.reader, self.path)
+        self.arch = self.reader.fields["general.architecture"].contents()
+        self.tensors = {t.name: t for t in self.reader.tensors if t.name not in ROPE_FACTOR_TENSORS}
+        to_hf = hf_names(self.arch, self.config)
+        # a tensor minielm does not know keeps its GGUF name: checked_plan then reports it as unexpected
+        self.hf_to_gguf = {to_hf.get(name, name): name for name in self.tensors}
+
+    def names(self) -> set:
+        return set(self.hf_to_gguf)
+
+    def info(self, name: str) -> tuple:
+        tensor = self.tensors[self.hf_to_gguf[name]]
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the fastest axis first
+        return shape, torch.float64 if self._norm_offset(name) else torch.float32
+
+    def origin(self, name: str) -> str:
+        return str(self.path)
+
+    def release(self, name: str) -> None:
+        """Nothing to do: get() returns fresh arrays, and the file's pages are the kernel's to drop."""
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor in HF layout: dequantized, q/k rows un-permuted (llama), norm offset undone (Gemma)."""
+        import gguf
+
+        tensor = self.tensors[self.hf_to_gguf[name]]
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # float32, the reference
+        values = np.require(values, np.float32, ["C", "W"])  # a copy where it is a view into the file (F32)
+        weight = torch.from_numpy(values).reshape(self.info(name)[0])  # (out, in): HF layout
+        if self.arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            heads = self.config.num_attention_heads if ".q_proj" in name else self.config.num_key_value_heads
+            weight = unpermute_rows(weight, heads)
+        if self._norm_offset(name):
+            weight = weight.to(torch.float64) - 1.0  # exact for float32 values: 1 + (w - 1) == w
+        return weight
+
+    def quantized_types(self) -> list:
+        """The block-quantized GGUF types the file's tensors use (F32, F16, BF16 are exact, not listed)."""
+        exact = ("F32", "F16", "BF16", "F64")
+        return sorted({t.tensor_type.name for t in self.tensors.values()} - set(exact))
+
+    def _norm_offset(self, name: str) -> bool:
+        """Gemma's norms scale by (1 + w), and the converter stored 1 + w."""
+        return self.arch == "gemma3" and name.endswith("norm.weight")
+
+
+def hf_names(arch: str, config: Config) -> dict:
+    """GGUF tensor name -> Hugging Face name, for every tensor a decoder of this config has.
+
+    gguf-py's own map (gguf.get_tensor_name_map, the one llama.cpp's converter uses) gives the GGUF
+    name of each HF module; asked for every HF name minielm's family map holds, it gives the inverse.
+    """
+    import gguf
+
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    to_gguf = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
+    hf = ["model." + k for k in TOP_LEVEL] + ["lm_head.weight"]
+    hf += [f"model.layers.{i}.{k}" for i in range(config.num_hidden_layers) for k in layer_map(config)]
+    names = {}
+    for name in hf:
+        module, _, suffix = name.rpartition(".")  # "...q_proj", "weight"
+        gguf_module = to_gguf.get_name(module)
+        if gguf_module is not None:
+            names[f"{gguf_module}.{suffix}"] = name
+    return names
+
+
+def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf.py's `permute` of q/k rows for the llama architecture.
+
+    The converter reorders each head's rows from HF's rotate_half layout (first half, second half)
+    to llama.cpp's interleaved pairs: reshape(heads, 2, hd/2, d).swapaxes(1, 2). Here the inverse:
+    reshape(heads, hd/2, 2, d).swapaxes(1, 2). (heads*hd, d) -> (heads*hd, d), a pure reordering.
+    """
+    rows, cols = weight.shape
+    return weight.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# ---- tokenizer --------------------------------------------------------------------------
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (tokenizer.ggml.token_type)
+
+# How a byte-level vocabulary splits text before its merges apply, by tokenizer.ggml.pre
+# (the regexes of transformers' GGUF tokenizer converter, which follow llama.cpp's).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {"llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT,
+                        "smaug-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT}
+
+
+def gguf_tokenizer(reader, path: Path) -> Tokenizer | None:
+    """The tokenizer the file's metadata describes, built with the `tokenizers` library; None if none.
+
+    `llama`: a SentencePiece vocabulary with scores (Llama 2, Gemma): BPE whose merges are implied by
+    the vocabulary, best score first, with byte fallback. `gpt2`: a byte-level BPE vocabulary with
+    its merges (Llama 3, Qwen). Control tokens (<bos>, <start_of_turn>, ...) are special tokens.
+    """
+    fields = reader.fields
+    if "tokenizer.ggml.model" not in fields or "tokenizer.ggml.tokens" not in fields:
+        return None
+    kind = fields["tokenizer.ggml.model"].contents()
+    arch = fields["general.architecture"].contents()
+    try:
+        tokens = fields["tokenizer.ggml.tokens"].contents()
+        types = fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in fields else []
+        if kind == "llama":
+            scores = fields["tokenizer.ggml.scores"].contents() if "tokenizer.ggml.scores" in fields else None
+            space_prefix = _field(fields, "tokenizer.ggml.add_space_prefix", True)
+            tok = sentencepiece_bpe(tokens, scores, _field(fields, "tokenizer.ggml.unknown_token_id", None),
+                                    space_prefix, gemma=arch == "gemma3")
+            add_bos = _field(fields, "tokenizer.ggml.add_bos_token", True)
+        elif kind == "gpt2":
+            merges = fields["tokenizer.ggml.merges"].contents()
+            tok = byte_level_bpe(tokens, merges, _field(fields, "tokenizer.ggml.pre", None))
+            add_bos = _field(fields, "tokenizer.ggml.add_bos_token", False)
+        else:
+            raise TokenizerError(f"{path}: GGUF tokenizer model {show(kind)} is not supported; "
+                                 f"supported: llama (SentencePiece), gpt2 (byte-level BPE)")
+        _add_special_tokens(tok, tokens, types)
+    except TokenizerError:
+        raise
+    except Exception as err:
+        raise TokenizerError(f"{path}: unreadable GGUF tokenizer metadata ({err})") from None
+    bos_id = _field(fields, "tokenizer.ggml.bos_token_id", None)
+    return Tokenizer(
+        lambda text: tok.encode(text, add_special_tokens=False).ids,
+        lambda ids: tok.decode(ids, skip_special_tokens=False),
+        lambda i: tok.id_to_token(i),
+        bos_id if add_bos and bos_id is not None else None,
+        len(tokens),
+        path,
+    )
+
+
+def _field(fields, key, default):
+    return fields[key].contents() if key in fields else default
+
+
+def sentencepiece_bpe(tokens: list, scores: list | None, unk_id, space_prefix: bool, gemma: bool):
+    """A SentencePiece-style BPE tokenizer from a vocabulary with scores.
+
+    SentencePiece BPE merges the adjacent pair whose union is the best-scoring vocabulary entry;
+    as explicit merges that is every split of every token into two tokens, ranked by the token's
+    score. Gemma's files spell whitespace-only tokens with real spaces and rank merges by position,
+    not score (both as transformers' GGUF converter and Gemma's own tokenizer.json have it).
+    """
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+
+    if gemma:
+        tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
+        scores = [-i for i in range(len(tokens))]
+    elif scores is None:
+        scores = [-i for i in range(len(tokens))]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = tokens[unk_id] if unk_id is not None else None
+    tok = HFTokenizer(models.BPE(vocab, merges_from_scores(tokens, scores, vocab), unk_token=unk, fuse_unk=True,
+                                 byte_fallback=True))
+    decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma or not space_prefix:
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+    else:  # Llama 2 style: "▁" before the text, spaces as "▁"; the decoder strips the first space again
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        decode.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(decode)
+    return tok
+
+
+def merges_from_scores(tokens: list, scores: list, vocab: dict) -> list:
+    """[(left, right)] for every token that splits into two vocabulary entries, best token score first."""
+    merges = []
+    for token, score in zip(tokens, scores):
+        pairs = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
+        pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges += [(left, right, score) for left, right in pairs]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def byte_level_bpe(tokens: list, merges: list, pre: str | None):
+    """A byte-level BPE tokenizer (GPT-2 style) from the vocabulary and merges the file lists."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = HFTokenizer(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], ignore_merges=pre in (
+        "llama3", "llama-v3", "llama-bpe")))
+    split = PRE_TOKENIZER_SPLITS.get(pre)
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                              use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _add_special_tokens(tok, tokens: list, types: list) -> None:
+    """Control tokens as special tokens, user-defined ones as added tokens: both matched whole in text."""
+    from tokenizers import AddedToken
+
+    known = [(t, k) for t, k in zip(tokens, types) if tok.token_to_id(t) is not None]  # never new ids
+    control = [AddedToken(t, normalized=False, special=True) for t, k in known if k == CONTROL]
+    user = [AddedToken(t, normalized=False, special=False) for t, k in known if k == USER_DEFINED]
+    tok.add_special_tokens(control)
+    tok.add_tokens(user)

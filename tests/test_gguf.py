@@ -1,0 +1,246 @@
+"""GGUF files: every convention of llama.cpp's converter undone, every tensor type dequantized.
+
+Each test writes a random transformers model as GGUF the way convert_hf_to_gguf.py does (permuted
+q/k rows for `llama`, Gemma's norms with 1 added, tied embeddings without output.weight), and
+compares minielm's logits from the file with Hugging Face's (float64, casts removed) on the
+reference: the same model with every weight replaced by its dequantized value, built in HF layout
+without minielm's code (tests/gguf_writer.py). The real Gemma 3 270M file is in test_gguf_gemma3.py.
+"""
+
+import numpy as np
+import pytest
+import torch
+import gguf
+from gguf import GGMLQuantizationType as Q
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Olmo2Config,
+                          Phi3Config, Qwen2Config, Qwen3Config)
+
+from conftest import PROMPT
+from gguf_writer import permute, write_gguf
+from hf_reference import hf_float64_logits, randomize_
+
+import minielm
+from minielm.gguf import unpermute_rows
+
+EPS = 2.0**-20  # exact in float32, as GGUF stores it
+COMMON = dict(vocab_size=128, rms_norm_eps=EPS, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+              pad_token_id=0)
+DEFAULT_ROPE = dict(rope_type="default", rope_theta=10000.0)
+
+# (transformers config, GGUF architecture): what a GGUF file can express of each family
+FAMILIES = {
+    # d = 256 so that the K types' 256-wide super-blocks fit the rows
+    "llama": (lambda: LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, tie_word_embeddings=False, rope_parameters=DEFAULT_ROPE,
+                                  **COMMON), "llama"),
+    "mistral": (lambda: MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, sliding_window=5, tie_word_embeddings=False,
+                                      rope_parameters=DEFAULT_ROPE, **COMMON), "llama"),
+    "qwen3": (lambda: Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                                  rope_parameters=dict(rope_type="default", rope_theta=1000000.0), **COMMON), "qwen3"),
+    "gemma3": (lambda: Gemma3TextConfig(  # six layers: llama.cpp's fixed pattern makes the sixth global
+        hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=4, final_logit_softcapping=10.0,
+        tie_word_embeddings=True,
+        rope_parameters={"sliding_attention": DEFAULT_ROPE,
+                         "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1000000.0)},
+        **COMMON), "gemma3"),
+    "qwen2": (lambda: Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, tie_word_embeddings=False,
+                                  rope_parameters=dict(rope_type="default", rope_theta=1000000.0), **COMMON), "qwen2"),
+    "olmo2": (lambda: Olmo2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, tie_word_embeddings=False,
+                                  rope_parameters=dict(rope_type="default", rope_theta=500000.0), **COMMON), "olmo2"),
+    "phi3": (lambda: Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, tie_word_embeddings=False,
+                                rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                     partial_rotary_factor=0.5), **COMMON), "phi3"),
+}
+
+
+def gguf_and_reference(family, qtype, directory, seed=0):
+    """Write the family's random model as GGUF in `qtype`; return (the .gguf path, HF float64 reference logits)."""
+    make_config, arch = FAMILIES[family]
+    model = AutoModelForCausalLM.from_config(make_config(), dtype=torch.float32)
+    randomize_(model, seed)
+    path = directory / f"{family}-{qtype.name}.gguf"
+    reference = write_gguf(model, path, arch, qtype, seed)
+    model = model.to(torch.float64)
+    model.load_state_dict(reference)
+    model.save_pretrained(directory / "reference")
+    return path, hf_float64_logits(directory / "reference", PROMPT)
+
+
+def relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_llama_every_type_matches_hf(qtype, tmp_path):
+    """Every matrix in `qtype`, q/k rows permuted as the converter does: logits as HF on the dequantized weights."""
+    path, expected = gguf_and_reference("llama", qtype, tmp_path)
+    model = minielm.load(path)
+    err = relative_error(model.logits(PROMPT), expected)
+    print(f"llama {qtype.name}: logits vs HF {err:.1e}")
+    assert err <= 1e-12
+    assert model.dequantized_from == ([] if qtype in (Q.F32, Q.F16, Q.BF16) else [qtype.name])  # for explain
+
+
+FAMILY_TYPES = {"mistral": Q.Q5_0, "qwen3": Q.Q8_0, "gemma3": Q.Q4_0, "qwen2": Q.Q5_1, "olmo2": Q.Q4_1,
+                "phi3": Q.Q8_0}
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_family_matches_hf(family, tmp_path):
+    path, expected = gguf_and_reference(family, FAMILY_TYPES[family], tmp_path)
+    model = minielm.load(path)
+    err = relative_error(model.logits(PROMPT), expected)
+    print(f"{family} {FAMILY_TYPES[family].name}: logits vs HF {err:.1e}")
+    assert err <= 1e-12
+    assert minielm.equivalent_linear_map(model, PROMPT).relative_error() < 1e-13
+
+
+def test_config_from_metadata(tmp_path):
+    """What the metadata says (and llama.cpp's Gemma 3 built-ins) arrives in the Config."""
+    path, _ = gguf_and_reference("gemma3", Q.Q8_0, tmp_path)
+    config = minielm.load(path).config
+    assert config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+    assert config.sliding_window == 4 and config.query_pre_attn_scalar == 16
+    assert config.rope_parameters["full_attention"]["rope_type"] == "linear"
+    assert config.rope_parameters["full_attention"]["factor"] == 8.0
+    assert config.rope_parameters["sliding_attention"]["rope_theta"] == 10000.0
+    assert config.final_logit_softcapping == 10.0 and config.tie_word_embeddings
+
+
+def test_llama3_rope_factors(tmp_path):
+    """Llama 3.1's RoPE scaling, stored by the converter as a float32 factor per frequency (rope_freqs):
+    the frequencies are HF's llama3 ones to float32 round-off of those factors."""
+    from hf_reference import load_hf_float64
+    from minielm.rope import inverse_frequencies
+
+    rope = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=32)
+    config = FAMILIES["llama"][0]()
+    config.rope_parameters = rope
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_(model, 0)
+    write_gguf(model, tmp_path / "llama3.gguf", "llama", Q.F32)
+    model.save_pretrained(tmp_path / "hf")
+    expected = load_hf_float64(tmp_path / "hf").model.rotary_emb.inv_freq
+    loaded = minielm.load(tmp_path / "llama3.gguf").config
+    ours, scale = inverse_frequencies(loaded, loaded.rope_parameters["full_attention"], 100, torch.float64, "cpu")
+    assert scale == 1.0
+    err = ((ours - expected).abs() / expected).max().item()
+    print(f"llama3 RoPE from rope_freqs: frequencies vs HF {err:.1e}")
+    assert err < 1e-6 and not torch.allclose(expected, 1.0 / 10000.0 ** (torch.arange(0, 64, 2) / 64.0).double())
+
+
+def test_streamed_equals_loaded(tmp_path):
+    path, _ = gguf_and_reference("llama", Q.Q4_K, tmp_path)
+    loaded, streamed = minielm.load(path), minielm.load(path, stream=True)
+    assert torch.equal(loaded.logits(PROMPT), streamed.logits(PROMPT))
+    assert torch.equal(minielm.equivalent_linear_map(loaded, PROMPT).operators,
+                       minielm.equivalent_linear_map(streamed, PROMPT).operators)
+
+
+def test_unpermute_inverts_the_converters_permute():
+    rows = torch.arange(4 * 16 * 3, dtype=torch.float32).reshape(4 * 16, 3)
+    permuted = torch.from_numpy(permute(rows.numpy(), 4))
+    assert not torch.equal(permuted, rows)
+    assert torch.equal(unpermute_rows(permuted, 4), rows)
+
+
+def test_not_gguf_is_one_line_error(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(minielm.CheckpointError, match="not a readable GGUF file"):
+        minielm.load(bad)
+
+
+# ---- tokenizers from the metadata ---------------------------------------------------------------
+TEXTS = ["In the beginning God created the heaven", "  two  spaces\tand a tab\nnew line",
+         "Grüße, 東京! 🙂 1234567",
+         "And God said, Let there be light: and there was light.<eos>"]
+
+
+def write_tokenizer_gguf(path, kind, tokens, types, scores=None, merges=None, pre=None, space_prefix=True):
+    """A GGUF file holding only a vocabulary, under the keys convert_hf_to_gguf.py writes."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(kind)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if scores is not None:
+        writer.add_token_scores(scores)
+    if merges is not None:
+        writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    if kind == "llama":
+        writer.add_unk_token_id(0)
+        writer.add_add_space_prefix(space_prefix)
+    writer.add_add_bos_token(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def both_tokenizers(path):
+    from transformers import AutoTokenizer
+    from minielm.gguf import gguf_tokenizer, read_gguf
+
+    return gguf_tokenizer(read_gguf(path), path), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_sentencepiece_vocabulary(tmp_path):
+    """A SentencePiece BPE model's vocabulary and scores (Llama 2 style) as llama.cpp stores them:
+    encodes as sentencepiece itself does, and as transformers' GGUF tokenizer."""
+    import sentencepiece
+    from conftest import TEXT
+
+    (tmp_path / "corpus.txt").write_text(TEXT * 3)
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spm"), vocab_size=300, model_type="bpe",
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False)  # as Llama 2's tokenizer.model
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+    n = sp.GetPieceSize()
+    types = [2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 6 if sp.IsByte(i) else 5 if sp.IsUnused(i) else 1
+             for i in range(n)]
+    path = tmp_path / "spm.gguf"
+    write_tokenizer_gguf(path, "llama", [sp.IdToPiece(i) for i in range(n)], types, [sp.GetScore(i) for i in range(n)])
+    ours, theirs = both_tokenizers(path)
+    for text in TEXTS:
+        ids = ours.encode(text)
+        if "  " not in text:  # sentencepiece splits at every space before merging; llama.cpp does not
+            assert ids == [sp.bos_id()] + sp.EncodeAsIds(text), text
+        assert ids == theirs(text).input_ids, text
+        assert ours.decode(ids[1:]) == sp.DecodeIds(ids[1:])
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe"])
+def test_byte_level_vocabulary(tmp_path, pre):
+    """A byte-level BPE vocabulary with merges (Qwen, Llama 3 style): encodes as transformers' GGUF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from conftest import TEXT
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([TEXT] * 3, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    state = __import__("json").loads(bpe.to_str())["model"]
+    tokens = sorted(state["vocab"], key=state["vocab"].get)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in state["merges"]]
+    path = tmp_path / "bpe.gguf"
+    write_tokenizer_gguf(path, "gpt2", tokens, [3, 3, 3] + [1] * (len(tokens) - 3), merges=merges, pre=pre)
+    ours, theirs = both_tokenizers(path)
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == theirs(text).input_ids, text
+        assert ours.decode(ids) == theirs.decode(ids), text
