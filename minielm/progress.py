@@ -34,7 +34,7 @@ def progress(iterable, what: str, total: int | None = None, show: bool | None = 
 
     size = os.get_terminal_size(sys.stderr.fileno())  # a terminal that reports 0 × 0 gets 80 × 24: tqdm
     return tqdm(iterable, desc=what, total=total, file=sys.stderr, leave=False, unit=unit,  # draws no bar in 0 rows
-                ncols=size.columns or 80, nrows=size.lines or 24, mininterval=0.05)
+                ncols=size.columns or 80, nrows=size.lines or 24, mininterval=0, miniters=1)  # every layer
 
 
 class step:
