@@ -26,26 +26,36 @@ import time
 import torch
 
 import minielm
-from minielm.checkpoint import expected_shapes, save_checkpoint
+from minielm.checkpoint import expected_shapes, layer_map, save_checkpoint
 from minielm.config import Config
 from minielm.cost import Shape, assembly_flops
 
 
-def random_checkpoint(directory, d, layers, f, heads, kv_heads, vocab, seed=0, dtype=torch.float32, tied=True):
-    """A random Llama-style checkpoint of the given size (weights scaled so activations stay O(1))."""
-    config_json = dict(model_type="llama", vocab_size=vocab, hidden_size=d, intermediate_size=f,
+def random_checkpoint(directory, d, layers, f, heads, kv_heads, vocab, seed=0, dtype=torch.float32, tied=True,
+                      family="llama", head_dim=None):
+    """A random checkpoint of the given size (weights scaled so activations stay O(1)): Llama-style, or
+    with `family="gemma3_text"` Gemma 3's four norms per layer, q/k norms, tanh-GELU and sliding layers."""
+    config_json = dict(model_type=family, vocab_size=vocab, hidden_size=d, intermediate_size=f,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        max_position_embeddings=4096, tie_word_embeddings=tied)
-    shapes = expected_shapes(Config.from_dict(config_json))
+    if head_dim is not None:
+        config_json["head_dim"] = head_dim
+    if family == "gemma3_text":  # Gemma 3 270M's pattern: five sliding layers, then a global one
+        config_json.update(hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=head_dim or d // heads,
+                           sliding_window=512, rms_norm_eps=1e-6,
+                           layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                        for i in range(layers)])
+    config = Config.from_dict(config_json)
+    shapes = expected_shapes(config)
     gen = torch.Generator().manual_seed(seed)
 
     def tensor(name):
         shape = shapes[name]
-        if len(shape) == 1:
-            return 1 + 0.1 * torch.randn(shape, generator=gen)
+        if len(shape) == 1:  # norm weights: w near 1, or near 0 where the norm multiplies by (1 + w)
+            return 1 - config.norm_offset + 0.1 * torch.randn(shape, generator=gen)
         return torch.randn(shape, generator=gen) / shape[-1] ** 0.5
 
-    layer_names = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+    layer_names = [n for v in layer_map(config).values() for n in (v if isinstance(v, tuple) else (v,))]
     weights = {"embed": tensor("embed"), "final_norm": tensor("final_norm"), "lm_head": tensor("lm_head"),
                "layers": [{n: tensor(n) for n in layer_names} for _ in range(layers)]}
     save_checkpoint(directory, config_json, weights, dtype)
