@@ -33,10 +33,13 @@ forward pass whose factors are frozen: an independent path for checking.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
+from . import operators_file
+from .distributed import barrier, check_same_prompt, gather_rows, rank_and_size, rows_of
 from .errors import InputError
 from .model import Frozen, FrozenLayer, Model, times_transposed
 from .progress import progress
@@ -117,12 +120,16 @@ def mlp_sublayer(model: Model, i: int, factors: FrozenLayer, G, live, scratch: S
     W_D, gate, W_U = folded_mlp(model, model.weights["layers"][i], factors, live)
     (r, d), f, first = G.shape[1:], W_D.shape[1], live.start
     if explicit_mlp_pays(d, f, r):
-        for k in range(gate.shape[0]):  # one position at a time: M_t serves all r rows
-            scaled = torch.mul(W_U, gate[k, :, None], out=scratch.get("diag(φ) W_U", f, d))  # (f, d)
-            M = torch.mm(W_D, scaled, out=scratch.get("M", d, d))  # (d, d): M_t = W_D diag(φ_t) W_U
-            if residual:
-                M.diagonal().add_(1)  # I + M_t
-            G[first + k].copy_(torch.mm(G[first + k], M, out=scratch.get("G M", r, d)))  # (r, d)
+        step = scratch.count(f * d + d * d, gate.shape[0])  # positions whose M_t are built by one GEMM
+        for a in range(0, gate.shape[0], step):
+            c = min(step, gate.shape[0] - a)
+            scaled = torch.mul(W_U[:, None, :], gate[a:a + c].T[:, :, None],
+                               out=scratch.get("diag(φ) W_U", f, c, d))  # (f, c, d): diag(φ_t) W_U side by side
+            M = torch.mm(W_D, scaled.view(f, c * d), out=scratch.get("M", d, c * d)).view(d, c, d)  # M_t = M[:, k]
+            for k, t in enumerate(range(first + a, first + a + c)):
+                if residual:
+                    M[:, k].diagonal().add_(1)  # I + M_t
+                G[t].copy_(torch.mm(G[t], M[:, k], out=scratch.get("G M", r, d)))  # (r, d): G_t (I + M_t)
     else:
         step = scratch.count(r * f, gate.shape[0])  # positions at a time: the hidden (step·r, f) fits
         for a in range(0, gate.shape[0], step):
@@ -328,6 +335,8 @@ class EquivalentLinearMap:
 
     def logits(self) -> torch.Tensor:
         """Next-token logits (V,) from the reconstruction (final-normed targets only)."""
+        if self.model is None:
+            raise InputError("logits need the model: minielm.load_operators(path, model)")
         if self.target.startswith(("attention", "mlp")):
             raise InputError(f"logits are defined for residual-stream targets, not {self.target!r}")
         return self.model.unembed(self.reconstruct())
@@ -341,7 +350,11 @@ class EquivalentLinearMap:
         return torch.softmax(self.model.unembed(self.output), dim=-1)
 
 
-def equivalent_linear_map(model: Model, ids, layer: int | None = None, component: str = "output") -> EquivalentLinearMap:
+BLOCK_BYTES = 2**30  # with out=: rows are swept in blocks of about this many bytes of G
+
+
+def equivalent_linear_map(model: Model, ids, layer: int | None = None, component: str = "output",
+                          out=None, block: int | None = None, distributed: bool = False):
     """The per-token operators J_t (T, d, d) of the frozen model for the prompt `ids`.
 
     By default y is the final-normed hidden state at the last position (what the
@@ -349,6 +362,14 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
     final norm applied, as in Golden (2025); with `component='attention'` or
     'mlp' too: that module's output at the last position (no norm).
     No autograd is used: this works under torch.inference_mode().
+
+    Memory: the operators, one layer, and the sweep's scratch (64 MiB, or an eighth of
+    the block). `block=r` sweeps r of the d output rows at a time (default: all of them).
+    With `out=PATH` the operators go to a safetensors file a block at a time (default
+    blocks of about 1 GiB) and come back memory-mapped (`minielm.load_operators`): for
+    maps larger than memory. With `distributed=True`, under torchrun, the rows are split
+    over the ranks (see minielm.distributed): rank 0 returns the map and the others None,
+    or with `out=` every rank writes its rows and all return the file's map.
     """
     ids = model.check_ids(ids)
     L = model.config.num_hidden_layers
@@ -358,13 +379,57 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
         raise InputError(f"layer must be an integer in [0, {L}), got {layer!r}")
     if component not in ("output", "attention", "mlp"):
         raise InputError(f"component must be 'output', 'attention' or 'mlp', got {component!r}")
+    if block is not None and not (isinstance(block, int) and block >= 1):
+        raise InputError(f"block must be a positive number of rows, got {block!r}")
     layer %= L
+    rank, ranks = rank_and_size(distributed)
+    if distributed:
+        check_same_prompt(ids, model.device)
     x, frozen, states, states0 = traced(model, ids)
     y, bias, final_scale = target_values(model, states, states0, layer, component)
+    (T, d), name = x.shape, target_name(model, layer, component)
     # the seed ∂y/∂(point): the frozen final norm, or the identity on a module's output
-    seed = torch.diag(final_scale) if component == "output" else torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    operators = pull_back(model, frozen, seed, layer, component)
-    return EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, target_name(model, layer, component))
+    seed = torch.diag(final_scale) if component == "output" else torch.eye(d, dtype=x.dtype, device=x.device)
+    rows = rows_of(rank, ranks, d)  # this process's output rows: all of them unless distributed
+    if out is None:
+        operators = sweep_in_blocks(model, frozen, seed[rows], layer, component, block)
+        operators = gather_rows(operators, d, rank, ranks) if distributed else operators
+        return None if operators is None else EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, name)
+    partial = f"{out}.partial"
+    if rank == 0:
+        operators_file.create(partial, T, d, x.dtype, {"target": name, "model": str(model.directory)},
+                              ids, x, y, bias)
+    barrier(distributed)
+    block = block or max(1, BLOCK_BYTES // (T * d * x.element_size()))
+    sweep_in_blocks(model, frozen, seed[rows], layer, component, block,
+                    write=lambda a, G: operators_file.write_rows(partial, rows.start + a, G))
+    barrier(distributed)
+    if rank == 0:
+        os.replace(partial, out)
+    barrier(distributed)
+    elm = operators_file.load_operators(out)
+    elm.model, elm.frozen = model, frozen
+    return elm
+
+
+def sweep_in_blocks(model: Model, frozen: Frozen, seed, layer: int, component: str, block: int | None,
+                    write=None):
+    """The sweep for the rows of `seed` (r, d), `block` rows at a time, sharing one scratch.
+    Each block's G (T, b, d) goes to write(a, G) if given, else into one (T, r, d) tensor."""
+    r, d = seed.shape
+    T = frozen.final_norm.shape[0]
+    block = min(block or r, r) or 1
+    if block == r and write is None:
+        return pull_back(model, frozen, seed, layer, component)  # one block: its G is the result
+    scratch = Scratch(seed, max(SCRATCH_BYTES, T * block * d * seed.element_size() // 8))
+    operators = None if write is not None else seed.new_empty(T, r, d)
+    for a in range(0, r, block):
+        G = pull_back(model, frozen, seed[a:a + block], layer, component, scratch)
+        if write is None:
+            operators[:, a:a + block] = G
+        else:
+            write(a, G)
+    return operators
 
 
 def target_name(model: Model, layer: int, component: str) -> str:
