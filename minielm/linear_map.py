@@ -120,7 +120,7 @@ def mlp_sublayer(model: Model, i: int, factors: FrozenLayer, G, live, scratch: S
     W_D, gate, W_U = folded_mlp(model, model.weights["layers"][i], factors, live)
     (r, d), f, first = G.shape[1:], W_D.shape[1], live.start
     if explicit_mlp_pays(d, f, r):
-        step = scratch.count(f * d + d * d, gate.shape[0])  # positions whose M_t are built by one GEMM
+        step = scratch.count(f * d + d * d, min(gate.shape[0], -(-2048 // d)))  # positions whose M_t one GEMM builds
         for a in range(0, gate.shape[0], step):
             c = min(step, gate.shape[0] - a)
             scaled = torch.mul(W_U[:, None, :], gate[a:a + c].T[:, :, None],
@@ -248,9 +248,12 @@ def pull_back(model: Model, frozen: Frozen, seed, layer: int, component: str, sc
     output of that layer's 'attention' or 'mlp' module, whose branch alone is applied first.
     """
     T, (r, d) = frozen.final_norm.shape[0], seed.shape
-    G = seed.new_zeros(T, r, d)
+    if scratch is None:  # G is the result
+        G = seed.new_zeros(T, r, d)
+        scratch = scratch_for(G)
+    else:  # one block of many: G is taken from the scratch, and valid until the next block
+        G = scratch.get("G", T, r, d).zero_()
     G[-1] = seed
-    scratch = scratch or scratch_for(G)
     live, every = slice(T - 1, T), slice(0, T)
     mlp_done = False  # the MLP below the top attention, when the low-rank form has carried G through it
     for i in progress(range(layer, -1, -1), "sweep", layer + 1):
