@@ -253,6 +253,26 @@ def steer_command(args) -> int:
     return 0
 
 
+# ---- operators ------------------------------------------------------------------------------------
+def operators_command(args) -> int:
+    """Write a prompt's operators to a safetensors file, a block of rows at a time (torchrun: --distributed)."""
+    import os
+
+    if args.distributed:  # under torchrun: one process per device, the rows split over them
+        gpu = args.device.startswith("cuda")
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if gpu else args.device
+        torch.distributed.init_process_group("nccl" if gpu else "gloo")
+    model = load_model(args)
+    ids = model.tokenizer.encode(args.prompt)
+    elm = equivalent_linear_map(model, ids, out=args.out, block=args.block, distributed=args.distributed)
+    if not args.distributed or torch.distributed.get_rank() == 0:
+        T, d, _ = elm.operators.shape
+        print(f"{args.out}: J_t for {T} tokens, {T} × {d} × {d} {str(model.dtype).removeprefix('torch.')} "
+              f"({elm.operators.numel() * elm.operators.element_size() / 2**20:.0f} MiB); "
+              f"reconstruction error {elm.relative_error():.1e}")
+    return 0
+
+
 # ---- generate -------------------------------------------------------------------------------------
 def generate(args) -> int:
     model = load_model(args)
@@ -298,6 +318,12 @@ def build_parser():
     sub.add_argument("--layer", type=int, required=True)
     sub.add_argument("--scale", type=float, default=1.0, help="λ, relative to the hidden state's norm")
     sub.add_argument("--max-new-tokens", type=int, default=30)
+
+    sub = command("operators", operators_command, "write a prompt's operators J_t to a safetensors file")
+    sub.add_argument("prompt")
+    sub.add_argument("--out", required=True, metavar="FILE.safetensors")
+    sub.add_argument("--block", type=int, help="output rows swept at a time (default: about 1 GiB of them)")
+    sub.add_argument("--distributed", action="store_true", help="under torchrun: split the rows over the ranks")
 
     sub = command("generate", generate, "continue a prompt (greedy unless --temperature)")
     sub.add_argument("prompt")
