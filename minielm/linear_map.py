@@ -342,7 +342,7 @@ class EquivalentLinearMap:
             raise InputError("logits need the model: minielm.load_operators(path, model)")
         if self.target.startswith(("attention", "mlp")):
             raise InputError(f"logits are defined for residual-stream targets, not {self.target!r}")
-        return self.model.unembed(self.reconstruct())
+        return self.model.unembed(self.reconstruct().to(self.model.device))  # a file's map is on the CPU
 
     def probabilities(self) -> torch.Tensor:
         """Next-token probabilities (V,) from the reconstruction."""
@@ -350,7 +350,7 @@ class EquivalentLinearMap:
 
     def model_probabilities(self) -> torch.Tensor:
         """The model's own next-token probabilities for the same target: (V,)."""
-        return torch.softmax(self.model.unembed(self.output), dim=-1)
+        return torch.softmax(self.model.unembed(self.output.to(self.model.device)), dim=-1)
 
 
 BLOCK_BYTES = 2**30  # with out=: rows are swept in blocks of about this many bytes of G
