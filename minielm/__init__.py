@@ -11,11 +11,12 @@ from .errors import (CheckpointError, ConfigError, InputError, MinielmError, Num
 from .linear_map import Attribution, EquivalentLinearMap, attribution, detached_jacobian, equivalent_linear_map
 from .loader import load
 from .model import Model
+from .operators_file import load_operators
 from .spectra import singular_vectors
 
 __all__ = [
     "load", "Model",
-    "equivalent_linear_map", "EquivalentLinearMap", "detached_jacobian", "attribution", "Attribution",
+    "equivalent_linear_map", "EquivalentLinearMap", "load_operators", "detached_jacobian", "attribution", "Attribution",
     "singular_vectors",
     "MinielmError", "CheckpointError", "ConfigError", "TokenizerError", "InputError", "NumericalError", "OutputError",
 ]

@@ -98,6 +98,10 @@ def check_arguments(args) -> None:
         plot_format(args.plot)
     if getattr(args, "html", None) is not None:
         writable_output(args.html, "--html")
+    if getattr(args, "out", None) is not None:
+        writable_output(args.out, "--out")
+    if getattr(args, "block", None) is not None:
+        checks.integer("--block", args.block, 1, why="output rows swept at a time")
     if getattr(args, "k", None) is not None:
         d = config.hidden_size if config else None
         checks.integer("-k", args.k, 1, d, closed=True, why="at most the model's hidden_size" if d else "")
@@ -452,6 +456,26 @@ def number_list(text, kind, flag) -> list:
         raise InputError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
+# ---- operators ------------------------------------------------------------------------------------
+def operators_command(args) -> int:
+    """Write a prompt's operators to a safetensors file, a block of rows at a time (torchrun: --distributed)."""
+    import os
+
+    if args.distributed:  # under torchrun: one process per device, the rows split over them
+        gpu = args.device.startswith("cuda")
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if gpu else args.device
+        torch.distributed.init_process_group("nccl" if gpu else "gloo")
+    model = load_model(args)
+    ids = model.tokenizer.encode(args.prompt)
+    elm = equivalent_linear_map(model, ids, out=args.out, block=args.block, distributed=args.distributed)
+    if not args.distributed or torch.distributed.get_rank() == 0:
+        T, d, _ = elm.operators.shape
+        print(f"{args.out}: J_t for {T} tokens, {T} × {d} × {d} {str(model.dtype).removeprefix('torch.')} "
+              f"({elm.operators.numel() * elm.operators.element_size() / 2**20:.0f} MiB); "
+              f"reconstruction error {elm.relative_error():.1e}")
+    return 0
+
+
 # ---- generate -------------------------------------------------------------------------------------
 def generate(args) -> int:
     model = load_model(args)
@@ -536,6 +560,12 @@ def build_parser():
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--json", action="store_true", help="print the rows as JSON")
     sub.add_argument("--plot", metavar="FILE.png", help="write lift against fluency cost")
+
+    sub = command("operators", operators_command, "write a prompt's operators J_t to a safetensors file")
+    prompt_arguments(sub)
+    sub.add_argument("--out", required=True, metavar="FILE.safetensors")
+    sub.add_argument("--block", type=int, help="output rows swept at a time (default: about 1 GiB of them)")
+    sub.add_argument("--distributed", action="store_true", help="under torchrun: split the rows over the ranks")
 
     sub = command("generate", generate, "continue a prompt (greedy unless --temperature)")
     prompt_arguments(sub)

@@ -97,7 +97,19 @@ def lanczos_flops(s: Shape, T: int, steps: int, block: int = 1) -> int:
     return products + left + right
 
 
-def assembly_bytes(s: Shape, T: int, b: int = 8) -> dict:
-    """Memory of the analytic assembly: the operator state, one layer's weights, the largest temporary."""
-    return {"operators": T * s.d * s.d * b, "one_layer": s.layer_params * b, "weights": s.params * b,
-            "temporary": T * s.d * max(s.d, s.H * s.hd) * b}
+def assembly_bytes(s: Shape, T: int, b: int = 8, rows: int | None = None) -> dict:
+    """Memory of the analytic assembly of `rows` of the d output rows (default all; a rank's share
+    under torchrun): the operators held, one layer's weights, the sweep's scratch (64 MiB or an
+    eighth of the block, see linear_map.Scratch), and the frozen factors (P and the gates of
+    every layer) with the traced states (each layer's outputs at x and at 0)."""
+    rows = s.d if rows is None else rows
+    operators = T * rows * s.d * b
+    return {"operators": operators, "one_layer": s.layer_params * b, "weights": s.params * b,
+            "scratch": max(64 * 2**20, operators // 8),
+            "factors": s.L * (s.H * T * T + T * s.f) * b, "states": 6 * s.L * T * s.d * b}
+
+
+def streamed_bytes(s: Shape, file_bytes: int = 2) -> int:
+    """Weights read from the file per pass over the layers (bf16: 2 bytes a number). A map reads
+    them three times: the forward pass at x, the frozen pass at 0 (the affine part), the sweep."""
+    return s.L * s.layer_params * file_bytes

@@ -20,101 +20,187 @@ branch Jacobians are products of frozen matrices:
 with Pre_t = diag(w̃)/ρ_t of the pre-norm and Post_t that of the post-norm (the
 identity where a family has none). At the bottom, J_t = G_t.
 
+The d rows of the target are independent: each is swept down on its own, with
+the same frozen factors. So the sweep runs on blocks of rows (all d at once by
+default), a block can be written out as soon as it is done (`out=`), and the
+ranks of a distributed run each take their own rows. Memory is the block's G,
+one layer, and a fixed amount of scratch reused by every sublayer.
+
 `detached_jacobian` computes the same operators through autograd, from a
 forward pass whose factors are frozen: an independent path for checking.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
 
-from . import checks
+from . import checks, operators_file
+from .distributed import barrier, check_same_prompt, gather_rows, rank_and_size, rows_of
 from .errors import InputError
 from .model import Frozen, FrozenLayer, Model, times_transposed
 from .progress import progress
 
 
-# ---- one residual branch, backwards -------------------------------------------------------
+# ---- scratch memory ------------------------------------------------------------------------
+SCRATCH_BYTES = 64 * 2**20  # the least scratch a sweep uses; a larger block gets an eighth of its own size
+
+
+class Scratch:
+    """Named scratch tensors, allocated once and reused by every sublayer, layer and block.
+
+    A sweep's temporaries (the heads of G W_O, the mixed sources, an MLP's d × d matrix, ...)
+    take the same few shapes over and over. Taken from here rather than allocated each time,
+    they cost no allocation and no fresh pages after the first layer, and the peak stays at
+    one block's work. `count(numbers, most)` says how many items of that many numbers fit in
+    the budget: the sweep takes rows or positions that many at a time.
+    """
+
+    def __init__(self, like: torch.Tensor, budget: int):
+        self.like, self.budget, self.tensors = like, budget, {}
+
+    def get(self, name: str, *shape) -> torch.Tensor:
+        n = math.prod(shape)
+        if name not in self.tensors or self.tensors[name].numel() < n:
+            self.tensors.pop(name, None)  # the smaller one goes before the larger one comes
+            self.tensors[name] = self.like.new_empty(n)
+        return self.tensors[name][:n].view(shape)
+
+    def count(self, numbers: int, most: int) -> int:
+        return max(1, min(most, self.budget // max(1, numbers * self.like.element_size())))
+
+
+def scratch_for(G: torch.Tensor) -> Scratch:
+    """The scratch of a sweep carrying G (T, r, d): SCRATCH_BYTES, or an eighth of G if larger."""
+    return Scratch(G, max(SCRATCH_BYTES, G.numel() * G.element_size() // 8))
+
+
+# ---- one residual sublayer, backwards -----------------------------------------------------
+# G (T, r, d) is updated in place. `live` is the slice of positions where G is nonzero: only
+# the last one at the top of the sweep, all of them below the first attention sublayer.
+#
 # The norms' frozen factors are diag(w̃) / ρ_t: a fixed diagonal times one scalar per
 # token. The diagonal folds into the adjacent weight matrix and the scalar into the
 # per-token factor already there (the MLP gate, the attention probabilities), so the
 # sweep never rescales the large G.
-def folded_mlp(model: Model, w: dict, factors: FrozenLayer, rows):
+def folded_mlp(model: Model, w: dict, factors: FrozenLayer, live):
     """W_D (d, f), W_U (f, d) with the norms' diagonals folded in, and the gate (T', f)
     times the norms' 1/ρ: Post_t W_D diag(φ_t) W_U Pre_t = W_D' diag(φ'_t) W_U'."""
-    offset, W_D, W_U, gate = model.config.norm_offset, w["w_down"], w["w_up"], factors.gate[rows]
+    offset, W_D, W_U, gate = model.config.norm_offset, w["w_down"], w["w_up"], factors.gate[live]
     if w.get("mlp_post_norm") is not None:
-        W_D, gate = (offset + w["mlp_post_norm"])[:, None] * W_D, gate * factors.mlp_post_norm[rows]
+        W_D, gate = (offset + w["mlp_post_norm"])[:, None] * W_D, gate * factors.mlp_post_norm[live]
     if w.get("mlp_norm") is not None:
-        W_U, gate = W_U * (offset + w["mlp_norm"]), gate * factors.mlp_norm[rows]
+        W_U, gate = W_U * (offset + w["mlp_norm"]), gate * factors.mlp_norm[live]
     return W_D, gate, W_U
 
 
-def folded_attention(model: Model, w: dict, factors: FrozenLayer, rows):
+def folded_attention(model: Model, w: dict, factors: FrozenLayer, live):
     """W_O (d, H*hd), W_V (Hkv*hd, d) with the norms' diagonals folded in, and P (H, T', S)
     times the post-norm's 1/ρ of each query and the pre-norm's 1/ρ of each source."""
-    offset, W_O, W_V, P = model.config.norm_offset, w["wo"], w["wv"], factors.probs[:, rows]
+    offset, W_O, W_V, P = model.config.norm_offset, w["wo"], w["wv"], factors.probs[:, live]
     if w.get("attn_post_norm") is not None:
-        W_O, P = (offset + w["attn_post_norm"])[:, None] * W_O, P * factors.attn_post_norm[rows][None]
+        W_O, P = (offset + w["attn_post_norm"])[:, None] * W_O, P * factors.attn_post_norm[live][None]
     if w.get("attn_norm") is not None:
         W_V, P = W_V * (offset + w["attn_norm"]), P * factors.attn_norm[: P.shape[-1]].T[None]
     return W_O, P, W_V
 
 
-def mlp_branch(model: Model, i: int, factors: FrozenLayer, G, rows, residual=False):
-    """Σ of G_t · Post_t W_D diag(φ_t) W_U Pre_t over the positions in `rows`: (T', r, d).
-    With `residual`, G_t plus that, the addition fused into the last GEMM.
+def explicit_mlp_pays(d: int, f: int, r: int) -> bool:
+    """Whether r rows go through an MLP faster as G_t M_t, with M_t = W_D diag(φ_t) W_U built
+    once (2·d²·f flops, then 2·r·d²), than factored through the f-wide hidden layer (4·r·d·f)."""
+    return d * f + r * d < 2 * r * f
 
-    Applied factored (two GEMMs through the f-wide hidden layer, 4·r·d·f flops a
-    position) or through the explicit d × d matrices W_D diag(φ_t) W_U (2·d²·f to
-    build, 2·r·d² to apply), whichever costs less: explicit wins for r = d when f > d.
+
+def mlp_sublayer(model: Model, i: int, factors: FrozenLayer, G, live, scratch: Scratch, residual=True):
+    """G_t <- G_t (I + M_t) at the live positions, M_t = Post_t W_D diag(φ_t) W_U Pre_t;
+    without `residual`, G_t <- G_t M_t (the MLP module's own map)."""
+    W_D, gate, W_U = folded_mlp(model, model.weights["layers"][i], factors, live)
+    (r, d), f, first = G.shape[1:], W_D.shape[1], live.start
+    if explicit_mlp_pays(d, f, r):
+        step = scratch.count(f * d + d * d, min(gate.shape[0], -(-2048 // d)))  # positions whose M_t one GEMM builds
+        for a in range(0, gate.shape[0], step):
+            c = min(step, gate.shape[0] - a)
+            scaled = torch.mul(W_U[:, None, :], gate[a:a + c].T[:, :, None],
+                               out=scratch.get("diag(φ) W_U", f, c, d))  # (f, c, d): diag(φ_t) W_U side by side
+            M = torch.mm(W_D, scaled.view(f, c * d), out=scratch.get("M", d, c * d)).view(d, c, d)  # M_t = M[:, k]
+            for k, t in enumerate(range(first + a, first + a + c)):
+                if residual:
+                    M[:, k].diagonal().add_(1)  # I + M_t
+                G[t].copy_(torch.mm(G[t], M[:, k], out=scratch.get("G M", r, d)))  # (r, d): G_t (I + M_t)
+    else:
+        step = scratch.count(r * f, gate.shape[0])  # positions at a time: the hidden (step·r, f) fits
+        for a in range(0, gate.shape[0], step):
+            b = min(a + step, gate.shape[0])
+            Ga = G[first + a:first + b].view(-1, d)  # ((b-a)·r, d)
+            X = torch.mm(Ga, W_D, out=scratch.get("G W_D", (b - a) * r, f))  # ((b-a)·r, f): G_t W_D
+            X.view(b - a, r, f).mul_(gate[a:b, None, :])  # · diag(φ_t)
+            if residual:
+                torch.addmm(Ga, X, W_U, out=Ga)  # G_t += G_t W_D diag(φ_t) W_U, the addition fused into the GEMM
+            else:
+                torch.mm(X, W_U, out=Ga)
+
+
+def heads(G, W_O, H: int, scratch: Scratch):
+    """G_t W_O^h for every head, by head: (H, T', r, hd), from G (T', r, d)."""
+    (T_, r, d), hd = G.shape, W_O.shape[1] // H
+    A = torch.mm(G.view(-1, d), W_O, out=scratch.get("G W_O", T_ * r, H * hd))  # (T'·r, H·hd): one GEMM
+    by_head = scratch.get("heads", H, T_, r, hd)
+    by_head.copy_(A.view(T_, r, H, hd).permute(2, 0, 1, 3))  # (H, T', r, hd)
+    return by_head
+
+
+def mix(by_head, P, Hkv: int, scratch: Scratch):
+    """C_s = Σ_t Σ_h P_h[t,s] (G_t W_O^h), the query heads that share a key-value head summed (GQA):
+    (S, r, Hkv·hd), from the heads (H, T', r, hd) and P (H, T', S). One GEMM per key-value head."""
+    (H, T_, r, hd), S = by_head.shape, P.shape[-1]
+    g = H // Hkv  # query heads per key-value head
+    C = scratch.get("mixed", Hkv, S, r * hd)
+    for k in range(Hkv):
+        group = slice(k * g, (k + 1) * g)
+        torch.mm(P[group].reshape(g * T_, S).T, by_head[group].reshape(g * T_, r * hd), out=C[k])  # (S, r·hd)
+    if Hkv == 1:
+        return C.view(S, r, hd)
+    by_source = scratch.get("mixed by source", S, r, Hkv * hd)
+    by_source.view(S, r, Hkv, hd).copy_(C.view(Hkv, S, r, hd).permute(1, 2, 0, 3))
+    return by_source
+
+
+def attention_sublayer(model: Model, i: int, factors: FrozenLayer, G, scratch: Scratch):
+    """G_s <- G_s + Σ_t Σ_h G_t W_O^h P_h[t,s] W_V^g(h) for every source s (all positions live).
+
+    Rows are independent, so they go n at a time: the head-sized temporaries, (T, n, H·hd)
+    and larger than G's own rows when H·hd > d (Gemma 3), stay within the scratch budget.
     """
-    W_D, gate, W_U = folded_mlp(model, model.weights["layers"][i], factors, rows)
-    G = G[rows]
-    (T_, r, d), f = G.shape, W_D.shape[1]
-    explicit = d * f + r * d < 2 * r * f
-    out = torch.empty_like(G)
-    step = max(1, T_ * d // f)  # positions at a time: the (step, ·, f) temporaries stay within G's size
-    for a in range(0, T_, step):
-        g, Ga = gate[a:a + step, None, :], G[a:a + step]  # (step, 1, f), (step, r, d)
-        if explicit:  # (step, d, d) operators W_D diag(φ_t) W_U, then one (r×d)(d×d) product per position
-            M = (W_D[None] * g) @ W_U
-            torch.baddbmm(Ga, Ga, M, beta=1 if residual else 0, out=out[a:a + step])
-        else:  # factored: (r×d)(d×f), scale by φ, (r×f)(f×d)
-            X = ((Ga @ W_D) * g).flatten(0, 1)  # (step·r, f)
-            torch.addmm(Ga.flatten(0, 1), X, W_U, beta=1 if residual else 0, out=out[a:a + step].flatten(0, 1))
-    return out
+    W_O, P, W_V = folded_attention(model, model.weights["layers"][i], factors, slice(None))
+    (T, r, d), kv = G.shape, W_V.shape[0]
+    n = scratch.count(T * (d + 2 * W_O.shape[1] + 2 * kv), r)  # rows at a time
+    for a in range(0, r, n):
+        rows = G if n >= r else scratch.get("rows", T, min(n, r - a), d).copy_(G[:, a:a + n])  # (T, n, d)
+        C = mix(heads(rows, W_O, model.config.num_attention_heads, scratch), P,
+                model.config.num_key_value_heads, scratch)  # (T, n, kv)
+        target = rows.view(-1, d)
+        torch.addmm(target, C.view(-1, kv), W_V, out=target)  # G_s += C_s W_V'
+        if n < r:
+            G[:, a:a + n].copy_(rows)
 
 
-def attention_mix(model: Model, i: int, factors: FrozenLayer, G, rows):
-    """C (S, r, Hkv*hd) and W_V' (Hkv*hd, d): the attention branch is C_s W_V' for every source s.
-
-    C_s = Σ_t G_t W_O^h P_h[t,s], with the query heads that share a key-value head
-    summed before W_V (GQA).
-    """
-    config = model.config
-    H, Hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    W_O, P, W_V = folded_attention(model, model.weights["layers"][i], factors, rows)
-    Gr = G[rows]
-    T_, r = Gr.shape[0], Gr.shape[1]
-    A = (Gr @ W_O).view(T_, r, Hkv, H // Hkv, hd)  # (T', r, Hkv, G, hd): G_t W_O^h
-    C = torch.einsum("kgts,trkge->srke", P.reshape(Hkv, H // Hkv, T_, -1), A)  # (S, r, Hkv, hd): mix over t, sum the group
-    return C.reshape(C.shape[0], r, Hkv * hd), W_V
-
-
-def attention_branch(model: Model, i: int, factors: FrozenLayer, G, rows, into=None):
-    """Σ_t G_t · Post_t W_O^h P_h[t,s] W_V^g(h) Pre_s for every source s: (S, r, d).
-    With `into` (a contiguous (T, r, d) tensor, G itself in the sweep), added to it in place.
-    """
-    C, W_V = attention_mix(model, i, factors, G, rows)
-    (S, r, kv), d = C.shape, W_V.shape[1]
-    if into is None:
-        return (C.view(S * r, kv) @ W_V).view(S, r, d)  # (S, r, d)
-    target = into[:S].view(S * r, d)
-    torch.addmm(target, C.view(S * r, kv), W_V, out=target)  # G_s += C_s W_V, the addition fused into the GEMM
-    return into[:S]
+def attention_from_last(model: Model, i: int, factors: FrozenLayer, G, scratch: Scratch, residual=True):
+    """The attention sublayer when G is nonzero at the last position only (the top of the sweep):
+    every source s receives C_s W_V' with C_s = Σ_h P_h[T,s] G_T W_O^h, a chunk of sources at a time.
+    Without `residual`, G_T is replaced by its own share (the attention module's own map)."""
+    T, r, d = G.shape
+    W_O, P, W_V = folded_attention(model, model.weights["layers"][i], factors, slice(T - 1, T))
+    by_head = heads(G[-1:], W_O, model.config.num_attention_heads, scratch)  # (H, 1, r, hd)
+    if not residual:
+        G[-1].zero_()
+    step = scratch.count(2 * r * W_V.shape[0], T)
+    for a in range(0, T, step):
+        C = mix(by_head, P[:, :, a:a + step], model.config.num_key_value_heads, scratch)  # (c, r, kv)
+        target = G[a:a + step].view(-1, d)
+        torch.addmm(target, C.view(-1, W_V.shape[0]), W_V, out=target)  # G_s += C_s W_V'
 
 
 def low_rank_pays(model: Model, r: int) -> bool:
@@ -125,78 +211,65 @@ def low_rank_pays(model: Model, r: int) -> bool:
     return kv * f < min(d * f + r * d, 2 * r * f)
 
 
-def spread_from_the_top(model: Model, frozen: Frozen, G, attention_layer: int, mlp_layer: int):
-    """The top attention sublayer and the MLP below it, when G is nonzero at the last position only.
+def attention_and_mlp_from_last(model: Model, frozen: Frozen, i: int, G, scratch: Scratch):
+    """The top attention sublayer (layer i) and the MLP below it (layer i - 1), when G is nonzero
+    at the last position only.
 
-    Every source s < T then receives exactly G_s = C_s W_V' (rank Hkv·hd), so the MLP
-    below acts on the small factor: G_s (I + M_s) = C_s R_s with
-    R_s = W_V' + (W_V' W_D) diag(φ_s) W_U, 2·kv·f·d flops a position instead of about
-    2·d²·f. The last position, which also carries the residual path, goes the full way.
+    Every source s < T then receives exactly C_s W_V' (rank Hkv·hd), so the MLP below acts on
+    the small factor: C_s W_V' (I + M_s) = C_s R_s with R_s = W_V' + (W_V' W_D) diag(φ_s) W_U,
+    2·kv·f·d flops a position instead of about 2·d²·f. The last position, which also carries
+    the residual path, goes the full way.
     """
-    T = G.shape[0]
-    C, W_V = attention_mix(model, attention_layer, frozen.layers[attention_layer], G, slice(T - 1, T))
-    G[-1] += C[-1] @ W_V
-    G[-1:] = mlp_branch(model, mlp_layer, frozen.layers[mlp_layer], G, slice(T - 1, T), residual=True)
-    W_D, gate, W_U = folded_mlp(model, model.weights["layers"][mlp_layer], frozen.layers[mlp_layer], slice(0, T - 1))
+    (T, r, d), j = G.shape, i - 1
+    H, Hkv = model.config.num_attention_heads, model.config.num_key_value_heads
+    W_O, P, W_V = folded_attention(model, model.weights["layers"][i], frozen.layers[i], slice(T - 1, T))
+    by_head = heads(G[-1:], W_O, H, scratch)  # (H, 1, r, hd)
+    torch.addmm(G[-1], mix(by_head, P[:, :, T - 1:], Hkv, scratch)[0], W_V, out=G[-1])  # G_T += C_T W_V'
+    mlp_sublayer(model, j, frozen.layers[j], G, slice(T - 1, T), scratch)  # G_T (I + M_T)
+    W_D, gate, W_U = folded_mlp(model, model.weights["layers"][j], frozen.layers[j], slice(0, T - 1))
     VD = W_V @ W_D  # (kv, f)
-    (kv, d), f = W_V.shape, W_D.shape[1]
-    step = max(1, (T - 1) * d // f)  # positions at a time: the (step, kv, f) temporary stays small
+    (kv, f) = VD.shape
+    step = scratch.count(r * kv + kv * d, T - 1)  # sources at a time: C and R of the chunk fit
     for a in range(0, T - 1, step):
         b = min(a + step, T - 1)
-        R = ((VD[None] * gate[a:b, None, :]).view(-1, f) @ W_U).view(b - a, kv, d) + W_V  # (step, kv, d): R_s
-        torch.bmm(C[a:b], R, out=G[a:b])  # (step, r, d): C_s R_s
-    return G
+        C = mix(by_head, P[:, :, a:b], Hkv, scratch)  # (b-a, r, kv)
+        R = scratch.get("R", b - a, kv, d)
+        for k in range(b - a):
+            scaled = torch.mul(VD, gate[a + k], out=scratch.get("W_V' W_D diag(φ)", kv, f))  # (kv, f)
+            torch.addmm(W_V, scaled, W_U, out=R[k])  # (kv, d): R_s = W_V' + W_V' W_D diag(φ_s) W_U
+        torch.bmm(C, R, out=G[a:b])  # (b-a, r, d): G_s = C_s R_s
 
 
-def sweep_down(model: Model, frozen: Frozen, G, rows, stages):
-    """Carry G (T, r, d) down through `stages`, [(layer, 'mlp' | 'attention'), ...] top first.
-
-    `rows` is the slice of positions where G is nonzero: only the last one at
-    the top, all of them below the first attention sublayer.
-    """
-    T, stages = G.shape[0], list(stages)
-    k = 0
-    while k < len(stages):
-        i, kind = stages[k]
-        if kind == "mlp" and rows == slice(0, T):
-            G = mlp_branch(model, i, frozen.layers[i], G, rows, residual=True)
-        elif kind == "mlp":
-            G[rows] += mlp_branch(model, i, frozen.layers[i], G, rows)
-        elif k + 1 < len(stages) and rows != slice(0, T) and T > 1 and low_rank_pays(model, G.shape[1]):
-            G = spread_from_the_top(model, frozen, G, i, stages[k + 1][0])
-            rows, k = slice(0, T), k + 1
-        else:
-            attention_branch(model, i, frozen.layers[i], G, rows, into=G)
-            rows = slice(0, T)
-        k += 1
-    return G
-
-
-def pull_back(model: Model, frozen: Frozen, seed, layer: int, component: str):
+# ---- the sweep ----------------------------------------------------------------------------
+def pull_back(model: Model, frozen: Frozen, seed, layer: int, component: str, scratch: Scratch | None = None):
     """G (T, r, d) at the inputs, from seed (r, d) = ∂target/∂(point) at the last position.
 
     The point is the residual stream after `layer` (component 'output'), or the
-    output of that layer's 'attention' or 'mlp' module, whose branch is applied first.
+    output of that layer's 'attention' or 'mlp' module, whose branch alone is applied first.
     """
     T, (r, d) = frozen.final_norm.shape[0], seed.shape
-    G = seed.new_zeros(T, r, d)
+    if scratch is None:  # G is the result
+        G = seed.new_zeros(T, r, d)
+        scratch = scratch_for(G)
+    else:  # one block of many: G is taken from the scratch, and valid until the next block
+        G = scratch.get("G", T, r, d).zero_()
     G[-1] = seed
-    rows = slice(T - 1, T)
-    if component == "mlp":
-        G[rows] = mlp_branch(model, layer, frozen.layers[layer], G, rows)
-    elif component == "attention":
-        D = attention_branch(model, layer, frozen.layers[layer], G, rows)
-        G.zero_()
-        G[: D.shape[0]] = D
-        rows = slice(0, D.shape[0])
-    return sweep_down(model, frozen, G, rows, stages_below(layer, component))
-
-
-def stages_below(layer: int, kind: str):
-    """The sublayers under a point, top first: below `kind` of `layer` ('output' = above the MLP)."""
-    order = [(i, k) for i in range(layer, -1, -1) for k in ("mlp", "attention")]
-    start = {"output": 0, "mlp": 1, "attention": 2}[kind]
-    return order[start:]
+    live, every = slice(T - 1, T), slice(0, T)
+    mlp_done = False  # the MLP below the top attention, when the low-rank form has carried G through it
+    for i in progress(range(layer, -1, -1), "sweep", layer + 1):
+        own = i == layer  # the target's own layer: a module target takes its branch alone
+        if (not own or component != "attention") and not mlp_done:
+            mlp_sublayer(model, i, frozen.layers[i], G, live, scratch, residual=not (own and component == "mlp"))
+        mlp_done = False
+        if live == every:
+            attention_sublayer(model, i, frozen.layers[i], G, scratch)
+        elif i > 0 and T > 1 and not (own and component == "attention") and low_rank_pays(model, r):
+            attention_and_mlp_from_last(model, frozen, i, G, scratch)
+            mlp_done = True
+        else:
+            attention_from_last(model, i, frozen.layers[i], G, scratch, residual=not (own and component == "attention"))
+        live = every
+    return G
 
 
 # ---- the frozen forward, with every intermediate state ---------------------------------------
@@ -265,9 +338,11 @@ class EquivalentLinearMap:
 
     def logits(self) -> torch.Tensor:
         """Next-token logits (V,) from the reconstruction (final-normed targets only)."""
+        if self.model is None:
+            raise InputError("logits need the model: minielm.load_operators(path, model)")
         if self.target.startswith(("attention", "mlp")):
             raise InputError(f"logits are defined for residual-stream targets, not {self.target!r}")
-        return self.model.unembed(self.reconstruct())
+        return self.model.unembed(self.reconstruct().to(self.model.device))  # a file's map is on the CPU
 
     def probabilities(self) -> torch.Tensor:
         """Next-token probabilities (V,) from the reconstruction."""
@@ -275,14 +350,18 @@ class EquivalentLinearMap:
 
     def model_probabilities(self) -> torch.Tensor:
         """The model's own next-token probabilities for the same target: (V,)."""
-        return torch.softmax(self.model.unembed(self.output), dim=-1)
+        return torch.softmax(self.model.unembed(self.output.to(self.model.device)), dim=-1)
 
     def _repr_html_(self) -> str:  # Jupyter: tokens by share of y, each J_t's spectrum (minielm.report)
         from .report import map_html
         return map_html(self)
 
 
-def equivalent_linear_map(model: Model, ids, layer: int | None = None, component: str = "output") -> EquivalentLinearMap:
+BLOCK_BYTES = 2**30  # with out=: rows are swept in blocks of about this many bytes of G
+
+
+def equivalent_linear_map(model: Model, ids, layer: int | None = None, component: str = "output",
+                          out=None, block: int | None = None, distributed: bool = False):
     """The per-token operators J_t (T, d, d) of the frozen model for the prompt `ids`.
 
     By default y is the final-normed hidden state at the last position (what the
@@ -290,15 +369,69 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
     final norm applied, as in Golden (2025); with `component='attention'` or
     'mlp' too: that module's output at the last position (no norm).
     No autograd is used: this works under torch.inference_mode().
+
+    Memory: the operators, one layer, and the sweep's scratch (64 MiB, or an eighth of
+    the block). `block=r` sweeps r of the d output rows at a time (default: all of them).
+    With `out=PATH` the operators go to a safetensors file a block at a time (default
+    blocks of about 1 GiB) and come back memory-mapped (`minielm.load_operators`): for
+    maps larger than memory. With `distributed=True`, under torchrun, the rows are split
+    over the ranks (see minielm.distributed): rank 0 returns the map and the others None,
+    or with `out=` every rank writes its rows and all return the file's map.
     """
     ids = checked_ids(model, ids)
     layer, component = checked_target(model, layer, component)
+    block = checks.optional_integer("block", block, 1, why="output rows swept at a time")
+    distributed = checks.boolean("distributed", distributed)
+    if out is not None and not isinstance(out, (str, os.PathLike)) or out == "":
+        raise InputError(f"out must be a file path, got {out!r}")
+    rank, ranks = rank_and_size(distributed)
+    if distributed:
+        check_same_prompt(ids, model.device)
     x, frozen, states, states0 = traced(model, ids)
     y, bias, final_scale = target_values(model, states, states0, layer, component)
+    (T, d), name = x.shape, target_name(model, layer, component)
     # the seed ∂y/∂(point): the frozen final norm, or the identity on a module's output
-    seed = torch.diag(final_scale) if component == "output" else torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    operators = pull_back(model, frozen, seed, layer, component)
-    return EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, target_name(model, layer, component))
+    seed = torch.diag(final_scale) if component == "output" else torch.eye(d, dtype=x.dtype, device=x.device)
+    rows = rows_of(rank, ranks, d)  # this process's output rows: all of them unless distributed
+    if out is None:
+        operators = sweep_in_blocks(model, frozen, seed[rows], layer, component, block)
+        operators = gather_rows(operators, d, rank, ranks) if distributed else operators
+        return None if operators is None else EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, name)
+    partial = f"{out}.partial"
+    if rank == 0:
+        operators_file.create(partial, T, d, x.dtype, {"target": name, "model": str(model.directory)},
+                              ids, x, y, bias)
+    barrier(distributed)
+    block = block or max(1, BLOCK_BYTES // (T * d * x.element_size()))
+    sweep_in_blocks(model, frozen, seed[rows], layer, component, block,
+                    write=lambda a, G: operators_file.write_rows(partial, rows.start + a, G))
+    barrier(distributed)
+    if rank == 0:
+        os.replace(partial, out)
+    barrier(distributed)
+    elm = operators_file.load_operators(out)
+    elm.model, elm.frozen = model, frozen
+    return elm
+
+
+def sweep_in_blocks(model: Model, frozen: Frozen, seed, layer: int, component: str, block: int | None,
+                    write=None):
+    """The sweep for the rows of `seed` (r, d), `block` rows at a time, sharing one scratch.
+    Each block's G (T, b, d) goes to write(a, G) if given, else into one (T, r, d) tensor."""
+    r, d = seed.shape
+    T = frozen.final_norm.shape[0]
+    block = min(block or r, r) or 1
+    if block == r and write is None:
+        return pull_back(model, frozen, seed, layer, component)  # one block: its G is the result
+    scratch = Scratch(seed, max(SCRATCH_BYTES, T * block * d * seed.element_size() // 8))
+    operators = None if write is not None else seed.new_empty(T, r, d)
+    for a in range(0, r, block):
+        G = pull_back(model, frozen, seed[a:a + block], layer, component, scratch)
+        if write is None:
+            operators[:, a:a + block] = G
+        else:
+            write(a, G)
+    return operators
 
 
 def checked_ids(model: Model, ids) -> list:
@@ -446,6 +579,7 @@ def reverse_layer_maps(model: Model, ids) -> dict:
     every, last = slice(0, T), slice(T - 1, T)
     G = x.new_zeros(T, 0, d)  # targets already spread over all positions
     order, maps = [], {}  # (layer, component) per block of d rows in G
+    scratch = Scratch(x, SCRATCH_BYTES)
     for layer in progress(reversed(range(model.config.num_hidden_layers)), "reverse pass", model.config.num_hidden_layers):
         factors = frozen.layers[layer]
         y, bias, final_scale = target_values(model, states, states0, layer, "output")
@@ -453,17 +587,19 @@ def reverse_layer_maps(model: Model, ids) -> dict:
         N[-1] = torch.diag(final_scale)
         maps[(layer, "output")] = (y, bias)
         # MLP sublayer: carry G and N through it, then seed the MLP module's own target
-        G[every] += mlp_branch(model, layer, factors, G, every)
-        N[last] += mlp_branch(model, layer, factors, N, last)
-        seed = x.new_zeros(T, d, d)
-        seed[-1] = eye
-        N = torch.cat([N, x.new_zeros(T, d, d)], dim=1)
-        N[-1, d:] = mlp_branch(model, layer, factors, seed, last)[0]
+        mlp_sublayer(model, layer, factors, G, every, scratch)
+        mlp_sublayer(model, layer, factors, N, last, scratch)
+        M = x.new_zeros(T, d, d)
+        M[-1] = eye
+        mlp_sublayer(model, layer, factors, M, last, scratch, residual=False)
+        N = torch.cat([N, M], dim=1)
         maps[(layer, "mlp")] = target_values(model, states, states0, layer, "mlp")[:2]
         # attention sublayer: spread N over the positions, then seed the attention module's target
-        G += attention_branch(model, layer, factors, G, every)
-        N += attention_branch(model, layer, factors, N, last)
-        A = attention_branch(model, layer, factors, seed, last)
+        attention_sublayer(model, layer, factors, G, scratch)
+        attention_from_last(model, layer, factors, N, scratch)
+        A = x.new_zeros(T, d, d)
+        A[-1] = eye
+        attention_from_last(model, layer, factors, A, scratch, residual=False)
         maps[(layer, "attention")] = target_values(model, states, states0, layer, "attention")[:2]
         G = torch.cat([G, N, A], dim=1)
         order += [(layer, "output"), (layer, "mlp"), (layer, "attention")]

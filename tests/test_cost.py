@@ -74,7 +74,8 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("case, dtype", [("llama", torch.float64), ("qwen3", torch.float64), ("qwen3", torch.float32)])
 def test_assembly_bytes(case, dtype, checkpoints):
-    """The operators, the weights, one layer, and the largest tensor the assembly makes (qwen3: H·hd > d)."""
+    """The operators, the weights, one layer; and no tensor the assembly makes is larger than the
+    operators or the sweep's scratch budget (qwen3: H·hd > d)."""
     model = minielm.load(checkpoints[case], dtype=dtype)
     shape, T, b = Shape.of(model.config), len(PROMPT), dtype.itemsize
     memory = assembly_bytes(shape, T, b)
@@ -82,7 +83,8 @@ def test_assembly_bytes(case, dtype, checkpoints):
     with largest:
         operators = minielm.equivalent_linear_map(model, PROMPT).operators
     assert memory["operators"] == operators.nbytes
-    assert largest.bytes == max(memory["operators"], memory["temporary"])
+    assert largest.bytes >= memory["operators"]  # the operators are made whole
+    assert largest.bytes <= max(memory["operators"], memory["scratch"])
     if case == "llama":  # the weight formulas leave out the norms, and count an untied unembedding
         norms = model.config.hidden_size * b  # each RMSNorm weight
         assert memory["weights"] + (2 * shape.L + 1) * norms == sum(t.nbytes for t in model.parameters())

@@ -2,6 +2,7 @@
 
     python tools/bench.py                       # random Llama-style model, d=384, 4 layers, 32 tokens
     python tools/bench.py --model weights/kjv-tiny --tokens 32
+    python tools/bench.py --suite                # the toy shape, then a Gemma-3-270M-shaped model at T = 23
 
 Each method runs in its own child process, which loads the model, notes its
 peak resident memory, runs the method `--repeats` times and reports the
@@ -26,26 +27,36 @@ import time
 import torch
 
 import minielm
-from minielm.checkpoint import expected_shapes, save_checkpoint
+from minielm.checkpoint import expected_shapes, layer_map, save_checkpoint
 from minielm.config import Config
 from minielm.cost import Shape, assembly_flops
 
 
-def random_checkpoint(directory, d, layers, f, heads, kv_heads, vocab, seed=0, dtype=torch.float32, tied=True):
-    """A random Llama-style checkpoint of the given size (weights scaled so activations stay O(1))."""
-    config_json = dict(model_type="llama", vocab_size=vocab, hidden_size=d, intermediate_size=f,
+def random_checkpoint(directory, d, layers, f, heads, kv_heads, vocab, seed=0, dtype=torch.float32, tied=True,
+                      family="llama", head_dim=None):
+    """A random checkpoint of the given size (weights scaled so activations stay O(1)): Llama-style, or
+    with `family="gemma3_text"` Gemma 3's four norms per layer, q/k norms, tanh-GELU and sliding layers."""
+    config_json = dict(model_type=family, vocab_size=vocab, hidden_size=d, intermediate_size=f,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        max_position_embeddings=4096, tie_word_embeddings=tied)
-    shapes = expected_shapes(Config.from_dict(config_json))
+    if head_dim is not None:
+        config_json["head_dim"] = head_dim
+    if family == "gemma3_text":  # Gemma 3 270M's pattern: five sliding layers, then a global one
+        config_json.update(hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=head_dim or d // heads,
+                           sliding_window=512, rms_norm_eps=1e-6,
+                           layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                        for i in range(layers)])
+    config = Config.from_dict(config_json)
+    shapes = expected_shapes(config)
     gen = torch.Generator().manual_seed(seed)
 
     def tensor(name):
         shape = shapes[name]
-        if len(shape) == 1:
-            return 1 + 0.1 * torch.randn(shape, generator=gen)
+        if len(shape) == 1:  # norm weights: w near 1, or near 0 where the norm multiplies by (1 + w)
+            return 1 - config.norm_offset + 0.1 * torch.randn(shape, generator=gen)
         return torch.randn(shape, generator=gen) / shape[-1] ** 0.5
 
-    layer_names = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+    layer_names = [n for v in layer_map(config).values() for n in (v if isinstance(v, tuple) else (v,))]
     weights = {"embed": tensor("embed"), "final_norm": tensor("final_norm"), "lm_head": tensor("lm_head"),
                "layers": [{n: tensor(n) for n in layer_names} for _ in range(layers)]}
     save_checkpoint(directory, config_json, weights, dtype)
@@ -61,6 +72,7 @@ def status_mb(key: str) -> float:
 def child(args):
     """Run one method in this process and print one JSON line."""
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False  # float64 never uses TF32; nothing else may either
     model = minielm.load(args.model, dtype=torch.float64)
     ids = [i % model.config.vocab_size for i in range(1, args.tokens + 1)]
     before = status_mb("VmRSS")
@@ -71,13 +83,18 @@ def child(args):
     else:
         def run():
             return minielm.detached_jacobian(model, ids)
-    times = []
-    for _ in range(args.repeats + 1):  # the first run is a warm-up
+    times, cpu = [], os.times()
+    for k in range(args.repeats + 1):  # the first run is a warm-up
+        if k == 1:
+            cpu = os.times()
         start = time.perf_counter()
         J = run()
         times.append(time.perf_counter() - start)
+    used = os.times()
+    user, system = used.user - cpu.user, used.system - cpu.system  # CPU time of the timed runs
     rate = matmul_rate(args.threads)  # measured here and now, beside the method, on a shared machine
     print(json.dumps({"method": args.method, "seconds": statistics.median(times[1:]), "matmul_rate": rate,
+                      "kernel_share": system / max(user + system, 1e-9),
                       "extra_peak_mb": status_mb("VmHWM") - before, "checksum": float(J.abs().sum())}))
 
 
@@ -116,30 +133,49 @@ def main():
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--suite", action="store_true",
+                        help="the README's toy shape and a Gemma-3-270M-shaped model (T 32 and 23), in one run")
     parser.add_argument("--method", choices=["analytic", "autograd"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
         return child(args)
 
+    if args.suite:  # the README's toy shape and Gemma 3 270M's, in one run
+        shapes = [dict(d=384, layers=4, f=1024, heads=6, kv_heads=2, vocab=4096, tokens=32),
+                  dict(d=640, layers=18, f=2048, heads=4, kv_heads=1, vocab=262144, tokens=23,
+                       family="gemma3_text", head_dim=256, dtype=torch.bfloat16)]
+        for shape in shapes:
+            tokens = shape.pop("tokens")
+            with tempfile.TemporaryDirectory() as tmp:
+                random_checkpoint(tmp, **shape)
+                compare(tmp, tokens, args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
             args.model = tmp
             random_checkpoint(tmp, args.d, args.layers, args.ffn, args.heads, args.kv_heads, args.vocab)
-        config = minielm.load(args.model).config
-        results = {method: measure(args.model, method, args.tokens, args.repeats, args.threads)
-                   for method in ("analytic", "autograd")}
+        compare(args.model, args.tokens, args)
+
+
+def compare(model_dir, tokens, args):
+    """Analytic against autograd on one model, each in its own child process; one table."""
+    config = minielm.load(model_dir).config
+    results = {method: measure(model_dir, method, tokens, args.repeats, args.threads)
+               for method in ("analytic", "autograd")}
     rate = results["analytic"]["matmul_rate"]
-    flops = assembly_flops(Shape.of(config), args.tokens)
+    flops = assembly_flops(Shape.of(config), tokens)
     a, g = results["analytic"], results["autograd"]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {args.threads} threads; float64 matmul {rate / 1e9:.1f} GFLOP/s")
-    print(f"model: d={config.hidden_size}, L={config.num_hidden_layers}, f={config.intermediate_size}, "
-          f"H={config.num_attention_heads}, Hkv={config.num_key_value_heads}; T={args.tokens}")
-    print(f"{'method':<34} {'time (s)':>9} {'extra peak MB':>14}")
-    print(f"{'analytic reverse sweep':<34} {a['seconds']:>9.3f} {a['extra_peak_mb']:>14.0f}")
-    print(f"{'autograd jacobian (vectorize)':<34} {g['seconds']:>9.3f} {g['extra_peak_mb']:>14.0f}")
+    print(f"model: {config.model_type}, d={config.hidden_size}, L={config.num_hidden_layers}, "
+          f"f={config.intermediate_size}, H={config.num_attention_heads}, Hkv={config.num_key_value_heads}, "
+          f"hd={config.head_dim}; T={tokens}")
+    print(f"{'method':<34} {'time (s)':>9} {'extra peak MB':>14} {'kernel share of CPU':>20}")
+    print(f"{'analytic reverse sweep':<34} {a['seconds']:>9.3f} {a['extra_peak_mb']:>14.0f} {a['kernel_share']:>20.1%}")
+    print(f"{'autograd jacobian (vectorize)':<34} {g['seconds']:>9.3f} {g['extra_peak_mb']:>14.0f} "
+          f"{g['kernel_share']:>20.1%}")
     print(f"speed-up {g['seconds'] / a['seconds']:.2f}x; analytic {flops / 1e9:.1f} GFLOP at "
-          f"{flops / a['seconds'] / 1e9:.1f} GFLOP/s = {flops / a['seconds'] / rate:.0%} of the matmul rate")
+          f"{flops / a['seconds'] / 1e9:.1f} GFLOP/s = {flops / a['seconds'] / rate:.0%} of the matmul rate\n")
     if abs(a["checksum"] - g["checksum"]) > 1e-9 * abs(g["checksum"]):
         raise SystemExit(f"the two methods disagree: {a['checksum']} vs {g['checksum']}")
 

@@ -1,0 +1,131 @@
+"""Operators on disk: one safetensors file, written a block of rows at a time, read back memory-mapped.
+
+    elm = minielm.equivalent_linear_map(model, ids, out="ops.safetensors")  # never all in memory at once
+    elm = minielm.load_operators("ops.safetensors", model)                 # later: memory-mapped
+
+The file is a plain safetensors file (`safetensors.safe_open` reads it):
+
+    ids (T,) int64 | operators (T, d, d): J_t | inputs (T, d): x_t | output (d,): y | bias (d,): b
+
+with the metadata `format` = "minielm-operators", `target` ('final', 'layer 3', ...) and
+`model` (the checkpoint directory). The header is written first, with every tensor's
+final offsets; each block of rows of every J_t is then written in place at its byte
+offset (os.pwrite), so one process or many (each rank its own rows) fill the same file.
+It is written under PATH.partial and renamed once complete: a file at PATH is whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+FORMAT = "minielm-operators"
+DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+               torch.int64: "I64"}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def header(T: int, d: int, dtype: torch.dtype, metadata: dict) -> bytes:
+    """The safetensors header (8-byte length, then JSON padded to a multiple of 8 bytes)."""
+    shapes = {"ids": ((T,), torch.int64), "operators": ((T, d, d), dtype), "inputs": ((T, d), dtype),
+              "output": ((d,), dtype), "bias": ((d,), dtype)}
+    entries, offset = {"__metadata__": {"format": FORMAT, **metadata}}, 0
+    for name, (shape, kind) in shapes.items():  # ids first: every tensor starts at a multiple of its element size
+        size = math.prod(shape) * kind.itemsize
+        entries[name] = {"dtype": DTYPE_NAMES[kind], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(entries).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def read_header(path) -> tuple[int, dict]:
+    """(start of the data, header entries) of an operators file; an InputError if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            size = os.fstat(f.fileno()).st_size
+            entries = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot read an operators file ({err})") from None
+    if not isinstance(entries, dict) or entries.get("__metadata__", {}).get("format") != FORMAT:
+        raise InputError(f"{path}: not a minielm operators file (written by equivalent_linear_map(..., out=))")
+    end = max(e["data_offsets"][1] for k, e in entries.items() if k != "__metadata__")
+    if 8 + n + end != size:
+        raise InputError(f"{path}: truncated operators file ({size} bytes, the header describes {8 + n + end})")
+    return 8 + n, entries
+
+
+def create(path, T: int, d: int, dtype, metadata: dict, ids, inputs, output, bias) -> None:
+    """Write the header and the small tensors; the file gets its final size, the operators still zero."""
+    start_bytes = header(T, d, dtype, metadata)
+    try:
+        with open(path, "wb") as f:
+            f.write(start_bytes)
+            f.truncate(len(start_bytes) + T * 8 + (T * d * d + T * d + 2 * d) * dtype.itemsize)
+    except OSError as err:
+        raise InputError(f"{path}: cannot write the operators ({err})") from None
+    start, entries = read_header(path)
+    for name, tensor in (("ids", torch.tensor(ids, dtype=torch.int64)), ("inputs", inputs), ("output", output),
+                         ("bias", bias)):
+        write_at(path, start + entries[name]["data_offsets"][0], tensor)
+
+
+def write_rows(path, a: int, G) -> None:
+    """Rows a .. a+b of every J_t, from G (T, b, d): T contiguous runs of b·d numbers, written in place."""
+    start, entries = read_header_unchecked(path)
+    T, b, d = G.shape
+    first = start + entries["operators"]["data_offsets"][0]
+    G = G.cpu()
+    with open(path, "r+b") as f:
+        for t in range(T):
+            os.pwrite(f.fileno(), as_bytes(G[t]), first + (t * d + a) * d * G.element_size())
+
+
+def write_at(path, offset: int, tensor) -> None:
+    with open(path, "r+b") as f:
+        os.pwrite(f.fileno(), as_bytes(tensor.cpu()), offset)
+
+
+def as_bytes(tensor) -> memoryview:
+    return memoryview(tensor.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def read_header_unchecked(path) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+def load_operators(path, model=None):
+    """The EquivalentLinearMap stored at `path`, its tensors memory-mapped (copy-on-write: changing
+    them changes nothing on disk). With the model that computed it, logits and probabilities work
+    too; a model whose embedding of the stored ids differs from the stored inputs is refused."""
+    from .linear_map import EquivalentLinearMap
+
+    if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
+        raise InputError(f"{path}: no such operators file")
+    start, entries = read_header(path)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors = {}
+    for name, entry in entries.items():
+        if name != "__metadata__":
+            dtype, (begin, end) = DTYPES[entry["dtype"]], entry["data_offsets"]
+            tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                             offset=start + begin).view(entry["shape"])
+    ids = tensors["ids"].tolist()
+    if model is not None:
+        if model.config.hidden_size != tensors["inputs"].shape[1] or not torch.allclose(
+                model.embed(ids).cpu().to(tensors["inputs"].dtype), tensors["inputs"], rtol=1e-12, atol=0):
+            raise InputError(f"{path}: these operators were computed with another model "
+                             f"({entries['__metadata__'].get('model', 'unknown')})")
+    return EquivalentLinearMap(model, ids, tensors["operators"], tensors["inputs"], tensors["output"],
+                               tensors["bias"], None, entries["__metadata__"].get("target", "final"))

@@ -1,0 +1,70 @@
+"""Bounded memory: a child process's peak during equivalent_linear_map, on a model whose H·hd exceeds
+d (as Gemma 3's), at T = 512. In memory: at most 1.5× the operators + 200 MB above the loaded model
+(the unblocked sweep needed about 7×). With out=: one block's work, well under the operators."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+T = 512
+
+CHILD = """
+import json, sys, torch, minielm, minielm.linear_map
+def status_mb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+directory, T, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+minielm.linear_map.SCRATCH_BYTES = 16 * 2**20
+model = minielm.load(directory)
+with torch.inference_mode():
+    minielm.equivalent_linear_map(model, [1, 2, 3, 4])  # the runtime's one-time buffers, before measuring,
+    minielm.linear_map.traced(model, list(range(1, T + 1)))  # and the forward pass's (the heap keeps them)
+    before = status_mb("VmRSS")
+    if out == "-":
+        elm = minielm.equivalent_linear_map(model, list(range(1, T + 1)))
+    else:
+        elm = minielm.equivalent_linear_map(model, list(range(1, T + 1)), out=out, block=16)
+    peak = status_mb("VmHWM")
+print(json.dumps({"extra_mb": peak - before, "operators_mb": elm.operators.numel() * 8 / 2**20,
+                  "error": elm.relative_error()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def gemma_like(tmp_path_factory):
+    """d = 128 with 4 heads of 64: H·hd = 256 > d, one key-value head, Gemma 3's norms."""
+    sys.path.insert(0, str(TOOLS))
+    from bench import random_checkpoint
+
+    directory = tmp_path_factory.mktemp("gemma_like")
+    random_checkpoint(directory, d=128, layers=2, f=256, heads=4, kv_heads=1, vocab=600, family="gemma3_text",
+                      head_dim=64)
+    return directory
+
+
+def peak(directory, out="-") -> dict:
+    result = subprocess.run([sys.executable, "-c", CHILD, str(directory), str(T), str(out)],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_peak_in_memory_is_the_operators_and_a_bounded_scratch(gemma_like):
+    memory = peak(gemma_like)
+    print(f"in memory: {memory['extra_mb']:.0f} MB above the model for {memory['operators_mb']:.0f} MB of operators")
+    assert memory["error"] < 1e-13
+    assert memory["extra_mb"] <= 1.5 * memory["operators_mb"] + 200
+
+
+def test_peak_with_out_is_one_block(gemma_like, tmp_path):
+    memory = peak(gemma_like, tmp_path / "operators.safetensors")
+    block_mb = T * 16 * 128 * 8 / 2**20  # the block's G: 16 rows of every J_t
+    factors_mb = 2 * 4 * T * T * 8 / 2**20  # P (H, T, T) of both layers, held by the frozen factors
+    bound = block_mb + 2 * 16 + factors_mb + factors_mb / 2 * 2 + 24  # + scratch (2 × budget), a layer's folded P (2 copies), slack
+    print(f"out=: {memory['extra_mb']:.0f} MB above the model (bound {bound:.0f}), blocks of {block_mb:.0f} MB, "
+          f"operators {memory['operators_mb']:.0f} MB")
+    assert memory["error"] < 1e-13
+    assert memory["extra_mb"] <= bound

@@ -1,0 +1,72 @@
+"""out=: the operators written block by block into one safetensors file, read back memory-mapped."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import PROMPT
+from safetensors import safe_open
+
+import minielm
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("case", ["llama", "gemma3_text", "qwen2"])
+def test_file_equals_memory(case, device, checkpoints, tmp_path):
+    if device == "cuda":
+        assert not torch.backends.cuda.matmul.allow_tf32  # float64 only; no TF32 anywhere
+    model = minielm.load(checkpoints[case], device=device)
+    whole = minielm.equivalent_linear_map(model, PROMPT)
+    path = tmp_path / "ops.safetensors"
+    written = minielm.equivalent_linear_map(model, PROMPT, out=path, block=7)  # blocks of 7 rows of d
+    assert not (tmp_path / "ops.safetensors.partial").exists()
+    scale = float(whole.operators.abs().max())
+    loaded = minielm.load_operators(path, model)
+    whole_cpu = {k: getattr(whole, k).cpu() for k in ("operators", "inputs", "output", "bias")}
+    for elm in (written, loaded):
+        assert float((elm.operators - whole_cpu["operators"]).abs().max()) <= 1e-14 * scale
+        assert all(torch.equal(getattr(elm, k), whole_cpu[k]) for k in ("inputs", "output", "bias"))
+        assert elm.ids == PROMPT and elm.target == "final"
+        assert elm.relative_error() < 1e-13
+    assert torch.allclose(loaded.probabilities().cpu(), whole.probabilities().cpu(), rtol=0, atol=1e-14)
+    with safe_open(str(path), "pt") as f:  # a plain safetensors file
+        assert torch.equal(f.get_tensor("operators"), loaded.operators)
+    loaded.operators[0] += 1  # copy-on-write: the file does not change
+    assert torch.equal(minielm.load_operators(path).operators, written.operators)
+
+
+def test_blocks_in_memory_and_module_targets(checkpoints):
+    model = minielm.load(checkpoints["gemma3_text"])
+    for layer, component in ((1, "mlp"), (1, "attention"), (0, "output")):
+        whole = minielm.equivalent_linear_map(model, PROMPT, layer=layer, component=component).operators
+        blocks = minielm.equivalent_linear_map(model, PROMPT, layer=layer, component=component, block=5).operators
+        assert float((blocks - whole).abs().max()) <= 1e-14 * float(whole.abs().max())
+
+
+def test_refusals(checkpoints, tmp_path):
+    model = minielm.load(checkpoints["llama"])
+    path = tmp_path / "ops.safetensors"
+    minielm.equivalent_linear_map(model, PROMPT, out=path)
+    with pytest.raises(minielm.InputError, match="another model"):
+        minielm.load_operators(path, minielm.load(checkpoints["mistral"]))
+    (tmp_path / "short.safetensors").write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(minielm.InputError, match="truncated"):
+        minielm.load_operators(tmp_path / "short.safetensors")
+    with pytest.raises(minielm.InputError, match="block"):
+        minielm.equivalent_linear_map(model, PROMPT, block=0)
+
+
+def test_cli_writes_the_file(tiny_with_tokenizer, tmp_path):
+    path = tmp_path / "ops.safetensors"
+    result = subprocess.run([sys.executable, "-m", "minielm.cli", "operators", "In the beginning", "--model",
+                             str(tiny_with_tokenizer), "--out", str(path), "--block", "10"],
+                            capture_output=True, text=True, check=True)
+    assert "reconstruction error" in result.stdout
+    model = minielm.load(tiny_with_tokenizer)
+    ids = model.tokenizer.encode("In the beginning")
+    expected = minielm.equivalent_linear_map(model, ids).operators
+    assert torch.allclose(minielm.load_operators(path, model).operators, expected, rtol=0, atol=1e-14)
