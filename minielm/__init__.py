@@ -1,7 +1,7 @@
 """minielm: exact equivalent linear mappings of decoder language models.
 
     import minielm, torch
-    model = minielm.load("weights/kjv-tiny", dtype=torch.float64)
+    model = minielm.load(dtype=torch.float64)          # the shipped model; or a directory, a GGUF file, an org/name id
     elm = minielm.equivalent_linear_map(model, model.tokenizer.encode("In the beginning"))
     elm.relative_error()        # ‖Σ_t J_t x_t − y‖ / ‖y‖, float64 round-off
 """
