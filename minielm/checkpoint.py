@@ -437,7 +437,7 @@ class StreamedLayer(Mapping):
         return len(self.where)
 
 
-def save_checkpoint(directory, config_json: dict, weights: dict, dtype=torch.float32) -> None:
+def save_checkpoint(directory, config_json: dict, weights: dict, dtype=torch.float32) -> None:  # lower precision on purpose
     """Write weights (the dict `load_weights` returns) as a Hugging Face directory:
     config.json and model.safetensors, under the family's names. For tools and tests;
     `minielm.load` itself never writes anything."""

@@ -25,7 +25,7 @@ from .progress import progress
 
 def svd_ready(J: torch.Tensor) -> torch.Tensor:
     """linalg's SVD kernels take float32 and float64 only: bfloat16/float16 are upcast (exactly) to float32."""
-    return J if J.dtype in (torch.float32, torch.float64) else J.float()
+    return J if J.dtype in (torch.float32, torch.float64) else J.float()  # lower precision on purpose: an exact upcast
 
 
 def stable_rank(J: torch.Tensor) -> torch.Tensor:
