@@ -73,9 +73,10 @@ class Scratch:
         return max(1, min(most, self.budget // max(1, numbers * self.like.element_size())))
 
 
-def scratch_for(G: torch.Tensor) -> Scratch:
-    """The scratch of a sweep carrying G (T, r, d): SCRATCH_BYTES, or an eighth of G if larger."""
-    return Scratch(G, max(SCRATCH_BYTES, G.numel() * G.element_size() // 8))
+def scratch_for(like: torch.Tensor, block_numbers: int) -> Scratch:
+    """The scratch of a sweep whose G (T, r, d) holds `block_numbers` numbers: SCRATCH_BYTES,
+    or an eighth of G if larger."""
+    return Scratch(like, max(SCRATCH_BYTES, block_numbers * like.element_size() // 8))
 
 
 # ---- one residual sublayer, backwards -----------------------------------------------------
@@ -250,7 +251,7 @@ def pull_back(model: Model, frozen: Frozen, seed, layer: int, component: str, sc
     T, (r, d) = frozen.final_norm.shape[0], seed.shape
     if scratch is None:  # G is the result
         G = seed.new_zeros(T, r, d)
-        scratch = scratch_for(G)
+        scratch = scratch_for(G, G.numel())
     else:  # one block of many: G is taken from the scratch, and valid until the next block
         G = scratch.get("G", T, r, d).zero_()
     G[-1] = seed
@@ -423,7 +424,7 @@ def sweep_in_blocks(model: Model, frozen: Frozen, seed, layer: int, component: s
     block = min(block or r, r) or 1
     if block == r and write is None:
         return pull_back(model, frozen, seed, layer, component)  # one block: its G is the result
-    scratch = Scratch(seed, max(SCRATCH_BYTES, T * block * d * seed.element_size() // 8))
+    scratch = scratch_for(seed, T * block * d)
     operators = None if write is not None else seed.new_empty(T, r, d)
     for a in range(0, r, block):
         G = pull_back(model, frozen, seed[a:a + block], layer, component, scratch)

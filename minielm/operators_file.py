@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import SAFETENSORS_DTYPES as DTYPES
 from .errors import InputError
 
 FORMAT = "minielm-operators"
-DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-               torch.int64: "I64"}
-DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-def header(T: int, d: int, dtype: torch.dtype, metadata: dict) -> bytes:
-    """The safetensors header (8-byte length, then JSON padded to a multiple of 8 bytes)."""
+def header(T: int, d: int, dtype: torch.dtype, metadata: dict) -> tuple[bytes, int]:
+    """The safetensors header (8-byte length, then JSON padded to a multiple of 8 bytes), and the
+    size of the data it describes."""
     shapes = {"ids": ((T,), torch.int64), "operators": ((T, d, d), dtype), "inputs": ((T, d), dtype),
               "output": ((d,), dtype), "bias": ((d,), dtype)}
     entries, offset = {"__metadata__": {"format": FORMAT, **metadata}}, 0
@@ -43,7 +43,7 @@ def header(T: int, d: int, dtype: torch.dtype, metadata: dict) -> bytes:
         offset += size
     text = json.dumps(entries).encode()
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
+    return len(text).to_bytes(8, "little") + text, offset
 
 
 def read_header(path) -> tuple[int, dict]:
@@ -65,11 +65,11 @@ def read_header(path) -> tuple[int, dict]:
 
 def create(path, T: int, d: int, dtype, metadata: dict, ids, inputs, output, bias) -> None:
     """Write the header and the small tensors; the file gets its final size, the operators still zero."""
-    start_bytes = header(T, d, dtype, metadata)
+    start_bytes, data_size = header(T, d, dtype, metadata)
     try:
         with open(path, "wb") as f:
             f.write(start_bytes)
-            f.truncate(len(start_bytes) + T * 8 + (T * d * d + T * d + 2 * d) * dtype.itemsize)
+            f.truncate(len(start_bytes) + data_size)
     except OSError as err:
         raise InputError(f"{path}: cannot write the operators ({err})") from None
     start, entries = read_header(path)
@@ -80,7 +80,7 @@ def create(path, T: int, d: int, dtype, metadata: dict, ids, inputs, output, bia
 
 def write_rows(path, a: int, G) -> None:
     """Rows a .. a+b of every J_t, from G (T, b, d): T contiguous runs of b·d numbers, written in place."""
-    start, entries = read_header_unchecked(path)
+    start, entries = read_header(path)  # whole: create gave the file its final size
     T, b, d = G.shape
     first = start + entries["operators"]["data_offsets"][0]
     G = G.cpu()
@@ -96,12 +96,6 @@ def write_at(path, offset: int, tensor) -> None:
 
 def as_bytes(tensor) -> memoryview:
     return memoryview(tensor.contiguous().view(torch.uint8).numpy()).cast("B")
-
-
-def read_header_unchecked(path) -> tuple[int, dict]:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return 8 + n, json.loads(f.read(n))
 
 
 def load_operators(path, model=None):

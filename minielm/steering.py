@@ -88,7 +88,7 @@ def steering_edit(operator: torch.Tensor, layer: int, scale: float):
         if i != layer:
             return h
         push = x @ operator.T  # (T, d): S x_p for every position of this call
-        return checked_finite(h + scale * torch.linalg.vector_norm(h, dim=-1, keepdim=True) * unit(push), layer, scale)
+        return pushed(h, unit(push), scale, layer)
 
     return edit
 
@@ -118,7 +118,7 @@ def paper_edit(operators: torch.Tensor, layer: int, scale: float):
         pushes = torch.einsum("tij,tj->ti", operators[k % T_c], x)  # (T, d): J_{k mod T_c} x_k
         c = state["sum"] + torch.cumsum(pushes, dim=0)  # (T, d): c_k, the running sum
         state["sum"], state["seen"] = c[-1], state["seen"] + x.shape[0]
-        return checked_finite(h + scale * torch.linalg.vector_norm(h, dim=-1, keepdim=True) * unit(c) / 2, layer, scale)
+        return pushed(h, unit(c) / 2, scale, layer)
 
     return edit
 
@@ -143,7 +143,7 @@ def actadd_edit(direction: torch.Tensor, layer: int, scale: float):
     def edit(i, h, x):
         if i != layer:
             return h
-        return checked_finite(h + scale * torch.linalg.vector_norm(h, dim=-1, keepdim=True) * unit(direction), layer, scale)
+        return pushed(h, unit(direction), scale, layer)
 
     return edit
 
@@ -182,8 +182,10 @@ def steer(model: Model, concept: str, prompt: str, layer: int, scale: float, max
     return model.generate(prompt, max_new_tokens, temperature, top_k, seed, edit=edit)
 
 
-def checked_finite(h: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
-    """h, or a NumericalError naming the steering (not the layer above, which would see it first)."""
+def pushed(h: torch.Tensor, direction: torch.Tensor, scale: float, layer: int) -> torch.Tensor:
+    """h + λ‖h‖·direction, the push of every recipe; a NumericalError naming the steering (not the
+    layer above, which would see it first) if that overflows."""
+    h = h + scale * torch.linalg.vector_norm(h, dim=-1, keepdim=True) * direction
     if not bool(torch.isfinite(h).all()):
         raise NumericalError(f"non-finite values after steering at layer {layer} with scale {scale:g}")
     return h
