@@ -7,7 +7,7 @@ rows. Loading checks that every expected tensor is present with the expected
 shape and that no tensor is left over, reads each one, checks that its values
 are finite, then casts it to the compute dtype.
 
-Everything above the file format works through a `TensorSource`: five methods
+Everything above the file format works through a `TensorSource`: four methods
 that a safetensors directory (`SafetensorsSource`, here) and a GGUF file both
 implement. Files are only read: never written, and never memory-mapped, so a
 file that shrinks or changes during a run is a CheckpointError, not a crash.
@@ -111,7 +111,7 @@ def expected_shapes(config: Config) -> dict:
 class TensorSource(Protocol):
     """Where the tensors come from: the one interface between a file format and everything above
     it (`checked_plan`, `load_weights`, `StreamedLayers`). `SafetensorsSource` implements it for a
-    Hugging Face directory; a GGUF reader implements the same five methods."""
+    Hugging Face directory; a GGUF reader implements the same four methods."""
 
     def names(self) -> set[str]:
         """The Hugging Face tensor names in the checkpoint ("model.layers.0.self_attn.q_proj.weight", ...)."""
@@ -121,9 +121,6 @@ class TensorSource(Protocol):
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor on the CPU, in Hugging Face layout, in memory this process owns."""
-
-    def release(self, name: str) -> None:
-        """Drop whatever was read or cached for `name` (may do nothing)."""
 
     def origin(self, name: str) -> str:
         """The file to name in an error message about this tensor."""
@@ -190,9 +187,6 @@ class SafetensorsSource:
 
     def get(self, name: str) -> torch.Tensor:
         return self.file(name).read(name)
-
-    def release(self, name: str) -> None:
-        """Nothing to drop: `get` hands over the only copy it read."""
 
     def origin(self, name: str) -> str:
         return str(self.where[name])
@@ -289,7 +283,6 @@ def load_weights(source: TensorSource, config: Config, dtype: torch.dtype, devic
         target = weights if layer is None else weights["layers"][layer]
         for name, piece in zip((p for p, _ in parts), split_parts(tensor, parts)):
             target[name] = to_compute(piece, dtype, device)
-        source.release(hf_name)
     if stream:
         return_freed_memory_promptly()
         weights["layers"] = StreamedLayers(source, plan, config.num_hidden_layers, dtype, device)
@@ -426,8 +419,6 @@ class StreamedLayer(Mapping):
             tensor = self.layers.read(hf_name)
             for part, piece in zip((p for p, _ in parts), split_parts(tensor, parts)):
                 self.cast[part] = to_compute(piece, self.layers.dtype, self.layers.device)
-            del tensor, piece
-            self.layers.source.release(hf_name)
         return self.cast[name]
 
     def __iter__(self):

@@ -169,15 +169,13 @@ class GGUFSource:
     """The tensors of a GGUF file under Hugging Face names, in Hugging Face layout.
 
     names() -> set of HF names;  info(name) -> (shape, dtype of get());  get(name) -> CPU tensor,
-    dequantized and with the converter's changes undone;  release(name);  origin(name) -> the file.
+    dequantized and with the converter's changes undone;  origin(name) -> the file.
     Dequantized values come as float32 (the `gguf` package's reference dequantization; exact for
     every type) or float64 where the norm offset was subtracted.
     """
 
-    def __init__(self, path: Path, reader=None, config: Config | None = None):
-        self.path = Path(path)
-        self.reader = reader if reader is not None else read_gguf(self.path)
-        self.config = config if config is not None else gguf_config(self.reader, self.path)
+    def __init__(self, path: Path, reader, config: Config):
+        self.path, self.reader, self.config = Path(path), reader, config
         self.arch = self.reader.fields["general.architecture"].contents()
         self.tensors = {t.name: t for t in self.reader.tensors if t.name not in ROPE_FACTOR_TENSORS}
         to_hf = hf_names(self.arch, self.config)
@@ -195,8 +193,6 @@ class GGUFSource:
     def origin(self, name: str) -> str:
         return str(self.path)
 
-    def release(self, name: str) -> None:
-        """Nothing to do: get() returns fresh arrays, and the file's pages are the kernel's to drop."""
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor in HF layout: dequantized, q/k rows un-permuted (llama), norm offset undone (Gemma)."""
