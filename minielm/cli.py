@@ -70,7 +70,8 @@ def resolve_prompt(args, text_key: str, file_key: str, what: str, default=None):
 
 def read_prompts(args):
     """Every prompt of the command, read before any work starts (stdin at most once)."""
-    if getattr(args, "prompt", None) == "-" and getattr(args, "concept", None) == "-":
+    sources = [getattr(args, f"{k}_file", None) or getattr(args, k, None) for k in ("prompt", "concept")]
+    if sources.count("-") > 1:
         raise InputError("the prompt and the concept cannot both be read from stdin")
     if hasattr(args, "prompt_file"):
         resolve_prompt(args, "prompt", "prompt_file", "prompt", CHECK_PROMPT if args.command == "check" else None)
@@ -221,7 +222,9 @@ def explain(args) -> int:
         from .report import explain_page
 
         with Progress(f"layer maps, attribution and the report {args.html}"):
-            Path(args.html).write_text(explain_page(model, elm, report), encoding="utf-8")
+            page = explain_page(model, elm, report)
+            with written("--html", args.html):
+                Path(args.html).write_text(page, encoding="utf-8")
     if args.json:
         print(json.dumps(report, indent=1, ensure_ascii=False))
     else:
@@ -273,12 +276,20 @@ def plot_format(path) -> str:
     return suffix
 
 
-def save_figure(plt, fig, path) -> None:
-    """Write and close a figure; a failed write (full disk, a file removed under us) is an OutputError."""
+@contextlib.contextmanager
+def written(flag: str, path):
+    """A failed write inside (full disk, a directory removed under us) as an OutputError naming the flag."""
     try:
-        fig.savefig(path, dpi=120, format=plot_format(path))
+        yield
     except OSError as err:
-        raise OutputError(f"--plot {path}: cannot write ({err.strerror or err})") from None
+        raise OutputError(f"{flag} {path}: cannot write ({err.strerror or err})") from None
+
+
+def save_figure(plt, fig, path) -> None:
+    """Write and close a figure; a failed write is an OutputError."""
+    try:
+        with written("--plot", path):
+            fig.savefig(path, dpi=120, format=plot_format(path))
     finally:
         plt.close(fig)
 
@@ -329,15 +340,15 @@ def check(args) -> int:
         elm = equivalent_linear_map(model, ids)
         probs = torch.softmax(model.logits(ids)[-1], dim=-1)
         parts = all_layer_maps(model, ids)  # every layer and module in one pass
-        for key in sorted(parts, key=forward_order):  # the order of `minielm layers`
+        for key in sorted(parts, key=forward_order)[:-1]:  # the order of `minielm layers`, 'final' last
             part = parts[key]
             p_err = float("nan") if key[1] != "output" else float((part.probabilities() - part.model_probabilities()).abs().max())
             rows.append({"target": part.target, "reconstruction": part.relative_error(), "probabilities": p_err,
                          "vs_autograd": float("nan")})
-        # the final row again from equivalent_linear_map, the public entry point, with autograd beside it
-        rows[-1] = {"target": elm.target, "reconstruction": elm.relative_error(),
-                    "probabilities": float((elm.probabilities() - probs).abs().max()),
-                    "vs_autograd": relative_max(elm.operators, detached_jacobian(model, ids))}
+        # the final row from equivalent_linear_map, the public entry point, with autograd beside it
+        rows.append({"target": elm.target, "reconstruction": elm.relative_error(),
+                     "probabilities": float((elm.probabilities() - probs).abs().max()),
+                     "vs_autograd": relative_max(elm.operators, detached_jacobian(model, ids))})
     worst = max(r["reconstruction"] for r in rows)
     bound = 1e-13 if model.dtype == torch.float64 else 1e-4
     verdict = (f"worst reconstruction error {worst:.1e} ({'within' if worst < bound else 'ABOVE'} {bound:.0e} "
@@ -459,8 +470,6 @@ def number_list(text, kind, flag) -> list:
 # ---- operators ------------------------------------------------------------------------------------
 def operators_command(args) -> int:
     """Write a prompt's operators to a safetensors file, a block of rows at a time (torchrun: --distributed)."""
-    import os
-
     if args.distributed:  # under torchrun: one process per device, the rows split over them
         gpu = args.device.startswith("cuda")
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if gpu else args.device

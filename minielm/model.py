@@ -269,7 +269,6 @@ class Model:
     def generate(self, prompt, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> str:
         """The continuation of `prompt` (text, or a list of token ids), as text: greedy at temperature 0,
         else sampled from softmax(logits / temperature), over the top k if given, seeded."""
-        self.check_sampling(max_new_tokens, temperature, top_k, seed, edit)
         prompt = checks.prompt("prompt", prompt)  # bytes would iterate as token ids: refused
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt)
         new = self.generate_ids(ids, max_new_tokens, temperature, top_k, seed, edit)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import SAFETENSORS_DTYPES as DTYPES
-from .errors import InputError
+from .errors import InputError, OutputError
 
 FORMAT = "minielm-operators"
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -71,11 +71,10 @@ def create(path, T: int, d: int, dtype, metadata: dict, ids, inputs, output, bia
             f.write(start_bytes)
             f.truncate(len(start_bytes) + data_size)
     except OSError as err:
-        raise InputError(f"{path}: cannot write the operators ({err})") from None
+        raise OutputError(f"{path}: cannot write the operators ({err.strerror or err})") from None
     start, entries = read_header(path)
-    for name, tensor in (("ids", torch.tensor(ids, dtype=torch.int64)), ("inputs", inputs), ("output", output),
-                         ("bias", bias)):
-        write_at(path, start + entries[name]["data_offsets"][0], tensor)
+    small = (("ids", torch.tensor(ids, dtype=torch.int64)), ("inputs", inputs), ("output", output), ("bias", bias))
+    write_at(path, [(start + entries[name]["data_offsets"][0], tensor) for name, tensor in small])
 
 
 def write_rows(path, a: int, G) -> None:
@@ -84,14 +83,18 @@ def write_rows(path, a: int, G) -> None:
     T, b, d = G.shape
     first = start + entries["operators"]["data_offsets"][0]
     G = G.cpu()
-    with open(path, "r+b") as f:
-        for t in range(T):
-            os.pwrite(f.fileno(), as_bytes(G[t]), first + (t * d + a) * d * G.element_size())
+    write_at(path, [(first + (t * d + a) * d * G.element_size(), G[t]) for t in range(T)])
 
 
-def write_at(path, offset: int, tensor) -> None:
-    with open(path, "r+b") as f:
-        os.pwrite(f.fileno(), as_bytes(tensor.cpu()), offset)
+def write_at(path, pieces) -> None:
+    """Each tensor of `pieces` [(offset, tensor), ...] at its byte offset, through one open file;
+    a failed write (a full disk) is an OutputError."""
+    try:
+        with open(path, "r+b") as f:
+            for offset, tensor in pieces:
+                os.pwrite(f.fileno(), as_bytes(tensor.cpu()), offset)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write the operators ({err.strerror or err})") from None
 
 
 def as_bytes(tensor) -> memoryview:

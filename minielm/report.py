@@ -308,27 +308,25 @@ def map_sections(model, elm, figures: dict) -> list:
     ]
 
 
-def explain_page(model, elm, figures: dict, full: bool = True) -> str:
+def explain_page(model, elm, figures: dict) -> str:
     """The `explain --html` report. `figures`: explain's JSON (tokens, per_token shares, exactness);
-    with `full`, also every layer's and module's map (emergence) and the attribution table."""
+    with every layer's and module's map (emergence) and the attribution table added here."""
     from .linear_map import all_layer_maps, attribution
 
     tokens = figures["tokens"]
     figures = dict(figures, shares=[row["share"] for row in figures["per_token"]])
     sections = map_sections(model, elm, figures)
-    rows = None
-    if full:
-        next_id = int(torch.argmax(model.unembed(elm.output)))
-        rows = emergence_rows(model, all_layer_maps(model, elm.ids), next_id)
-        attr = attribution(model, elm.ids, next_id)
-        figures["attribution_error"] = abs(attr.total() - attr.logit)
-        shown = repr(model_token(model, next_id))
-        sections += [
-            section(f"emergence of the prediction {model_token(model, next_id)!r} through the layers",
-                    LEGENDS["emergence"], emergence_view(rows, shown)),
-            section(f"attribution of the logit of {model_token(model, next_id)!r}: source token × layer × module",
-                    LEGENDS["attribution"], f'<div class="scroll">{attribution_view(attr, tokens)}</div>'),
-        ]
+    attr = attribution(model, elm.ids)  # of the predicted token
+    next_id = attr.token
+    rows = emergence_rows(model, all_layer_maps(model, elm.ids), next_id)
+    figures["attribution_error"] = abs(attr.total() - attr.logit)
+    shown = repr(model_token(model, next_id))
+    sections += [
+        section(f"emergence of the prediction {model_token(model, next_id)!r} through the layers",
+                LEGENDS["emergence"], emergence_view(rows, shown)),
+        section(f"attribution of the logit of {model_token(model, next_id)!r}: source token × layer × module",
+                LEGENDS["attribution"], f'<div class="scroll">{attribution_view(attr, tokens)}</div>'),
+    ]
     sections.append(section("exactness", LEGENDS["exactness"], exactness_view(figures, rows)))
     top = figures["top"][0]
     title = f"minielm: {' '.join(tokens)[:80]} → {top['token']!r} ({top['probability']:.3f})"
