@@ -455,7 +455,8 @@ def steer_eval_command(args) -> int:
         result = evaluate(model, args.concept, args.prompt, layers, scales, methods, args.max_new_tokens,
                           args.neutral, args.temperature, None, args.seed)
     if args.plot:
-        plot_tradeoff([result], args.plot)
+        with written("--plot", args.plot):
+            plot_tradeoff([result], args.plot)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
 
