@@ -49,6 +49,14 @@ class FrozenLayer:
     gate: torch.Tensor | None = None  # (T, f) φ(W_G u), the frozen gate of the MLP
     mlp_post_norm: torch.Tensor | None = None  # (T, 1) 1/ρ of the post-MLP norm
 
+    def at_last_query(self) -> FrozenLayer:
+        """The factors that act at the last position only: a frozen pass through this layer then
+        continues the stream at that position alone (the sources are still normed and read in full)."""
+        def last(a):
+            return None if a is None else a[..., -1:, :]
+        return FrozenLayer(self.attn_norm, last(self.probs), last(self.attn_post_norm), last(self.mlp_norm),
+                           last(self.gate), last(self.mlp_post_norm))
+
 
 @dataclass
 class Frozen:
@@ -56,6 +64,11 @@ class Frozen:
 
     layers: list = field(default_factory=list)
     final_norm: torch.Tensor | None = None  # (T, 1)
+
+    def at_last_position(self) -> Frozen:
+        """These factors, with the top layer's cut to the last position: a frozen pass then
+        computes y_T alone, and skips the top layer's work at the other T - 1 positions."""
+        return Frozen(self.layers[:-1] + [self.layers[-1].at_last_query()], self.final_norm[-1:])
 
 
 # ---- the operations --------------------------------------------------------------------
@@ -150,7 +163,8 @@ def attention_probabilities(u, w, config, layer_type, positions, cache=None, lay
 def attention(u, w, config, layer_type, positions, cache=None, layer=None, probs=None):
     """o_t = Σ_{s≤t} P[t,s] W_V u_s per head, then W_O.  A(u) = P.
 
-    u: (T, d) -> (T, d); probs: (H, T, S). With P given, u may be a batch (..., T, d).
+    u: (T, d) -> (T, d); probs: (H, T, S). With P given, u may be a batch (..., T, d), and P
+    may hold the last Tq queries only, (H, Tq, S): the output is then theirs, (..., Tq, d).
     """
     T, H, Hkv, hd = u.shape[-2], config.num_attention_heads, config.num_key_value_heads, config.head_dim
     batch = u.shape[:-2]  # () for one input; (b,) for a batch of inputs through the frozen pass
@@ -161,9 +175,9 @@ def attention(u, w, config, layer_type, positions, cache=None, layer=None, probs
     v = linear(u, w["wv"], w.get("bv")).view(*batch, T, Hkv, hd)  # (..., T, Hkv, hd)
     if cache is not None:
         v = cache.extend("values", layer, v)  # (S, Hkv, hd)
-    S, G = v.shape[-3], H // Hkv
-    o = torch.einsum("kgts,...skd->...tkgd", probs.view(Hkv, G, T, S), v)  # (..., T, Hkv, G, hd)
-    return linear(o.reshape(*batch, T, H * hd), w["wo"], w.get("bo")), probs  # (..., T, d)
+    (Tq, S), G = probs.shape[1:], H // Hkv  # Tq queries: T, or fewer with frozen factors of the last ones
+    o = torch.einsum("kgts,...skd->...tkgd", probs.view(Hkv, G, Tq, S), v)  # (..., Tq, Hkv, G, hd)
+    return linear(o.reshape(*batch, Tq, H * hd), w["wo"], w.get("bo")), probs  # (..., Tq, d)
 
 
 # ---- the model --------------------------------------------------------------------------
@@ -222,7 +236,7 @@ class Model:
         u, out.attn_norm = self.norm(h, w.get("attn_norm"), given.attn_norm)  # (T, d)
         a, out.probs = attention(u, w, config, layer_type, positions, cache, i, given.probs)  # (T, d)
         a, out.attn_post_norm = self.norm(a, w.get("attn_post_norm"), given.attn_post_norm)
-        h = h + a
+        h = h[..., -a.shape[-2]:, :] + a  # the stream goes on at the query positions (all, unless frozen fewer)
         check_finite(h, i, "attention")
 
         u, out.mlp_norm = self.norm(h, w.get("mlp_norm"), given.mlp_norm)  # (T, d)

@@ -47,6 +47,7 @@ class FrozenProducts:
         self.model = model
         self.token = checks.optional_integer("token", token, -T, T, why=f"a position in the {T}-token prompt")
         self.x, self.frozen, states, states0 = traced(model, ids)  # x (T, d)
+        self.frozen_to_last = self.frozen.at_last_position()  # A V needs y_T only
         self.d = self.x.shape[1]
         # y (d,), the affine part b (d,), and ∂y/∂h^L_T = diag(w̃_f)/ρ_f as a vector (d,)
         self.y, self.bias, self.out_scale = target_values(model, states, states0, L - 1, "output")
@@ -60,7 +61,7 @@ class FrozenProducts:
         else:
             x = V.new_zeros(b, T, d)
             x[:, self.token] = V  # (b, T, d): the input at one position, zero elsewhere
-        return self.model.forward(x, self.frozen)[0][:, -1] - self.bias  # (b, d): Σ_t J_t v_t
+        return self.model.forward(x, self.frozen_to_last)[0][:, -1] - self.bias  # (b, d): Σ_t J_t v_t
 
     def apply_transposed(self, U):
         """Aᵀ on each row of U (b, d) -> (b, n): one reverse sweep carrying the b rows uᵀ diag(w̃_f)/ρ_f."""

@@ -21,6 +21,18 @@ def test_frozen_forward_takes_a_batch(checkpoints):
     assert torch.allclose(together, one_by_one, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("case", ["qwen2", "gemma3_text", "olmo2", "phi3"])
+def test_frozen_pass_to_the_last_position(case, checkpoints):
+    """With the top layer's factors cut to the last position, the frozen pass gives y_T alone, as the full pass
+    does: biases (qwen2), post-norms and sliding windows (gemma3), norms without pre-norm (olmo2), fused weights."""
+    model = minielm.load(checkpoints[case])
+    x, frozen, _, _ = traced(model, PROMPT)
+    batch = torch.randn(3, *x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(0))
+    last = model.forward(batch, frozen.at_last_position())[0]
+    assert last.shape == (3, 1, x.shape[1])
+    assert torch.allclose(last[:, 0], model.forward(batch, frozen)[0][:, -1], rtol=0, atol=1e-13)
+
+
 @pytest.mark.parametrize("case, block", [("llama", 8), ("qwen3", 8), ("gemma3_text", 8), ("olmo2", 8), ("phi3", 8),
                                          ("qwen2", 8), ("qwen3", 1)])
 def test_block_spectra_match_the_dense_svd(case, block, checkpoints):
