@@ -50,6 +50,14 @@ def forward_flops(s: Shape, T: int, frozen: bool = False) -> int:
     return s.L * (projections + attention + mlp) + (0 if frozen else 2 * s.d * s.V)
 
 
+def frozen_product_flops(s: Shape, T: int) -> int:
+    """The matrix-free A v for one input: the frozen forward pass, its top layer at the last
+    position only (Frozen.at_last_position): there only W_V reads every source."""
+    q, kv = s.H * s.hd, s.Hkv * s.hd
+    top = 2 * T * s.d * kv + 2 * s.H * T * s.hd + 2 * s.d * q + 4 * s.d * s.f
+    return forward_flops(Shape(s.d, s.f, s.L - 1, s.H, s.Hkv, s.hd, s.V), T, frozen=True) + top
+
+
 def mlp_sweep_flops(s: Shape, positions: int, r: int) -> int:
     """One MLP sublayer of the sweep: explicit W_D diag(φ_t) W_U or factored, as linear_map chooses."""
     if s.d * s.f + r * s.d < 2 * r * s.f:
@@ -84,14 +92,14 @@ def assembly_flops(s: Shape, T: int) -> int:
 def lanczos_flops(s: Shape, T: int, steps: int, block: int = 1) -> int:
     """`steps` block Golub–Kahan steps of b = `block` rows (minielm.spectra.block_lanczos).
 
-    Each step: a frozen forward pass over b inputs (A V) and a b-row sweep (Aᵀ U), and the
+    Each step: a frozen pass to the last position over b inputs (A V) and a b-row sweep (Aᵀ U), and the
     new blocks made orthogonal to the bases so far, projected twice (8·b·rows·n flops against
     a basis of `rows` vectors of length n), then reduced to b new rows (2·b²·n). At step j the
     left basis holds (j − 1)·b rows of length d and the right one j·b rows of length n = T·d.
     The small SVDs, the residuals and the final Ritz vectors are left out.
     """
     b, m, n = block, steps, T * s.d
-    products = m * (b * forward_flops(s, T, frozen=True) + sweep_flops(s, T, b))
+    products = m * (b * frozen_product_flops(s, T) + sweep_flops(s, T, b))
     left = 4 * b * b * s.d * m * (m - 1) + 2 * b * b * s.d * m  # 8·b·d·Σ_j (j − 1)·b, and 2·b²·d a step
     right = 4 * b * b * n * m * (m + 1) + 2 * b * b * n * (m + 1)  # 8·b·n·Σ_j j·b, 2·b²·n a step and the start
     return products + left + right

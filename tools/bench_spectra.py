@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import minielm
-from minielm.cost import Shape, assembly_flops, forward_flops, lanczos_flops, sweep_flops
+from minielm.cost import Shape, assembly_flops, frozen_product_flops, lanczos_flops, sweep_flops
 from minielm.interpret import stacked_svd
 from minielm.spectra import FrozenProducts, block_lanczos
 
@@ -106,7 +106,7 @@ def main():
     print(f"one product at T={T}, fastest of 7:  rows  forward (s)  sweep (s)   GFLOP (fwd + sweep)")
     for r in (1, 8):
         print(f"{'':<36}{r:>5} {costs[(r, 'forward')]:>12.4f} {costs[(r, 'sweep')]:>10.4f} "
-              f"{(r * forward_flops(shape, T, frozen=True) + sweep_flops(shape, T, r)) / 1e9:>10.2f}")
+              f"{(r * frozen_product_flops(shape, T) + sweep_flops(shape, T, r)) / 1e9:>10.2f}")
     print(f"8 rows cost {costs[(8, 'forward')] / costs[(1, 'forward')]:.1f}x one row in the forward pass, "
           f"{costs[(8, 'sweep')] / costs[(1, 'sweep')]:.1f}x in the sweep")
 
