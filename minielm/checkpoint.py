@@ -12,8 +12,8 @@ that a safetensors directory (`SafetensorsSource`, here) and a GGUF file both
 implement. Files are only read: never written, and never memory-mapped, so a
 file that shrinks or changes during a run is a CheckpointError, not a crash.
 
-A streamed model (`StreamedLayers`) reads each layer while it is used, and reads the
-next one ahead on a background thread (on CUDA: copied on a side stream) meanwhile.
+A streamed model (`StreamedLayers`) reads each layer while it is used; on a GPU it reads
+the next one ahead meanwhile, on a background thread, and copies it on a side stream.
 """
 
 from __future__ import annotations
@@ -386,15 +386,17 @@ class StreamedLayers(Sequence):
     it when it is dropped, so about one layer is held in the compute dtype at a time.
     Each tensor's values are checked (finite) the first time it is read.
 
-    Read-ahead: taking layer i also starts reading layer i + step on a background
-    thread, step being the move from the layer taken before (+1 in a forward pass, -1
-    in a sweep), or, after a jump to the first or the last layer, away from that end.
-    Its tensors are read and checked (and on CUDA copied to the GPU on a side stream)
-    in the file's dtype, and wait there for their use, which casts them as it would
-    have cast its own reads: the results are the same. Memory: one layer in the file's
-    dtype more. A read-ahead's error (a non-finite tensor, a file changed on disk) is
-    raised when its layer is taken, in the thread that takes it; one never taken is
-    dropped unseen, as a layer never read would be.
+    Read-ahead, on a GPU: taking layer i also starts reading layer i + step on a
+    background thread, step being the move from the layer taken before (+1 in a forward
+    pass, -1 in a sweep), or, after a jump to the first or the last layer, away from that
+    end. Its tensors are read, checked and copied to the GPU on a side stream, in the
+    file's dtype, and wait there for their use, which casts them as it would have cast
+    its own reads: the results are the same. Memory: one layer in the file's dtype more.
+    A read-ahead's error (a non-finite tensor, a file changed on disk) is raised when its
+    layer is taken, in the thread that takes it; one never taken is dropped unseen, as a
+    layer never read would be. On a CPU the reading and the computing would share the
+    same cores: measured (tools/bench_read_ahead.py), it gained nothing there, so it is
+    off (`read_ahead`; the tests switch it on to run the same machinery on a CPU).
     """
 
     def __init__(self, source: TensorSource, plan: list, num_layers: int, dtype, device):
@@ -404,6 +406,7 @@ class StreamedLayers(Sequence):
         self.taken, self.ready = None, {}  # the layer taken last; its tensors read ahead and not yet used
         self.ahead = None  # (layer, Future) of the layer being read ahead
         self.side_stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
+        self.read_ahead = self.side_stream is not None  # on a GPU
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -436,15 +439,15 @@ class StreamedLayers(Sequence):
             self.ready = self.arrived(ahead[1])  # a read-ahead's error is raised here
         elif ahead is not None:
             ahead[1].cancel()  # another layer came instead; a read already under way finishes, unused
-        if step is not None and 0 <= i + step < len(self):
+        if self.read_ahead and step is not None and 0 <= i + step < len(self):
             self.ahead = (i + step, READER.submit(self.read_layer, i + step))
         return self.ready
 
     def read_layer(self, i: int) -> tuple[dict, object]:
         """Layer i's tensors, read and checked, in the file's dtype: the read-ahead's work, on
-        READER's thread. On CUDA they are copied to the GPU on a side stream, from page-locked
-        memory (its blocks reused layer after layer), and the event returned marks the end of
-        the copies (None on a CPU)."""
+        READER's thread. They are copied to the GPU on a side stream, from page-locked memory
+        (its blocks reused layer after layer), and the event returned marks the end of the
+        copies (on a CPU: nothing to copy, and no event)."""
         if self.side_stream is None:
             return {hf_name: self.read(hf_name) for hf_name, _ in self.plans[i]}, None
         with torch.cuda.stream(self.side_stream):
@@ -466,15 +469,18 @@ class StreamedLayers(Sequence):
 
 
 def start_reader() -> None:
-    """READER: one background thread for every streamed model's read-ahead (the heavy parts, a
-    file read, a dequantization, the checks, release the GIL). Its thread starts on the first
-    read-ahead; at exit Python lets it finish the one read under way. A forked child starts its own."""
+    """READER: one background thread for every streamed model's read-ahead. It runs beside the
+    compute while neither holds Python's lock: torch's checks and casts, gguf's numpy
+    dequantization and CUDA copies release it; safetensors' read (0.8) keeps it. Its thread starts
+    on the first read-ahead; at exit Python lets it finish the one read under way. A forked child
+    starts its own."""
     global READER
     READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minielm-read-ahead")
 
 
 start_reader()
-os.register_at_fork(after_in_child=start_reader)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=start_reader)
 
 
 class StreamedLayer(Mapping):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -48,12 +49,9 @@ print(json.dumps({"before_mb": before, "peak_mb": peak}))
 
 @pytest.fixture(scope="module")
 def big_bf16(tmp_path_factory):
-    """A random bf16 Llama-style checkpoint of 163M parameters: about 1.3 GB in float64 (330 MB on disk).
-    Twelve layers: a streamed run holds two of them (the one in use, in float64, and the next one read
-    ahead in bf16) besides the operators and the sweep's work, and 40 % of nine left less room than
-    one bf16 layer (26 MB) above that."""
+    """A random bf16 Llama-style checkpoint of 124M parameters: about 1 GB in float64 (250 MB on disk)."""
     directory = tmp_path_factory.mktemp("big")
-    random_checkpoint(directory, d=1024, layers=12, f=2816, heads=8, kv_heads=8, vocab=4096,
+    random_checkpoint(directory, d=1024, layers=9, f=2816, heads=8, kv_heads=8, vocab=4096,
                       dtype=torch.bfloat16, tied=False)
     return directory
 
@@ -110,6 +108,8 @@ class Recorded:
 
 
 def recorded(model) -> Recorded:
+    """The model's reads, recorded, with the read-ahead on (on a CPU it is off unless switched on)."""
+    model.weights["layers"].read_ahead = True
     model.weights["layers"].source = Recorded(model.weights["layers"].source)
     return model.weights["layers"].source
 
@@ -129,6 +129,7 @@ def five_layers(tmp_path_factory):
 
 def test_the_next_layer_is_read_before_it_is_asked_for(five_layers):
     model = minielm.load(five_layers, stream=True)
+    assert not model.weights["layers"].read_ahead  # on a CPU, off unless switched on
     reads, layers = recorded(model), model.weights["layers"]
     per_layer = len(layers.plans[0])
     layers[0]["wq"]  # layer 0 is read where it is used; taking it starts reading layer 1 (away from the end)
@@ -195,6 +196,7 @@ def test_a_read_ahead_never_used_raises_nothing(five_layers, tmp_path):
     tensors["model.layers.2.mlp.up_proj.weight"][1, 2] = math.inf
     save_file(tensors, directory / "model.safetensors")
     model = minielm.load(directory, stream=True)
+    model.weights["layers"].read_ahead = True
     dict(model.weights["layers"][0])
     dict(model.weights["layers"][1])  # starts reading layer 2, which fails on the read-ahead thread
     reader_idle()
@@ -205,9 +207,26 @@ def test_a_read_ahead_never_used_raises_nothing(five_layers, tmp_path):
                                f"non-finite weights (1 of 2048, the first inf at index [1, 2]); the checkpoint is corrupt")
 
 
+def test_a_file_cut_under_a_read_ahead_is_named_when_its_layer_is_taken(five_layers, tmp_path):
+    directory = shutil.copytree(five_layers, tmp_path / "ckpt")
+    model = minielm.load(directory, stream=True)
+    layers = model.weights["layers"]
+    layers.read_ahead = True
+    dict(layers[0])  # reads layer 1 ahead, from the whole file
+    reader_idle()
+    size = (directory / "model.safetensors").stat().st_size
+    os.truncate(directory / "model.safetensors", size // 2)
+    dict(layers[1])  # read before the cut: fine; reading layer 2 ahead meets the cut
+    with pytest.raises(CheckpointError) as info:
+        layers[2]
+    assert str(info.value).startswith(f"{directory / 'model.safetensors'}: the file changed on disk during this run "
+                                      f"(it is now {size // 2} bytes, not {size}; reading tensor 'model.layers.2.")
+
+
 EXIT_CHILD = """
 import sys, minielm
 model = minielm.load(sys.argv[1], stream=True)
+model.weights["layers"].read_ahead = True
 model.weights["layers"][0]["wq"]  # starts reading layer 1 ahead; the process ends meanwhile
 print("done")
 """
