@@ -391,12 +391,13 @@ class StreamedLayers(Sequence):
     pass, -1 in a sweep), or, after a jump to the first or the last layer, away from that
     end. Its tensors are read, checked and copied to the GPU on a side stream, in the
     file's dtype, and wait there for their use, which casts them as it would have cast
-    its own reads: the results are the same. Memory: one layer in the file's dtype more.
-    A read-ahead's error (a non-finite tensor, a file changed on disk) is raised when its
-    layer is taken, in the thread that takes it; one never taken is dropped unseen, as a
-    layer never read would be. On a CPU the reading and the computing would share the
-    same cores: measured (tools/bench_read_ahead.py), it gained nothing there, so it is
-    off (`read_ahead`; the tests switch it on to run the same machinery on a CPU).
+    its own reads: the results are the same. Memory: one layer more, in the file's dtype,
+    on the GPU. A read-ahead's error (a non-finite tensor, a file changed on disk) is
+    raised when its layer is taken, in the thread that takes it; one never taken is
+    dropped unseen, as a layer never read would be. On a CPU the reader and the compute
+    share the cores and Python's lock: measured (tools/bench_read_ahead.py), runs were
+    slower with it there, so it is off (`read_ahead`; the tests switch it on to run the
+    same machinery on a CPU).
     """
 
     def __init__(self, source: TensorSource, plan: list, num_layers: int, dtype, device):
