@@ -11,6 +11,9 @@ Everything above the file format works through a `TensorSource`: four methods
 that a safetensors directory (`SafetensorsSource`, here) and a GGUF file both
 implement. Files are only read: never written, and never memory-mapped, so a
 file that shrinks or changes during a run is a CheckpointError, not a crash.
+
+A streamed model (`StreamedLayers`) reads each layer while it is used; on a GPU it reads
+the next one ahead meanwhile, on a background thread, and copies it on a side stream.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import ctypes
 import json
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -381,17 +385,35 @@ class StreamedLayers(Sequence):
     sublayer of the reverse sweep); each use reads and casts what it needs and frees
     it when it is dropped, so about one layer is held in the compute dtype at a time.
     Each tensor's values are checked (finite) the first time it is read.
+
+    Read-ahead, on a GPU: taking layer i also starts reading layer i + step on a
+    background thread, step being the move from the layer taken before (+1 in a forward
+    pass, -1 in a sweep), or, after a jump to the first or the last layer, away from that
+    end. Its tensors are read, checked and copied to the GPU on a side stream, in the
+    file's dtype, and wait there for their use, which casts them as it would have cast
+    its own reads: the results are the same. Memory: one layer more, in the file's dtype,
+    on the GPU. A read-ahead's error (a non-finite tensor, a file changed on disk) is
+    raised when its layer is taken, in the thread that takes it; one never taken is
+    dropped unseen, as a layer never read would be. On a CPU the reader and the compute
+    share the cores and Python's lock: measured (tools/bench_read_ahead.py), runs were
+    slower with it there, so it is off (`read_ahead`; the tests switch it on to run the
+    same machinery on a CPU).
     """
 
     def __init__(self, source: TensorSource, plan: list, num_layers: int, dtype, device):
         self.plans = [[(h, p) for h, i, p in plan if i == layer] for layer in range(num_layers)]
         self.source, self.dtype, self.device = source, dtype, device
         self.checked = set()  # hf names whose values were checked
+        self.taken, self.ready = None, {}  # the layer taken last; its tensors read ahead and not yet used
+        self.ahead = None  # (layer, Future) of the layer being read ahead
+        self.side_stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
+        self.read_ahead = self.side_stream is not None  # on a GPU
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return StreamedLayer(self, self.plans[i])
+        i = range(len(self))[i]  # an IndexError past the end, as for a list
+        return StreamedLayer(self, self.plans[i], self.take(i))
 
     def __len__(self):
         return len(self.plans)
@@ -404,19 +426,78 @@ class StreamedLayers(Sequence):
         self.checked.add(hf_name)
         return tensor
 
+    # -- the read-ahead: the next layer read on READER's thread while this one is used --------
+    def take(self, i: int) -> dict:
+        """hf name -> tensor, those of layer i that were read ahead and not yet used ({} if
+        none: the layer then reads its own), after starting to read the next layer."""
+        if i == self.taken:  # the same layer again (the sweep takes it once per sublayer)
+            return self.ready
+        # the step: the move from the layer taken before, if it was a neighbour; else away from an end
+        near = self.taken is not None and abs(i - self.taken) == 1
+        step = i - self.taken if near else 1 if i == 0 else -1 if i == len(self) - 1 else None
+        ahead, self.ahead, self.taken, self.ready = self.ahead, None, i, {}
+        if ahead is not None and ahead[0] == i:
+            self.ready = self.arrived(ahead[1])  # a read-ahead's error is raised here
+        elif ahead is not None:
+            ahead[1].cancel()  # another layer came instead; a read already under way finishes, unused
+        if self.read_ahead and step is not None and 0 <= i + step < len(self):
+            self.ahead = (i + step, READER.submit(self.read_layer, i + step))
+        return self.ready
+
+    def read_layer(self, i: int) -> tuple[dict, object]:
+        """Layer i's tensors, read and checked, in the file's dtype: the read-ahead's work, on
+        READER's thread. They are copied to the GPU on a side stream, from page-locked memory
+        (its blocks reused layer after layer), and the event returned marks the end of the
+        copies (on a CPU: nothing to copy, and no event)."""
+        if self.side_stream is None:
+            return {hf_name: self.read(hf_name) for hf_name, _ in self.plans[i]}, None
+        with torch.cuda.stream(self.side_stream):
+            tensors = {hf_name: self.read(hf_name).pin_memory().to(self.device, non_blocking=True)
+                       for hf_name, _ in self.plans[i]}
+            return tensors, self.side_stream.record_event()
+
+    def arrived(self, future) -> dict:
+        """A read-ahead's tensors, made safe to use on the current CUDA stream: it waits for the
+        side stream's copies, and the allocator is told that this stream uses their memory
+        (so that it is not reused before this stream is done with it)."""
+        tensors, copied = future.result()  # waits for the read; its error, if any, is raised here
+        if copied is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(copied)
+            for tensor in tensors.values():
+                tensor.record_stream(stream)
+        return tensors
+
+
+def start_reader() -> None:
+    """READER: one background thread for every streamed model's read-ahead. It runs beside the
+    compute while neither holds Python's lock: torch's checks and casts, gguf's numpy
+    dequantization and CUDA copies release it; safetensors' read (0.8) keeps it. Its thread starts
+    on the first read-ahead; at exit Python lets it finish the one read under way. A forked child
+    starts its own."""
+    global READER
+    READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minielm-read-ahead")
+
+
+start_reader()
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=start_reader)
+
 
 class StreamedLayer(Mapping):
-    """One use of a layer: weights by short name, read and cast on first access. A fused
-    tensor (Phi-3's qkv_proj) is read once and all its parts are cast together."""
+    """One use of a layer: weights by short name, read (or taken from the read-ahead) and cast
+    on first access. A fused tensor (Phi-3's qkv_proj) is read once and all its parts are cast
+    together."""
 
-    def __init__(self, layers: StreamedLayers, plan: list):
-        self.layers, self.cast = layers, {}
+    def __init__(self, layers: StreamedLayers, plan: list, ready: dict):
+        self.layers, self.ready, self.cast = layers, ready, {}
         self.where = {name: (hf_name, parts) for hf_name, parts in plan for name, _ in parts}
 
     def __getitem__(self, name):
         if name not in self.cast:
             hf_name, parts = self.where[name]
-            tensor = self.layers.read(hf_name)
+            # read ahead: handed to the first use that asks for it (a later one reads its own)
+            tensor = self.ready.pop(hf_name) if hf_name in self.ready else self.layers.read(hf_name)
             for part, piece in zip((p for p, _ in parts), split_parts(tensor, parts)):
                 self.cast[part] = to_compute(piece, self.layers.dtype, self.layers.device)
         return self.cast[name]

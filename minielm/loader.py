@@ -139,9 +139,10 @@ def load(path=None, dtype=torch.float64, device="cpu", stream=False) -> Model:
 
     With `stream=True` each layer is read from the file and cast to `dtype` (and moved
     to `device`) only while it runs: for models larger than memory in float64. The
-    embedding and unembedding are held in the file's dtype. Results are the same as
-    without streaming. A file that is truncated or rewritten during the run is a
-    CheckpointError.
+    embedding and unembedding are held in the file's dtype. On a GPU, while a layer
+    runs, the next one is read ahead on a background thread and copied to the GPU on a
+    side stream, where it waits in the file's dtype. Results are the same as without
+    streaming. A file that is truncated or rewritten during the run is a CheckpointError.
     """
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     stream = checks.boolean("stream", stream)

@@ -1,19 +1,29 @@
 """Streaming: a checkpoint larger than its float64 budget, run layer by layer from the mapped file."""
 
 import json
+import math
+import os
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import DEVICES
 from hf_reference import save_tiny_checkpoint
 
 import minielm
+from minielm import checkpoint
+from minielm.errors import CheckpointError
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
+sys.path.insert(0, str(TOOLS))
+from bench import random_checkpoint  # noqa: E402
+
 IDS = [1, 17, 5, 88]
 
 # The child reads its own memory from /proc: VmRSS now, VmHWM the peak. (getrusage's ru_maxrss
@@ -40,9 +50,6 @@ print(json.dumps({"before_mb": before, "peak_mb": peak}))
 @pytest.fixture(scope="module")
 def big_bf16(tmp_path_factory):
     """A random bf16 Llama-style checkpoint of 124M parameters: about 1 GB in float64 (250 MB on disk)."""
-    sys.path.insert(0, str(TOOLS))
-    from bench import random_checkpoint
-
     directory = tmp_path_factory.mktemp("big")
     random_checkpoint(directory, d=1024, layers=9, f=2816, heads=8, kv_heads=8, vocab=4096,
                       dtype=torch.bfloat16, tied=False)
@@ -79,3 +86,153 @@ def test_streamed_equals_loaded(case, device, tmp_path):
                        minielm.equivalent_linear_map(streamed, ids).operators)
     assert loaded.generate_ids(ids[:3], 6) == streamed.generate_ids(ids[:3], 6)
     assert torch.equal(minielm.attribution(loaded, ids).table, minielm.attribution(streamed, ids).table)
+
+
+# ---- the read-ahead: the next layer read on a background thread while this one is used ----------
+class Recorded:
+    """A checkpoint's own tensor source, noting which thread read each tensor (name, thread name)."""
+
+    def __init__(self, source):
+        self.source, self.reads = source, []
+
+    def get(self, name):
+        self.reads.append((name, threading.current_thread().name))
+        return self.source.get(name)
+
+    def __getattr__(self, attribute):  # names, info, origin: the source's own
+        return getattr(self.source, attribute)
+
+    def layer(self, i, thread=None):
+        """The tensors of layer i read so far (by threads whose name starts with `thread`)."""
+        return sorted(n for n, t in self.reads if f".layers.{i}." in n and t.startswith(thread or ""))
+
+
+def recorded(model) -> Recorded:
+    """The model's reads, recorded, with the read-ahead on (on a CPU it is off unless switched on)."""
+    model.weights["layers"].read_ahead = True
+    model.weights["layers"].source = Recorded(model.weights["layers"].source)
+    return model.weights["layers"].source
+
+
+def reader_idle():
+    """Wait until the read-ahead thread has done everything asked of it (its queue is first in, first out)."""
+    checkpoint.READER.submit(lambda: None).result()
+
+
+@pytest.fixture(scope="module")
+def five_layers(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("five")
+    random_checkpoint(directory, d=32, layers=5, f=64, heads=4, kv_heads=2, vocab=128, dtype=torch.bfloat16,
+                      tied=False)
+    return directory
+
+
+def test_the_next_layer_is_read_before_it_is_asked_for(five_layers):
+    model = minielm.load(five_layers, stream=True)
+    assert not model.weights["layers"].read_ahead  # on a CPU, off unless switched on
+    reads, layers = recorded(model), model.weights["layers"]
+    per_layer = len(layers.plans[0])
+    layers[0]["wq"]  # layer 0 is read where it is used; taking it starts reading layer 1 (away from the end)
+    reader_idle()
+    assert reads.layer(0, "MainThread") == ["model.layers.0.self_attn.q_proj.weight"]
+    assert len(reads.layer(1, "minielm-read-ahead")) == per_layer and reads.layer(2) == []
+    dict(layers[1])  # every tensor of layer 1, taken from the read-ahead: no read of its own
+    reader_idle()
+    assert reads.layer(1, "MainThread") == [] and len(reads.layer(1)) == per_layer
+    assert len(reads.layer(2, "minielm-read-ahead")) == per_layer and reads.layer(3) == []  # step +1: layer 2
+    dict(layers[2])
+    dict(layers[1])  # back down (step -1): layer 1 is read again, where it is used, and layer 0 ahead
+    reader_idle()
+    assert len(reads.layer(1, "MainThread")) == per_layer and len(reads.layer(0, "minielm-read-ahead")) == per_layer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_read_ahead_changes_nothing(five_layers, family, device, tmp_path):
+    """Logits, operators and generated ids of a streamed model whose layers were read ahead (on CUDA:
+    copied on a side stream) equal the loaded model's, bit for bit."""
+    directory = five_layers
+    if family != "llama":
+        directory = tmp_path
+        random_checkpoint(directory, d=32, layers=5, f=64, heads=4, kv_heads=2, vocab=128, dtype=torch.bfloat16,
+                          family=family, head_dim=16)
+    loaded = minielm.load(directory, device=device)
+    streamed = minielm.load(directory, device=device, stream=True)
+    reads = recorded(streamed)
+    ids = [1, 17, 5, 88, 2, 41, 9, 60]
+    assert torch.equal(loaded.logits(ids), streamed.logits(ids))
+    assert all(reads.layer(i, "minielm-read-ahead") for i in range(1, 5))  # the forward pass read ahead
+    del reads.reads[:]
+    assert torch.equal(minielm.equivalent_linear_map(loaded, ids).operators,
+                       minielm.equivalent_linear_map(streamed, ids).operators)
+    assert all(reads.layer(i, "minielm-read-ahead") for i in range(0, 3))  # and so did the sweep, downwards
+    assert loaded.generate_ids(ids[:3], 5) == streamed.generate_ids(ids[:3], 5)
+
+
+def test_gguf_read_ahead_changes_nothing(tmp_path):
+    """The same for a GGUF file (Gemma 3, six layers, Q8_0): its tensors are dequantized on the read-ahead thread."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf_writer import write_gguf
+    from hf_reference import randomize_
+    from test_gguf import FAMILIES
+    from transformers import AutoModelForCausalLM
+
+    make_config, arch = FAMILIES["gemma3"]
+    hf = AutoModelForCausalLM.from_config(make_config(), dtype=torch.float32)
+    randomize_(hf, 0)
+    write_gguf(hf, tmp_path / "gemma3.gguf", arch, Q.Q8_0)
+    loaded, streamed = minielm.load(tmp_path / "gemma3.gguf"), minielm.load(tmp_path / "gemma3.gguf", stream=True)
+    reads = recorded(streamed)
+    assert torch.equal(loaded.logits(IDS), streamed.logits(IDS))
+    assert torch.equal(minielm.equivalent_linear_map(loaded, IDS).operators,
+                       minielm.equivalent_linear_map(streamed, IDS).operators)
+    assert all(reads.layer(i, "minielm-read-ahead") for i in range(6))
+
+
+def test_a_read_ahead_never_used_raises_nothing(five_layers, tmp_path):
+    """A layer read ahead but not taken keeps its error to itself; taken later, it raises it as a read would."""
+    directory = shutil.copytree(five_layers, tmp_path / "ckpt")
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.layers.2.mlp.up_proj.weight"][1, 2] = math.inf
+    save_file(tensors, directory / "model.safetensors")
+    model = minielm.load(directory, stream=True)
+    model.weights["layers"].read_ahead = True
+    dict(model.weights["layers"][0])
+    dict(model.weights["layers"][1])  # starts reading layer 2, which fails on the read-ahead thread
+    reader_idle()
+    dict(model.weights["layers"][0])  # a jump: layer 2's read-ahead is dropped, its error with it
+    with pytest.raises(CheckpointError) as info:
+        model.logits(IDS)
+    assert str(info.value) == (f"{directory / 'model.safetensors'}: tensor 'model.layers.2.mlp.up_proj.weight' holds "
+                               f"non-finite weights (1 of 2048, the first inf at index [1, 2]); the checkpoint is corrupt")
+
+
+def test_a_file_cut_under_a_read_ahead_is_named_when_its_layer_is_taken(five_layers, tmp_path):
+    directory = shutil.copytree(five_layers, tmp_path / "ckpt")
+    model = minielm.load(directory, stream=True)
+    layers = model.weights["layers"]
+    layers.read_ahead = True
+    dict(layers[0])  # reads layer 1 ahead, from the whole file
+    reader_idle()
+    size = (directory / "model.safetensors").stat().st_size
+    os.truncate(directory / "model.safetensors", size // 2)
+    dict(layers[1])  # read before the cut: fine; reading layer 2 ahead meets the cut
+    with pytest.raises(CheckpointError) as info:
+        layers[2]
+    assert str(info.value).startswith(f"{directory / 'model.safetensors'}: the file changed on disk during this run "
+                                      f"(it is now {size // 2} bytes, not {size}; reading tensor 'model.layers.2.")
+
+
+EXIT_CHILD = """
+import sys, minielm
+model = minielm.load(sys.argv[1], stream=True)
+model.weights["layers"].read_ahead = True
+model.weights["layers"][0]["wq"]  # starts reading layer 1 ahead; the process ends meanwhile
+print("done")
+"""
+
+
+def test_a_process_ends_with_a_read_ahead_under_way(five_layers):
+    result = subprocess.run([sys.executable, "-c", EXIT_CHILD, str(five_layers)], capture_output=True, text=True,
+                            timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "done\n", "")
