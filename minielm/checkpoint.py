@@ -389,9 +389,10 @@ class StreamedLayers(Sequence):
     Read-ahead, on a GPU: taking layer i also starts reading layer i + step on a
     background thread, step being the move from the layer taken before (+1 in a forward
     pass, -1 in a sweep), or, after a jump to the first or the last layer, away from that
-    end. Its tensors are read, checked and copied to the GPU on a side stream, in the
-    file's dtype, and wait there for their use, which casts them as it would have cast
-    its own reads: the results are the same. Memory: one layer more, in the file's dtype,
+    end. The tensors that the layer before was asked for (a frozen pass or a sweep asks
+    for no query, key or gate weights) are read, checked and copied to the GPU on a side
+    stream, in the file's dtype, and wait there for their use, which casts them as it
+    would have cast its own reads: the results are the same. Memory: one layer more, in the file's dtype,
     on the GPU. A read-ahead's error (a non-finite tensor, a file changed on disk) is
     raised when its layer is taken, in the thread that takes it; one never taken is
     dropped unseen, as a layer never read would be. On a CPU the reader and the compute
@@ -405,6 +406,7 @@ class StreamedLayers(Sequence):
         self.source, self.dtype, self.device = source, dtype, device
         self.checked = set()  # hf names whose values were checked
         self.taken, self.ready = None, {}  # the layer taken last; its tensors read ahead and not yet used
+        self.asked = set()  # the short names that the uses of the layer taken last asked for
         self.ahead = None  # (layer, Future) of the layer being read ahead
         self.side_stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
         self.read_ahead = self.side_stream is not None  # on a GPU
@@ -436,24 +438,28 @@ class StreamedLayers(Sequence):
         near = self.taken is not None and abs(i - self.taken) == 1
         step = i - self.taken if near else 1 if i == 0 else -1 if i == len(self) - 1 else None
         ahead, self.ahead, self.taken, self.ready = self.ahead, None, i, {}
+        asked, self.asked = self.asked, set()  # what the layer before asked for: the next will ask the same
         if ahead is not None and ahead[0] == i:
             self.ready = self.arrived(ahead[1])  # a read-ahead's error is raised here
         elif ahead is not None:
             ahead[1].cancel()  # another layer came instead; a read already under way finishes, unused
         if self.read_ahead and step is not None and 0 <= i + step < len(self):
-            self.ahead = (i + step, READER.submit(self.read_layer, i + step))
+            self.ahead = (i + step, READER.submit(self.read_layer, i + step, asked))
         return self.ready
 
-    def read_layer(self, i: int) -> tuple[dict, object]:
-        """Layer i's tensors, read and checked, in the file's dtype: the read-ahead's work, on
-        READER's thread. They are copied to the GPU on a side stream, from page-locked memory
-        (its blocks reused layer after layer), and the event returned marks the end of the
-        copies (on a CPU: nothing to copy, and no event)."""
+    def read_layer(self, i: int, asked: set) -> tuple[dict, object]:
+        """Layer i's tensors that hold a weight in `asked` (all of them if it is empty), read and
+        checked, in the file's dtype: the read-ahead's work, on READER's thread. (A frozen pass
+        or a sweep asks for no query, key or gate weights; the layer before tells which.) They
+        are copied to the GPU on a side stream, from page-locked memory (its blocks reused
+        layer after layer), and the event returned marks the end of the copies (on a CPU:
+        nothing to copy, and no event)."""
+        plan = [hf_name for hf_name, parts in self.plans[i] if not asked or any(p in asked for p, _ in parts)]
         if self.side_stream is None:
-            return {hf_name: self.read(hf_name) for hf_name, _ in self.plans[i]}, None
+            return {hf_name: self.read(hf_name) for hf_name in plan}, None
         with torch.cuda.stream(self.side_stream):
             tensors = {hf_name: self.read(hf_name).pin_memory().to(self.device, non_blocking=True)
-                       for hf_name, _ in self.plans[i]}
+                       for hf_name in plan}
             return tensors, self.side_stream.record_event()
 
     def arrived(self, future) -> dict:
@@ -494,6 +500,7 @@ class StreamedLayer(Mapping):
         self.where = {name: (hf_name, parts) for hf_name, parts in plan for name, _ in parts}
 
     def __getitem__(self, name):
+        self.layers.asked.add(name)
         if name not in self.cast:
             hf_name, parts = self.where[name]
             # read ahead: handed to the first use that asks for it (a later one reads its own)

@@ -134,18 +134,38 @@ def test_the_next_layer_is_read_before_it_is_asked_for(five_layers):
     assert not model.weights["layers"].read_ahead  # on a CPU, off unless switched on
     reads, layers = recorded(model), model.weights["layers"]
     per_layer = len(layers.plans[0])
-    layers[0]["wq"]  # layer 0 is read where it is used; taking it starts reading layer 1 (away from the end)
-    reader_idle()
+    layers[0]["wq"]  # layer 0 is read where it is used; taking it starts reading layer 1 (away from the end),
+    reader_idle()     # all of it, since no layer was asked for anything before
     assert reads.layer(0, "MainThread") == ["model.layers.0.self_attn.q_proj.weight"]
     assert len(reads.layer(1, "minielm-read-ahead")) == per_layer and reads.layer(2) == []
     dict(layers[1])  # every tensor of layer 1, taken from the read-ahead: no read of its own
     reader_idle()
     assert reads.layer(1, "MainThread") == [] and len(reads.layer(1)) == per_layer
-    assert len(reads.layer(2, "minielm-read-ahead")) == per_layer and reads.layer(3) == []  # step +1: layer 2
-    dict(layers[2])
+    # step +1: layer 2 is read ahead, what layer 0 was asked for only
+    assert reads.layer(2, "minielm-read-ahead") == ["model.layers.2.self_attn.q_proj.weight"] and reads.layer(3) == []
+    dict(layers[2])  # the rest of layer 2 is read where it is used; layer 3 ahead, all of it (as layer 1)
+    reader_idle()
+    assert len(reads.layer(2, "MainThread")) == per_layer - 1 and len(reads.layer(3, "minielm-read-ahead")) == per_layer
     dict(layers[1])  # back down (step -1): layer 1 is read again, where it is used, and layer 0 ahead
     reader_idle()
     assert len(reads.layer(1, "MainThread")) == per_layer and len(reads.layer(0, "minielm-read-ahead")) == per_layer
+
+
+def test_a_sweep_reads_ahead_only_what_it_uses(five_layers):
+    """The reverse sweep never uses the query, key and gate weights, and the read-ahead does not read them: each
+    layer reads ahead what the layer before was asked for."""
+    from minielm.linear_map import pull_back, traced
+
+    model = minielm.load(five_layers, stream=True)
+    reads = recorded(model)
+    _, frozen, _, _ = traced(model, IDS)  # the forward pass (every weight) and the frozen pass at 0
+    reader_idle()
+    del reads.reads[:]
+    pull_back(model, frozen, torch.eye(32, dtype=torch.float64), 4, "output")
+    reader_idle()
+    ahead = [name for name, thread in reads.reads if thread.startswith("minielm-read-ahead")]
+    assert {name.split(".")[2] for name in ahead} == {"2", "1", "0"}  # layers 2, 1, 0 were read ahead
+    assert not [name for name in ahead if "q_proj" in name or "k_proj" in name or "gate_proj" in name]
 
 
 @pytest.mark.parametrize("device", DEVICES)
