@@ -389,7 +389,8 @@ class StreamedLayers(Sequence):
     Read-ahead, on a GPU: taking layer i also starts reading layer i + step on a
     background thread, step being the move from the layer taken before (+1 in a forward
     pass, -1 in a sweep), or, after a jump to the first or the last layer, away from that
-    end. The tensors that the layer before was asked for (a frozen pass or a sweep asks
+    end; a sweep that begins on the top layer where a forward pass ended reads the one
+    below. The tensors that the layer before was asked for (a frozen pass or a sweep asks
     for no query, key or gate weights) are read, checked and copied to the GPU on a side
     stream, in the file's dtype, and wait there for their use, which casts them as it
     would have cast its own reads: the results are the same. Memory: one layer more, in the file's dtype,
@@ -433,6 +434,9 @@ class StreamedLayers(Sequence):
         """hf name -> tensor, those of layer i that were read ahead and not yet used ({} if
         none: the layer then reads its own), after starting to read the next layer."""
         if i == self.taken:  # the same layer again (the sweep takes it once per sublayer)
+            top = i == len(self) - 1 and i > 0
+            if top and self.read_ahead and self.ahead is None:  # a sweep begins where the forward pass ended
+                self.ahead = (i - 1, READER.submit(self.read_layer, i - 1, set(self.asked)))
             return self.ready
         # the step: the move from the layer taken before, if it was a neighbour; else away from an end
         near = self.taken is not None and abs(i - self.taken) == 1
