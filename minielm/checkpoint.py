@@ -393,8 +393,8 @@ class StreamedLayers(Sequence):
     below. The tensors that the layer before was asked for (a frozen pass or a sweep asks
     for no query, key or gate weights) are read, checked and copied to the GPU on a side
     stream, in the file's dtype, and wait there for their use, which casts them as it
-    would have cast its own reads: the results are the same. Memory: one layer more, in the file's dtype,
-    on the GPU. A read-ahead's error (a non-finite tensor, a file changed on disk) is
+    would have cast its own reads: the results are the same. Memory: one layer more, in
+    the file's dtype, on the GPU. A read-ahead's error (a non-finite tensor, a file changed on disk) is
     raised when its layer is taken, in the thread that takes it; one never taken is
     dropped unseen, as a layer never read would be. On a CPU the reader and the compute
     share the cores and Python's lock: measured (tools/bench_read_ahead.py), runs were
@@ -434,9 +434,8 @@ class StreamedLayers(Sequence):
         """hf name -> tensor, those of layer i that were read ahead and not yet used ({} if
         none: the layer then reads its own), after starting to read the next layer."""
         if i == self.taken:  # the same layer again (the sweep takes it once per sublayer)
-            top = i == len(self) - 1 and i > 0
-            if top and self.read_ahead and self.ahead is None:  # a sweep begins where the forward pass ended
-                self.ahead = (i - 1, READER.submit(self.read_layer, i - 1, set(self.asked)))
+            if i == len(self) - 1 and self.ahead is None:  # at the top: a sweep begins where a forward pass ended
+                self.start_reading(i - 1, set(self.asked))
             return self.ready
         # the step: the move from the layer taken before, if it was a neighbour; else away from an end
         near = self.taken is not None and abs(i - self.taken) == 1
@@ -447,9 +446,14 @@ class StreamedLayers(Sequence):
             self.ready = self.arrived(ahead[1])  # a read-ahead's error is raised here
         elif ahead is not None:
             ahead[1].cancel()  # another layer came instead; a read already under way finishes, unused
-        if self.read_ahead and step is not None and 0 <= i + step < len(self):
-            self.ahead = (i + step, READER.submit(self.read_layer, i + step, asked))
+        if step is not None:
+            self.start_reading(i + step, asked)
         return self.ready
+
+    def start_reading(self, i: int, asked: set) -> None:
+        """Read layer i ahead (if it exists and reading ahead is on), what `asked` names."""
+        if self.read_ahead and 0 <= i < len(self):
+            self.ahead = (i, READER.submit(self.read_layer, i, asked))
 
     def read_layer(self, i: int, asked: set) -> tuple[dict, object]:
         """Layer i's tensors that hold a weight in `asked` (all of them if it is empty), read and
