@@ -2,8 +2,15 @@
 
 import pytest
 import torch
+from hypothesis import settings
 
 from hf_reference import FAMILIES, hf_float64_logits, save_tiny_checkpoint
+
+# The fuzz tests draw the same examples on every run, so that a suite that passed passes again
+# (CI lands on one run); `pytest --hypothesis-profile explore` draws new ones.
+settings.register_profile("same every run", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile("same every run")
 
 # 16 tokens: longer than every sliding window in the tiny configs (4 and 5), so the windows bind.
 PROMPT = [1, 17, 5, 88, 2, 41, 9, 60, 33, 7, 12, 99, 3, 71, 25, 50]

@@ -148,7 +148,7 @@ def mutated_file(steps) -> bytes:
         if kind in ("offsets", "shape", "dtype", "offset_ints") and isinstance(entry, dict):
             entry[{"offsets": "data_offsets", "offset_ints": "data_offsets"}.get(kind, kind)] = list(value) \
                 if isinstance(value, tuple) else value
-        elif kind == "swap_offsets" and name in header and value in header:
+        elif kind == "swap_offsets" and all("data_offsets" in (header.get(n) or {}) for n in (name, value)):
             header[name]["data_offsets"], header[value]["data_offsets"] = \
                 header[value]["data_offsets"], header[name]["data_offsets"]
         elif kind == "drop_key" and isinstance(entry, dict):
