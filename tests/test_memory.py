@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
+sys.path.insert(0, str(TOOLS))
+from proc_memory import CHILD_PRELUDE  # noqa: E402
 T = 512
 
-CHILD = """
+CHILD = CHILD_PRELUDE + """
 import json, sys, torch, minielm, minielm.linear_map
-def status_mb(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 directory, T, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 minielm.linear_map.SCRATCH_BYTES = 16 * 2**20
 model = minielm.load(directory)
@@ -37,7 +36,6 @@ print(json.dumps({"extra_mb": peak - before, "operators_mb": elm.operators.numel
 @pytest.fixture(scope="module")
 def gemma_like(tmp_path_factory):
     """d = 128 with 4 heads of 64: H·hd = 256 > d, one key-value head, Gemma 3's norms."""
-    sys.path.insert(0, str(TOOLS))
     from bench import random_checkpoint
 
     directory = tmp_path_factory.mktemp("gemma_like")

@@ -23,18 +23,14 @@ from minielm.errors import CheckpointError
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 sys.path.insert(0, str(TOOLS))
 from bench import random_checkpoint  # noqa: E402
+from proc_memory import CHILD_PRELUDE  # noqa: E402
 
 IDS = [1, 17, 5, 88]
 
-# The child reads its own memory from /proc: VmRSS now, VmHWM the peak. (getrusage's ru_maxrss
-# would not do: Linux carries it across exec from the forked parent, here the test runner.)
-CHILD = """
+# The child reads its own memory from /proc: VmRSS now, VmHWM the peak (tools/proc_memory.py).
+CHILD = CHILD_PRELUDE + """
 import json, sys, torch
 import minielm
-
-def status_mb(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 directory, out, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 before = status_mb("VmRSS")

@@ -30,6 +30,7 @@ import minielm
 from minielm.checkpoint import expected_shapes, layer_map, save_checkpoint
 from minielm.config import Config
 from minielm.cost import Shape, assembly_flops
+from proc_memory import status_mb
 
 
 def random_checkpoint(directory, d, layers, f, heads, kv_heads, vocab, seed=0, dtype=torch.float32, tied=True,
@@ -60,13 +61,6 @@ def random_checkpoint(directory, d, layers, f, heads, kv_heads, vocab, seed=0, d
     weights = {"embed": tensor("embed"), "final_norm": tensor("final_norm"), "lm_head": tensor("lm_head"),
                "layers": [{n: tensor(n) for n in layer_names} for _ in range(layers)]}
     save_checkpoint(directory, config_json, weights, dtype)
-
-
-def status_mb(key: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process, from /proc. (getrusage's ru_maxrss is carried
-    across exec from the forked parent on Linux, so a child would report its parent's peak.)"""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
 def child(args):

@@ -13,12 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-CHILD = """
-import json, sys, time
+from proc_memory import CHILD_PRELUDE
 
-def status_mb(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+CHILD = CHILD_PRELUDE + """
+import json, sys, time
 
 import torch, gguf, minielm
 path, mode = sys.argv[1], sys.argv[2]

@@ -23,14 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+from proc_memory import CHILD_PRELUDE  # noqa: E402
 
-CHILD = """
+CHILD = CHILD_PRELUDE + """
 import json, sys, time, torch
 import minielm
-
-def status_mb(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 directory, stream, ids = sys.argv[1], sys.argv[2] == "stream", [1, 17, 5, 88]
 torch.set_num_threads(int(sys.argv[3]))

@@ -20,12 +20,10 @@ import tempfile
 import torch
 
 from bench import random_checkpoint
+from proc_memory import CHILD_PRELUDE
 
-CHILD = """
+CHILD = CHILD_PRELUDE + """
 import json, sys, time, torch, minielm, minielm.linear_map
-def status_mb(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 directory, T, out, block = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 model = minielm.load(directory)
 ids = [1 + i % 1000 for i in range(T)]

@@ -24,14 +24,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+from proc_memory import CHILD_PRELUDE  # noqa: E402
 
-CHILD = """
+CHILD = CHILD_PRELUDE + """
 import json, statistics, sys, time, torch
 import minielm
-
-def status_mb(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 path, mode, ids, rounds = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[5])
 torch.set_num_threads(int(sys.argv[4]))
