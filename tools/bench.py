@@ -5,11 +5,14 @@
     python tools/bench.py --suite                # the toy shape, then a Gemma-3-270M-shaped model at T = 23
 
 Each method runs in its own child process, which loads the model, notes its
-peak resident memory, runs the method `--repeats` times and reports the
-median time and the extra peak memory over the loaded model. The analytic
-path's flop count (from the shapes; see minielm/cost.py) divided by its time
-is compared with the float64 matmul rate (2048² GEMMs) measured in the same
-child right after the timed runs: these machines are shared and their speed drifts.
+peak resident memory, runs the method `--repeats` times after a warm-up and
+reports the median and fastest times and the extra peak memory over the loaded
+model. The analytic path's flop count (from the shapes; see minielm/cost.py)
+divided by its time is compared with the float64 matmul rate (2048² GEMMs)
+measured in the same child right after each timed run, since these machines
+are shared and their speed drifts: the median run against the median rate, and
+the fastest run against the fastest rate (like with like; the fastest is the
+least disturbed).
 """
 
 from __future__ import annotations
@@ -77,25 +80,25 @@ def child(args):
     else:
         def run():
             return minielm.detached_jacobian(model, ids)
-    times, cpu = [], os.times()
+    times, rates, user, system = [], [], 0.0, 0.0
     for k in range(args.repeats + 1):  # the first run is a warm-up
-        if k == 1:
-            cpu = os.times()
-        start = time.perf_counter()
+        cpu, start = os.times(), time.perf_counter()
         J = run()
-        times.append(time.perf_counter() - start)
-    used = os.times()
-    user, system = used.user - cpu.user, used.system - cpu.system  # CPU time of the timed runs
-    rate = matmul_rate(args.threads)  # measured here and now, beside the method, on a shared machine
+        seconds, used = time.perf_counter() - start, os.times()
+        if k > 0:
+            times.append(seconds)
+            user, system = user + used.user - cpu.user, system + used.system - cpu.system
+            rates.append(matmul_rate(args.threads, repeats=3))  # beside each run: the machine's speed drifts
     d = model.config.hidden_size  # the sweep's per-position products G_t (I + M_t) are d × d × d GEMMs
-    print(json.dumps({"method": args.method, "seconds": statistics.median(times[1:]), "matmul_rate": rate,
+    print(json.dumps({"method": args.method, "seconds": statistics.median(times), "fastest": min(times),
+                      "matmul_rate": statistics.median(rates), "fastest_matmul_rate": max(rates),
                       "d_cubed_rate": matmul_rate(args.threads, n=d, repeats=50),
                       "kernel_share": system / max(user + system, 1e-9),
                       "extra_peak_mb": status_mb("VmHWM") - before, "checksum": float(J.abs().sum())}))
 
 
 def measure(model_dir, method, tokens, repeats=3, threads=None) -> dict:
-    """Run one method in a child process: {'seconds': median, 'extra_peak_mb': ..., 'checksum': ...}."""
+    """Run one method in a child process: {'seconds': median, 'fastest', 'matmul_rate', ...} (see child)."""
     command = [sys.executable, __file__, "--model", str(model_dir), "--tokens", str(tokens),
                "--repeats", str(repeats), "--threads", str(threads or os.cpu_count()), "--method", method]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -162,7 +165,7 @@ def compare(model_dir, tokens, args):
     flops = assembly_flops(Shape.of(config), tokens)
     a, g = results["analytic"], results["autograd"]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {args.threads} threads; float64 matmul {rate / 1e9:.1f} GFLOP/s")
+          f"torch {torch.__version__}, {args.threads} threads; float64 matmul {rate / 1e9:.1f} GFLOP/s (median beside the runs)")
     print(f"model: {config.model_type}, d={config.hidden_size}, L={config.num_hidden_layers}, "
           f"f={config.intermediate_size}, H={config.num_attention_heads}, Hkv={config.num_key_value_heads}, "
           f"hd={config.head_dim}; T={tokens}")
@@ -171,7 +174,10 @@ def compare(model_dir, tokens, args):
     print(f"{'autograd jacobian (vectorize)':<34} {g['seconds']:>9.3f} {g['extra_peak_mb']:>14.0f} "
           f"{g['kernel_share']:>20.1%}")
     print(f"speed-up {g['seconds'] / a['seconds']:.2f}x; analytic {flops / 1e9:.1f} GFLOP at "
-          f"{flops / a['seconds'] / 1e9:.1f} GFLOP/s = {flops / a['seconds'] / rate:.0%} of the matmul rate")
+          f"{flops / a['seconds'] / 1e9:.1f} GFLOP/s = {flops / a['seconds'] / rate:.0%} of the matmul rate "
+          f"(medians); fastest run {flops / a['fastest'] / 1e9:.1f} GFLOP/s = "
+          f"{flops / a['fastest'] / a['fastest_matmul_rate']:.0%} of the fastest rate "
+          f"{a['fastest_matmul_rate'] / 1e9:.1f} GFLOP/s")
     d = config.hidden_size
     print(f"(a lone {d}³ GEMM, the sweep's per-position product, runs at {a['d_cubed_rate'] / 1e9:.1f} GFLOP/s "
           f"= {a['d_cubed_rate'] / rate:.0%} of the 2048² rate)\n")
