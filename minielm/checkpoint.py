@@ -391,7 +391,8 @@ class StreamedLayers(Sequence):
     pass, -1 in a sweep), or, after a jump to the first or the last layer, away from that
     end; a sweep that begins on the top layer where a forward pass ended reads the one
     below. The tensors that the layer before was asked for (a frozen pass or a sweep asks
-    for no query, key or gate weights) are read, checked and copied to the GPU on a side
+    for no query, key or gate weights; right after the forward pass at x, which asks for all,
+    the sweep's first two read-aheads read them too) are read, checked and copied to the GPU on a side
     stream, in the file's dtype, and wait there for their use, which casts them as it
     would have cast its own reads: the results are the same. Memory: one layer more, in
     the file's dtype, on the GPU. A read-ahead's error (a non-finite tensor, a file changed on disk) is

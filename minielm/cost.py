@@ -22,11 +22,13 @@ class Shape:
     Hkv: int
     hd: int
     V: int
+    biases: bool = False  # value or output biases: the map then also runs the frozen pass at 0 (its affine part)
 
     @classmethod
     def of(cls, config) -> Shape:
         return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers,
-                   config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.vocab_size)
+                   config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.vocab_size,
+                   config.qkv_bias or config.o_bias)
 
     @property
     def layer_params(self) -> int:
@@ -109,15 +111,16 @@ def assembly_bytes(s: Shape, T: int, b: int = 8, rows: int | None = None) -> dic
     """Memory of the analytic assembly of `rows` of the d output rows (default all; a rank's share
     under torchrun): the operators held, one layer's weights, the sweep's scratch (64 MiB or an
     eighth of the block, see linear_map.Scratch), and the frozen factors (P and the gates of
-    every layer) with the traced states (each layer's outputs at x and at 0)."""
+    every layer) with the traced states (each layer's three outputs at x, and at 0 with biases)."""
     rows = s.d if rows is None else rows
     operators = T * rows * s.d * b
     return {"operators": operators, "one_layer": s.layer_params * b, "weights": s.params * b,
             "scratch": max(64 * 2**20, operators // 8),
-            "factors": s.L * (s.H * T * T + T * s.f) * b, "states": 6 * s.L * T * s.d * b}
+            "factors": s.L * (s.H * T * T + T * s.f) * b, "states": (6 if s.biases else 3) * s.L * T * s.d * b}
 
 
 def streamed_bytes(s: Shape, file_bytes: int = 2) -> int:
     """Weights read from the file per pass over the layers (bf16: 2 bytes a number). A map reads
-    them three times: the forward pass at x, the frozen pass at 0 (the affine part), the sweep."""
+    them twice: the forward pass at x and the sweep; three times with biases, whose affine part
+    takes a frozen pass at 0."""
     return s.L * s.layer_params * file_bytes

@@ -27,6 +27,10 @@ def test_reconstruction_is_exact(case, device, checkpoints):
     probs = torch.softmax(model.logits(PROMPT)[-1], dim=-1)
     assert torch.allclose(elm.probabilities(), probs, rtol=0, atol=1e-14)
     assert elm.bias.abs().max() > 0 if case == "qwen2" else torch.all(elm.bias == 0)
+    # the affine part is the frozen pass at x = 0, which the map runs only for checkpoints with biases
+    states0 = trace(model, torch.zeros_like(elm.inputs), elm.frozen)[0]
+    assert torch.equal(model.norm(states0[-1][-1], model.weights["final_norm"], elm.frozen.final_norm[-1])[0],
+                       elm.bias)
 
 
 @pytest.mark.parametrize("case", list(FAMILIES))

@@ -149,19 +149,32 @@ def test_the_next_layer_is_read_before_it_is_asked_for(five_layers):
 
 def test_a_sweep_reads_ahead_only_what_it_uses(five_layers):
     """The reverse sweep never uses the query, key and gate weights, and the read-ahead does not read them: each
-    layer reads ahead what the layer before was asked for."""
+    layer reads ahead what the layer before was asked for. Right after the forward pass at x, which used every
+    weight, the first two layers below the top follow that use; after a frozen pass (Lanczos' A V), none do."""
     from minielm.linear_map import pull_back, traced
 
     model = minielm.load(five_layers, stream=True)
     reads = recorded(model)
-    _, frozen, _, _ = traced(model, IDS)  # the forward pass (every weight) and the frozen pass at 0
-    reader_idle()
-    del reads.reads[:]
-    pull_back(model, frozen, torch.eye(32, dtype=torch.float64), 4, "output")
-    reader_idle()
-    ahead = [name for name, thread in reads.reads if thread.startswith("minielm-read-ahead")]
-    assert {name.split(".")[2] for name in ahead} == {"3", "2", "1", "0"}  # from the top, where the pass ended
-    assert not [name for name in ahead if "q_proj" in name or "k_proj" in name or "gate_proj" in name]
+
+    def sweep_reads_ahead():  # layer -> the kinds of weight the sweep read ahead
+        reader_idle()
+        del reads.reads[:]
+        pull_back(model, frozen, torch.eye(32, dtype=torch.float64), 4, "output")
+        reader_idle()
+        ahead = {}
+        for name, thread in reads.reads:
+            if thread.startswith("minielm-read-ahead"):
+                ahead.setdefault(name.split(".")[2], set()).add(name.split(".")[4])
+        return ahead
+
+    unused = {"q_proj", "k_proj", "gate_proj"}
+    x, frozen, _, _ = traced(model, IDS)  # the forward pass at x: every weight
+    ahead = sweep_reads_ahead()
+    assert set(ahead) == {"3", "2", "1", "0"}  # from the top, where the pass ended
+    assert ahead["3"] >= unused and ahead["2"] >= unused and not (ahead["1"] | ahead["0"]) & unused
+    model.forward(x, frozen)  # a frozen pass asks for none of them
+    ahead = sweep_reads_ahead()
+    assert set(ahead) == {"3", "2", "1", "0"} and not set.union(*ahead.values()) & unused
 
 
 @pytest.mark.parametrize("device", DEVICES)
