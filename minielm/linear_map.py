@@ -230,14 +230,13 @@ def attention_and_mlp_from_last(model: Model, frozen: Frozen, i: int, G, scratch
     W_D, gate, W_U = folded_mlp(model, model.weights["layers"][j], frozen.layers[j], slice(0, T - 1))
     VD = W_V @ W_D  # (kv, f)
     (kv, f) = VD.shape
-    step = scratch.count(r * kv + kv * d, T - 1)  # sources at a time: C and R of the chunk fit
+    step = scratch.count(r * kv + kv * d + kv * f, T - 1)  # sources at a time: C, R and W_V' W_D diag(φ_s) fit
     for a in range(0, T - 1, step):
         b = min(a + step, T - 1)
         C = mix(by_head, P[:, :, a:b], Hkv, scratch)  # (b-a, r, kv)
-        R = scratch.get("R", b - a, kv, d)
-        for k in range(b - a):
-            scaled = torch.mul(VD, gate[a + k], out=scratch.get("W_V' W_D diag(φ)", kv, f))  # (kv, f)
-            torch.addmm(W_V, scaled, W_U, out=R[k])  # (kv, d): R_s = W_V' + W_V' W_D diag(φ_s) W_U
+        scaled = torch.mul(VD, gate[a:b, None, :], out=scratch.get("W_V' W_D diag(φ)", b - a, kv, f))
+        R = torch.mm(scaled.view(-1, f), W_U, out=scratch.get("R", (b - a) * kv, d)).view(b - a, kv, d)
+        R += W_V  # (b-a, kv, d): R_s = W_V' + W_V' W_D diag(φ_s) W_U, one GEMM for the chunk
         torch.bmm(C, R, out=G[a:b])  # (b-a, r, d): G_s = C_s R_s
 
 
