@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One step of the GPU run, on a lent GPU machine with no network (each step inside a 10-minute command):
+#
+#   bash tools/gpu_session.sh tests        # the test suite, CUDA cases included, then the read-ahead benchmark
+#   bash tools/gpu_session.sh llama3-8b    # tools/bench_gpu.py for one model shape (or qwen3-14b, gemma3-12b)
+#
+# That machine has torch with CUDA, safetensors, tokenizers, sentencepiece, tqdm, transformers and
+# pytest, but not llama.cpp's `gguf` reader. Fetch its wheel here first, into a folder git ignores,
+# and carry that folder (`.whl`) with the command:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf==0.19.0
+#
+# Everything written goes to $OUT (what comes back from that machine), or to tools/results here.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-tools/results}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD"  # minielm from this checkout, also in the tests' child processes
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+case "${1:-}" in
+    tests)
+        python3 -m pytest -q -rs --durations=20 tests 2>&1 | tee "$OUT/pytest_cuda.log"
+        python3 tools/bench_read_ahead.py --device cuda 2>&1 | tee "$OUT/bench_read_ahead_cuda.txt" ;;
+    llama3-8b | qwen3-14b | gemma3-12b)
+        python3 tools/bench_gpu.py --models "$1" --tokens 32 128 --out "$OUT" 2>&1 | tee "$OUT/bench_gpu_$1.log" ;;
+    *)
+        echo "usage: bash tools/gpu_session.sh tests|llama3-8b|qwen3-14b|gemma3-12b" >&2
+        exit 2 ;;
+esac
