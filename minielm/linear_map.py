@@ -254,21 +254,22 @@ def pull_back(model: Model, frozen: Frozen, seed, layer: int, component: str, sc
     else:  # one block of many: G is taken from the scratch, and valid until the next block
         G = scratch.get("G", T, r, d).zero_()
     G[-1] = seed
-    live, every = slice(T - 1, T), slice(0, T)
     mlp_done = False  # the MLP below the top attention, when the low-rank form has carried G through it
     for i in progress(range(layer, -1, -1), "sweep", layer + 1):
-        own = i == layer  # the target's own layer: a module target takes its branch alone
+        # In the target's own layer G is nonzero at the last position only, and a module target
+        # takes its branch alone; its attention spreads G over every position below.
+        own = i == layer
+        live = slice(T - 1, T) if own else slice(0, T)
         if (not own or component != "attention") and not mlp_done:
             mlp_sublayer(model, i, frozen.layers[i], G, live, scratch, residual=not (own and component == "mlp"))
         mlp_done = False
-        if live == every:
+        if not own:
             attention_sublayer(model, i, frozen.layers[i], G, scratch)
-        elif i > 0 and T > 1 and not (own and component == "attention") and low_rank_pays(model, r):
+        elif i > 0 and T > 1 and component != "attention" and low_rank_pays(model, r):
             attention_and_mlp_from_last(model, frozen, i, G, scratch)
             mlp_done = True
         else:
-            attention_from_last(model, i, frozen.layers[i], G, scratch, residual=not (own and component == "attention"))
-        live = every
+            attention_from_last(model, i, frozen.layers[i], G, scratch, residual=component != "attention")
     return G
 
 

@@ -80,15 +80,17 @@ def test_freezing(case, checkpoints):
 
 
 @pytest.mark.parametrize("case", ["llama", "gemma3_text", "olmo2", "qwen2", "phi3"])
-def test_intermediate_operators(case, checkpoints):
+@pytest.mark.parametrize("T", [len(PROMPT), 1])  # one token: the target's own layer is also the bottom one
+def test_intermediate_operators(case, T, checkpoints):
     """Operators to every layer's output and every module's output reconstruct their targets,
     and agree with autograd of the frozen forward pass to that same target."""
     model = minielm.load(checkpoints[case])
-    x = model.embed(PROMPT)
+    prompt = PROMPT[:T]
+    x = model.embed(prompt)
     residual, attn, mlp, frozen = trace(model, x)
     for layer in range(model.config.num_hidden_layers):
         for component, states in (("output", residual), ("attention", attn), ("mlp", mlp)):
-            elm = minielm.equivalent_linear_map(model, PROMPT, layer=layer, component=component)
+            elm = minielm.equivalent_linear_map(model, prompt, layer=layer, component=component)
             assert elm.relative_error() < 1e-13, (layer, component)
             if component != "output":
                 assert torch.equal(elm.output, states[layer][-1])
@@ -101,28 +103,31 @@ def test_intermediate_operators(case, checkpoints):
 
 
 @pytest.mark.parametrize("case", ["llama", "gemma3_text", "qwen2"])
-def test_attribution_sums_to_the_logit(case, checkpoints):
+@pytest.mark.parametrize("T", [len(PROMPT), 1])
+def test_attribution_sums_to_the_logit(case, T, checkpoints):
     model = minielm.load(checkpoints[case])
-    table = minielm.attribution(model, PROMPT, token=5)
-    T, L = len(PROMPT), model.config.num_hidden_layers
+    prompt = PROMPT[:T]
+    table = minielm.attribution(model, prompt, token=5)
+    L = model.config.num_hidden_layers
     assert table.table.shape == (T, L, 2)
     assert abs(table.total() - table.logit) < 1e-13 * max(1.0, abs(table.logit))
     # the logit is the model's own (before soft-capping)
-    y = model.forward(model.embed(PROMPT))[0][-1]
+    y = model.forward(model.embed(prompt))[0][-1]
     assert abs(table.logit - float(y @ model.weights["lm_head"][5])) < 1e-13
     # every layer and both modules carry some of it, and earlier sources matter
     assert (table.table.abs().sum(0) > 0).all() and table.table[0].abs().sum() > 0
 
 
 @pytest.mark.parametrize("case", ["llama", "gemma3_text", "olmo2", "qwen2"])
-def test_attribution_cells(case, checkpoints):
+@pytest.mark.parametrize("T", [len(PROMPT), 1])
+def test_attribution_cells(case, T, checkpoints):
     """Every cell (source s, layer ℓ, module) against a forward computation: the frozen forward
     pass run on x with every position but s zeroed (less its value at 0) gives module ℓ's output
     at the last position due to x_s alone; the frozen final norm and the unembedding row read it."""
     model = minielm.load(checkpoints[case])
-    token, T, L = 5, len(PROMPT), model.config.num_hidden_layers
-    table = minielm.attribution(model, PROMPT, token=token)
-    x = model.embed(PROMPT)  # (T, d)
+    token, L = 5, model.config.num_hidden_layers
+    table = minielm.attribution(model, PROMPT[:T], token=token)
+    x = model.embed(PROMPT[:T])  # (T, d)
     _, _, _, frozen = trace(model, x)
     _, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)  # the affine parts (biases)
 
