@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checks
-from .errors import NumericalError
+from .errors import InputError, NumericalError
 from .interpret import align_signs
 from .linear_map import checked_ids, pull_back, target_values, traced
 from .model import Model
@@ -99,19 +99,19 @@ def block_lanczos(ops: FrozenProducts, k: int, block: int, tol: float, max_steps
     d, n = ops.d, ops.n
     gen = torch.Generator(device="cpu").manual_seed(seed)
     start = torch.randn(block, n, generator=gen, dtype=ops.x.dtype).to(ops.x.device)  # (b, n)
-    _, new_V, _ = extend(start.new_zeros(0, n), start, room=n)  # b orthonormal rows
+    _, new_V, _ = extend(start.new_zeros(0, n), start, n, gen)  # b orthonormal rows
     U, V = start.new_zeros(0, d), new_V  # (p, d), (q, n)
     M = start.new_zeros(0, 0)  # (p, q'), q' = q − the newest block's rows
-    max_steps = max_steps or d  # the left basis fills R^d after at most d steps
+    max_steps = max_steps or -(-d // block) + 1  # the left basis fills R^d, and the residuals are then 0
     residuals, sigma = None, None
     for step in progress(range(1, max_steps + 1), "Lanczos", unit="block"):
         p, q_old = U.shape[0], M.shape[1]
-        C, new_U, R = extend(U, ops.apply(new_V), room=d - p)  # (b, p), (b1, d), (b, b1)
+        C, new_U, R = extend(U, ops.apply(new_V), d - p, gen)  # (b, p), (b1, d), (b, b1)
         M = torch.block_diag(M, R.T)  # (p + b1, q): M, and Rᵀ under the new columns
         M[:p, q_old:] = C.T
         U = torch.cat([U, new_U])
         if new_U.shape[0] > 0:
-            _, new_V, S = extend(V, ops.apply_transposed(new_U), room=n - V.shape[0])  # (b2, n), (b1, b2)
+            _, new_V, S = extend(V, ops.apply_transposed(new_U), n - V.shape[0], gen)  # (b2, n), (b1, b2)
         else:
             new_V, S = V.new_zeros(0, n), V.new_zeros(0, 0)
         P, sigma, Qh = torch.linalg.svd(M, full_matrices=False)  # the Ritz values σ, and P (p, ·), Qh (·, q)
@@ -125,30 +125,42 @@ def block_lanczos(ops: FrozenProducts, k: int, block: int, tol: float, max_steps
                          f"of {block} rows{left}")
 
 
-def extend(basis, W, room: int):
+def extend(basis, W, room: int, gen: torch.Generator):
     """The rows of W (b, n) as C·basis + R·new on the orthonormal rows `basis` (m, n).
 
-    Returns C (b, m), `new` (at most min(b, room) orthonormal rows, orthogonal to
-    `basis`, spanning what is left of W) and R (b, b'). The projection is done
-    twice ("twice is enough"); the SVD orders the new rows by how much of the
-    rest they carry, so a basis near the end of its space keeps the right ones.
+    Returns C (b, m), `new` (min(b, room) orthonormal rows, orthogonal to `basis`,
+    spanning what is left of W) and R (b, b'). The projection is done twice ("twice
+    is enough"); the SVD orders the new rows by how much of the rest they carry, so a
+    basis near the end of its space keeps the right ones. Where the rest has lower
+    rank than b (repeated singular values, an invariant subspace), the SVD's other rows
+    are round-off and need not be orthogonal to `basis`: they are replaced by random
+    rows made orthogonal to everything kept, which carry none of W (R ≈ 0 there).
     """
     C = W @ basis.T  # (b, m)
     rest = W - C @ basis  # (b, n)
     again = rest @ basis.T  # what round-off left along the basis
     rest, C = rest - again @ basis, C + again
-    _, _, Vh = torch.linalg.svd(rest, full_matrices=False)  # (min(b, n), n): orthonormal rows
-    new = Vh[: min(W.shape[0], room)]
+    _, s, Vh = torch.linalg.svd(rest, full_matrices=False)  # (min(b, n), n): orthonormal rows
+    want = min(W.shape[0], room)
+    rank = int((s > torch.finfo(W.dtype).eps * max(W.shape) * torch.linalg.matrix_norm(W)).sum())  # numerical rank
+    new = Vh[: min(rank, want)]
+    while new.shape[0] < want:
+        z = torch.randn(1, W.shape[1], generator=gen, dtype=W.dtype).to(W.device)
+        for _ in range(2):
+            held = torch.cat([basis, new])
+            z = z - (z @ held.T) @ held
+        new = torch.cat([new, z / torch.linalg.vector_norm(z)])
     return C, new, rest @ new.T
 
 
-def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, tol: float = 1e-12,
+def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, tol: float | None = None,
                      max_steps: int | None = None, seed: int = 0, block: int | None = None):
     """Top-k singular triplets of [J_1 … J_T] (or of J_token), without forming the operators.
 
     Block Lanczos with `block` rows per sweep (1 is single-vector Lanczos), stopped
-    when every residual ‖Aᵀu_i − σ_i v_i‖ is below tol·σ_1; `max_steps` blocks at
-    most (NumericalError if that is not enough). The default is k + 4 rows on a GPU
+    when every residual ‖Aᵀu_i − σ_i v_i‖ is below tol·σ_1 (default 1e-12 in float64,
+    100 ε = 1.2e-5 in float32); `max_steps` blocks at most (NumericalError if that is
+    not enough). The model must compute in float32 or float64 (the small SVDs). The default is k + 4 rows on a GPU
     and 1 on a CPU: a CPU already runs the one-row products (GEMMs with T rows) near
     its matmul rate, so b rows cost about b times one, and one row at a time needs
     the fewest rows in all (tools/bench_spectra.py measures both).
@@ -156,9 +168,12 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
     with each pair's sign chosen so that u_k · y ≥ 0.
     """
     checked_ids(model, ids)
+    if model.dtype not in (torch.float32, torch.float64):
+        raise InputError(f"singular triplets need a float32 or float64 model, not {model.dtype}: "
+                         f"load it with dtype=torch.float64")
     d = model.config.hidden_size
     k = checks.integer("k", k, 1, d, closed=True, why="at most hidden_size singular triplets")
-    tol = checks.real("tol", tol, 0, low_open=True)
+    tol = max(1e-12, 100 * torch.finfo(model.dtype).eps) if tol is None else checks.real("tol", tol, 0, low_open=True)
     seed = checks.integer("seed", seed, 0, checks.SEED_LIMIT, why="a torch generator seed")
     if block is None:
         block = k + 4 if model.device.type == "cuda" else 1

@@ -11,7 +11,7 @@ from minielm.checkpoint import save_checkpoint
 from minielm.interpret import (decode_input, decode_output, layer_table, stable_rank, stacked, stacked_svd,
                                token_shares)
 from minielm.linear_map import all_layer_maps
-from minielm.spectra import singular_vectors
+from minielm.spectra import FrozenProducts, block_lanczos, singular_vectors
 from minielm.steering import steer
 
 
@@ -41,6 +41,22 @@ def known_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("known")
     save_checkpoint(path, config, {"embed": embed, "final_norm": final, "lm_head": lm_head, "layers": [layer]})
     return minielm.load(path)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 8])
+def test_block_lanczos_with_repeated_singular_values(known_model, block):
+    """The known model's [J_1 … J_T] is diag(w̃)/ρ in token T's block and 0 elsewhere: σ = 10/ρ, then 1/ρ seven
+    times. A block that meets the repeated values loses rank; the triplets must still be right, their residuals
+    true and the bases orthonormal."""
+    ids = [5, 9, 2, 3]
+    A = stacked(minielm.equivalent_linear_map(known_model, ids).operators)  # (d, T·d)
+    found = block_lanczos(FrozenProducts(known_model, ids), 4, block, 1e-12)
+    dense = torch.linalg.svdvals(A)[:4]
+    assert torch.allclose(found.S, dense, rtol=1e-12, atol=0)
+    true = torch.linalg.vector_norm(A.T @ found.U - found.V * found.S, dim=0)
+    assert float(true.max()) < 1e-10 * float(dense[0])
+    eye = torch.eye(4, dtype=A.dtype)
+    assert torch.allclose(found.U.T @ found.U, eye, atol=1e-12) and torch.allclose(found.V.T @ found.V, eye, atol=1e-12)
 
 
 def test_decoding_on_a_known_model(known_model):

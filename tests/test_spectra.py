@@ -5,7 +5,7 @@ import torch
 from conftest import PROMPT
 
 import minielm
-from minielm.errors import NumericalError
+from minielm.errors import InputError, NumericalError
 from minielm.interpret import stacked, stacked_svd
 from minielm.linear_map import traced
 from minielm.spectra import FrozenProducts, block_lanczos, singular_vectors
@@ -76,3 +76,21 @@ def test_not_converged_is_a_one_line_error(checkpoints):
     model = minielm.load(checkpoints["llama"])
     with pytest.raises(NumericalError, match="not converged .* in 2 steps"):
         singular_vectors(model, PROMPT, k=4, tol=1e-14, max_steps=2, block=2)
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_a_basis_that_fills_its_space_ends_the_run(block, checkpoints):
+    """With a tolerance no residual meets, the run goes on until the left basis fills R^d; the residuals are then
+    exactly 0 and the triplets those of the dense SVD (the default max_steps leaves room for that last step)."""
+    model = minielm.load(checkpoints["llama"])
+    dense = stacked_svd(minielm.equivalent_linear_map(model, PROMPT), k=4)
+    _, S, _ = singular_vectors(model, PROMPT, k=4, tol=1e-300, block=block)
+    assert float(((S - dense.S) / dense.S).abs().max()) < 1e-10
+
+
+def test_float32_meets_its_own_default_tolerance_and_bf16_is_refused(checkpoints):
+    dense = stacked_svd(minielm.equivalent_linear_map(minielm.load(checkpoints["llama"]), PROMPT), k=4)
+    _, S, _ = singular_vectors(minielm.load(checkpoints["llama"], dtype=torch.float32), PROMPT, k=4)
+    assert S.dtype == torch.float32 and float(((S.double() - dense.S) / dense.S).abs().max()) < 1e-4
+    with pytest.raises(InputError, match="float32 or float64 model, not torch.bfloat16"):
+        singular_vectors(minielm.load(checkpoints["llama"], dtype=torch.bfloat16), PROMPT)
