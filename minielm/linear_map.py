@@ -651,7 +651,7 @@ def forward_layer_maps(model: Model, ids) -> dict:
         D = w["wo"] @ O  # (T, T, d, d)
         post = diagonal(w.get("attn_post_norm"), f.attn_post_norm)
         D = D if post is None else D * post[:, None]
-        add(layer, "attention", D[-1])
+        add(layer, "attention", D[-1].clone())  # a copy: a view would keep all of D (T, T, d, d)
         K = K + D
         # MLP: B_t = Post_t W_D diag(φ_t) W_U Pre_t, one d × d matrix per position
         B = (w["w_down"][None] * f.gate[:, None, :]) @ w["w_up"]  # (T, d, d)
@@ -660,7 +660,7 @@ def forward_layer_maps(model: Model, ids) -> dict:
         B = B if pre is None else B * pre.transpose(1, 2)
         B = B if post is None else B * post
         D = B[:, None] @ K  # (T, T, d, d)
-        add(layer, "mlp", D[-1])
+        add(layer, "mlp", D[-1].clone())
         K = K + D
         final_scale = target_values(model, states, states0, layer, "output")[2]  # the final norm, frozen here
         add(layer, "output", K[-1] * final_scale[:, None])

@@ -123,6 +123,8 @@ def test_all_layers_in_one_pass(case, mode, checkpoints):
         assert elm.target == single.target
         assert float((elm.operators - single.operators).abs().max()) < 1e-12 * float(single.operators.abs().max())
         assert elm.relative_error() < 1e-13
+        if mode == "forward":  # each map holds its own (T, d, d), not a view into a layer's (T, T, d, d)
+            assert elm.operators.untyped_storage().nbytes() == elm.operators.nbytes
     # layer_table's stable ranks are ‖A‖_F² / σ_1² of each stacked map, computed here from its singular values
     rows = layer_table(model, PROMPT)
     assert [r["target"] for r in rows][-1] == "final"
