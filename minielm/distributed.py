@@ -6,8 +6,9 @@
 
 Every rank runs the same forward pass, so it holds the same frozen factors; rank k
 sweeps rows [k·n, (k+1)·n) of every J_t, n = ceil(d / ranks). Without `out=`, rank 0
-receives the other ranks' rows and returns the whole map (the others return None);
-with `out=`, every rank writes its own rows into the one file and all return it.
+receives the other ranks' rows and returns the whole map on its device, where it must
+fit (the others return None); with `out=`, every rank writes its own rows into the one
+file and all return it: the way for a map larger than one device.
 Opting in with `distributed=True`, rather than splitting whenever a process group
 exists, keeps a data-parallel job (each rank its own prompt) from being split by
 accident; the prompt is checked to be the same on every rank.
@@ -66,3 +67,12 @@ def gather_rows(G, d: int, rank: int, ranks: int):
 def barrier(distributed: bool) -> None:
     if distributed:
         torch.distributed.barrier()
+
+
+def on_every_rank(distributed: bool, ok: bool, device) -> bool:
+    """Whether `ok` holds on every rank (each waits here for the others, as at a barrier)."""
+    if not distributed:
+        return ok
+    flag = torch.tensor([int(ok)], device=device)
+    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MIN)
+    return bool(flag)

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from . import checks, operators_file
-from .distributed import barrier, check_same_prompt, gather_rows, rank_and_size, rows_of
-from .errors import InputError
+from .distributed import barrier, check_same_prompt, gather_rows, on_every_rank, rank_and_size, rows_of
+from .errors import InputError, OutputError
 from .model import Frozen, FrozenLayer, Model, times_transposed
 from .progress import progress
 
@@ -401,17 +401,26 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
         operators = sweep_in_blocks(model, frozen, seed[rows], layer, component, block)
         operators = gather_rows(operators, d, rank, ranks) if distributed else operators
         return None if operators is None else EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, name)
-    partial = f"{out}.partial"
+    partial, failed = f"{out}.partial", None
     if rank == 0:
-        operators_file.create(partial, T, d, x.dtype, {"target": name, "model": str(model.directory)},
-                              ids, x, y, bias)
-    barrier(distributed)
-    block = block or max(1, BLOCK_BYTES // (T * d * x.element_size()))
-    sweep_in_blocks(model, frozen, seed[rows], layer, component, block,
-                    write=lambda a, G: operators_file.write_rows(partial, rows.start + a, G))
-    barrier(distributed)
-    if rank == 0:
-        os.replace(partial, out)
+        try:
+            operators_file.create(partial, T, d, x.dtype, {"target": name, "model": str(model.directory)},
+                                  ids, x, y, bias)
+        except Exception as error:
+            failed = error
+    if not on_every_rank(distributed, failed is None, x.device):  # the other ranks stop too, rather than wait
+        raise failed or OutputError(f"{out}: rank 0 could not create the file")
+    try:
+        block = block or max(1, BLOCK_BYTES // (T * d * x.element_size()))
+        sweep_in_blocks(model, frozen, seed[rows], layer, component, block,
+                        write=lambda a, G: operators_file.write_rows(partial, rows.start + a, G))
+        barrier(distributed)
+        if rank == 0:
+            os.replace(partial, out)
+    except BaseException:  # an error or an interrupt leaves no half-written file behind
+        if rank == 0 and os.path.exists(partial):
+            os.remove(partial)
+        raise
     barrier(distributed)
     elm = operators_file.load_operators(out)
     elm.model, elm.frozen = model, frozen

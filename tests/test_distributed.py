@@ -1,5 +1,5 @@
-"""Many devices: 2 ranks under torchrun (gloo, CPU) split the output rows; gathered, and written
-into one file, the operators equal one process's to round-off."""
+"""Many devices: 2 and 3 ranks under torchrun (gloo, CPU) split the output rows, evenly or not; gathered,
+and written into one file, the operators equal one process's to round-off."""
 
 import subprocess
 import sys
@@ -21,18 +21,25 @@ on_file = minielm.equivalent_linear_map(model, {ids}, out=sys.argv[2], block=5, 
 if rank == 0:
     torch.save(gathered.operators, sys.argv[3])
 assert on_file.relative_error() < 1e-13
+try:  # rank 0 cannot create the file: every rank stops with an error, none waits for it
+    minielm.equivalent_linear_map(model, {ids}, out=sys.argv[2] + "/no/such/folder/ops.safetensors", distributed=True)
+except Exception as error:
+    print(f"rank {{rank}} stopped: {{type(error).__name__}}: {{error}}", flush=True)
 torch.distributed.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("case", ["llama", "gemma3_text"])
-def test_two_ranks_equal_one_process(case, checkpoints, tmp_path):
+@pytest.mark.parametrize("case, ranks", [("llama", 2), ("gemma3_text", 2), ("llama", 3)])  # d = 64: 22, 22, 20 rows
+def test_ranks_equal_one_process(case, ranks, checkpoints, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT.format(ids=PROMPT))
     out, gathered = tmp_path / "operators.safetensors", tmp_path / "gathered.pt"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    str(script), str(checkpoints[case]), str(out), str(gathered)],
-                   check=True, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+                          str(script), str(checkpoints[case]), str(out), str(gathered)],
+                         check=True, capture_output=True, text=True, timeout=300)
+    assert "rank 0 stopped: OutputError" in run.stdout and "cannot write the operators" in run.stdout, run.stdout
+    assert all(f"rank {k} stopped: OutputError" in run.stdout for k in range(1, ranks)), run.stdout
+    assert "rank 0 could not create the file" in run.stdout
     model = minielm.load(checkpoints[case])
     one = minielm.equivalent_linear_map(model, PROMPT).operators
     scale = float(one.abs().max())

@@ -5,16 +5,14 @@ import sys
 
 import pytest
 import torch
-from conftest import PROMPT
+from conftest import DEVICES, PROMPT
 from safetensors import safe_open
 
 import minielm
+import minielm.operators_file
 
 
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
-
-
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["llama", "gemma3_text", "qwen2"])
 def test_file_equals_memory(case, device, checkpoints, tmp_path):
     if device == "cuda":
@@ -35,8 +33,28 @@ def test_file_equals_memory(case, device, checkpoints, tmp_path):
     assert torch.allclose(loaded.probabilities().cpu(), whole.probabilities().cpu(), rtol=0, atol=1e-14)
     with safe_open(str(path), "pt") as f:  # a plain safetensors file
         assert torch.equal(f.get_tensor("operators"), loaded.operators)
+    before = path.read_bytes()
     loaded.operators[0] += 1  # copy-on-write: the file does not change
-    assert torch.equal(minielm.load_operators(path).operators, written.operators)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), OSError("No space left on device")])
+def test_a_write_cut_short_leaves_no_file(stop, checkpoints, tmp_path, monkeypatch):
+    """An interrupt or an error after the first block: no operators file and no .partial; an old file stays."""
+    model = minielm.load(checkpoints["llama"])
+    path = tmp_path / "ops.safetensors"
+    path.write_bytes(b"an older file")
+    write_rows, blocks = minielm.operators_file.write_rows, []
+
+    def cut_short(*args):
+        if blocks:
+            raise stop
+        blocks.append(write_rows(*args))
+
+    monkeypatch.setattr(minielm.operators_file, "write_rows", cut_short)
+    with pytest.raises(type(stop)):
+        minielm.equivalent_linear_map(model, PROMPT, out=path, block=7)
+    assert blocks and path.read_bytes() == b"an older file" and not (tmp_path / "ops.safetensors.partial").exists()
 
 
 def test_blocks_in_memory_and_module_targets(checkpoints):
