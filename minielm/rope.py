@@ -4,7 +4,9 @@ RoPE is linear in the vector it rotates, and it acts only on queries and keys,
 which enter the attention probabilities P. With P frozen it therefore drops
 out of the equivalent linear map altogether; it matters only for computing P.
 
-The frequencies are computed in the compute dtype (float64 for analysis).
+The tables are computed in float64 and rounded once to the compute dtype: in
+bfloat16, positions above 256 are not even integers, and the angles would lose
+whole radians.
 Supported `rope_type`s: default, linear, llama3 (Llama 3.1+), longrope (Phi-3/4).
 """
 
@@ -49,10 +51,10 @@ def inverse_frequencies(config, params: dict, seq_len: int, dtype, device) -> tu
 def rotation(config, params: dict, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (T, rotary_dim), for integer positions (T,)."""
     seq_len = int(positions.max()) + 1 if positions.numel() else 0
-    inv_freq, scale = inverse_frequencies(config, params, seq_len, dtype, positions.device)
-    angles = positions.to(dtype)[:, None] * inv_freq[None, :]  # (T, rotary_dim/2)
+    inv_freq, scale = inverse_frequencies(config, params, seq_len, torch.float64, positions.device)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (T, rotary_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, rotary_dim): rotate_half pairs i and i + dim/2
-    return angles.cos() * scale, angles.sin() * scale
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -67,3 +67,18 @@ def test_sampling_is_seeded(checkpoints):
     assert a == b and a != c
     top1 = model.generate_ids(PROMPT[:3], 8, temperature=1.0, top_k=1, seed=7)
     assert top1 == model.generate_ids(PROMPT[:3], 8)  # top-1 sampling is greedy
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rotary_tables_are_float64_rounded_once(dtype, checkpoints):
+    """In bfloat16, positions above 256 are not integers and the angles would lose whole radians: the cos and
+    sin tables of a low-precision model are the float64 ones, rounded once."""
+    from minielm.rope import rotation
+
+    config = minielm.load(checkpoints["llama"]).config
+    params = config.rope_parameters[config.layer_types[0]]
+    positions = torch.arange(0, 4000, 7)
+    cos, sin = rotation(config, params, positions, dtype)
+    cos64, sin64 = rotation(config, params, positions, torch.float64)
+    assert cos.dtype == sin.dtype == dtype
+    assert torch.equal(cos, cos64.to(dtype)) and torch.equal(sin, sin64.to(dtype))
