@@ -73,7 +73,7 @@ def sweep_flops(s: Shape, T: int, r: int) -> int:
     low_rank = T > 1 and s.L > 1 and kv * s.f < min(s.d * s.f + r * s.d, 2 * r * s.f)
     flops = mlp_sweep_flops(s, 1, r)  # the top MLP: the last position only
     flops += 2 * r * s.d * s.H * s.hd + 2 * s.H * T * r * s.hd  # top attention: G_T W_O, then mixing by P
-    if low_rank:  # sources s < T carried as C_s W_V' through the MLP below (spread_from_the_top)
+    if low_rank:  # sources s < T carried as C_s W_V' through the MLP below (attention_and_mlp_from_last)
         flops += 2 * r * kv * s.d  # the last position's C_T W_V'
         flops += mlp_sweep_flops(s, 1, r)  # the last position through the MLP below, in full
         flops += 2 * kv * s.d * s.f + (T - 1) * (2 * kv * s.f * s.d + 2 * r * kv * s.d)  # W_V'W_D; R_s; C_s R_s
