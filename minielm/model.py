@@ -291,7 +291,11 @@ class Model:
         return after[len(before):] if after.startswith(before) else self.tokenizer.decode(new)
 
     def generate_ids(self, ids, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> list:
-        """The new token ids, computed with a KV cache: the prompt once, then one token per step."""
+        """The new token ids, computed with a KV cache: the prompt once, then one token per step.
+
+        With `longrope` (Phi-3) the cached keys keep the rotation they were made with: once the
+        sequence grows past original_max_position_embeddings, a full forward pass would rotate
+        every position with the long factors, and the two differ (as Hugging Face's cache does)."""
         max_new_tokens, temperature, top_k, seed = self.check_sampling(max_new_tokens, temperature, top_k, seed, edit)
         ids = self.check_ids(ids)
         room = self.config.max_position_embeddings - len(ids)  # the whole sequence must fit the positions
