@@ -60,9 +60,23 @@ def frozen_product_flops(s: Shape, T: int) -> int:
     return forward_flops(Shape(s.d, s.f, s.L - 1, s.H, s.Hkv, s.hd, s.V), T, frozen=True) + top
 
 
+def explicit_mlp_pays(d: int, f: int, r: int) -> bool:
+    """Whether r rows go through an MLP faster as G_t M_t, with M_t = W_D diag(φ_t) W_U built
+    once (2·d²·f flops, then 2·r·d²), than factored through the f-wide hidden layer (4·r·d·f).
+    The sweep (minielm.linear_map) chooses by it."""
+    return d * f + r * d < 2 * r * f
+
+
+def low_rank_pays(s: Shape, r: int) -> bool:
+    """Whether carrying a source's rows as C_s W_V' (rank Hkv·hd) through an MLP beats the full
+    d-column form: 2·kv·f·d flops a position against min(explicit, factored). The sweep chooses by it."""
+    kv = s.Hkv * s.hd
+    return kv * s.f < min(s.d * s.f + r * s.d, 2 * r * s.f)
+
+
 def mlp_sweep_flops(s: Shape, positions: int, r: int) -> int:
     """One MLP sublayer of the sweep: explicit W_D diag(φ_t) W_U or factored, as linear_map chooses."""
-    if s.d * s.f + r * s.d < 2 * r * s.f:
+    if explicit_mlp_pays(s.d, s.f, r):
         return positions * (2 * s.d * s.f * s.d + 2 * r * s.d * s.d)
     return positions * 4 * r * s.d * s.f
 
@@ -70,7 +84,7 @@ def mlp_sweep_flops(s: Shape, positions: int, r: int) -> int:
 def sweep_flops(s: Shape, T: int, r: int) -> int:
     """The reverse sweep carrying r rows (r = d: all operators J_t; r = 1: one uᵀJ_t)."""
     kv = s.Hkv * s.hd
-    low_rank = T > 1 and s.L > 1 and kv * s.f < min(s.d * s.f + r * s.d, 2 * r * s.f)
+    low_rank = T > 1 and s.L > 1 and low_rank_pays(s, r)
     flops = mlp_sweep_flops(s, 1, r)  # the top MLP: the last position only
     flops += 2 * r * s.d * s.H * s.hd + 2 * s.H * T * r * s.hd  # top attention: G_T W_O, then mixing by P
     if low_rank:  # sources s < T carried as C_s W_V' through the MLP below (attention_and_mlp_from_last)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checks, operators_file
+from .cost import Shape, explicit_mlp_pays, low_rank_pays
 from .distributed import barrier, check_same_prompt, gather_rows, on_every_rank, rank_and_size, rows_of
 from .errors import InputError, OutputError
 from .model import Frozen, FrozenLayer, Model, times_transposed
@@ -109,12 +110,6 @@ def folded_attention(model: Model, w: dict, factors: FrozenLayer, live):
     if w.get("attn_norm") is not None:
         W_V, P = W_V * (offset + w["attn_norm"]), P * factors.attn_norm[: P.shape[-1]].T[None]
     return W_O, P, W_V
-
-
-def explicit_mlp_pays(d: int, f: int, r: int) -> bool:
-    """Whether r rows go through an MLP faster as G_t M_t, with M_t = W_D diag(φ_t) W_U built
-    once (2·d²·f flops, then 2·r·d²), than factored through the f-wide hidden layer (4·r·d·f)."""
-    return d * f + r * d < 2 * r * f
 
 
 def mlp_sublayer(model: Model, i: int, factors: FrozenLayer, G, live, scratch: Scratch, residual=True):
@@ -206,14 +201,6 @@ def attention_from_last(model: Model, i: int, factors: FrozenLayer, G, scratch: 
         torch.addmm(target, C.view(-1, W_V.shape[0]), W_V, out=target)  # G_s += C_s W_V'
 
 
-def low_rank_pays(model: Model, r: int) -> bool:
-    """Whether carrying a source's rows as C_s W_V' (rank Hkv·hd) through an MLP beats the full
-    d-column form: 2·kv·f·d flops a position against min(explicit, factored)."""
-    d, f = model.config.hidden_size, model.config.intermediate_size
-    kv = model.config.num_key_value_heads * model.config.head_dim
-    return kv * f < min(d * f + r * d, 2 * r * f)
-
-
 def attention_and_mlp_from_last(model: Model, frozen: Frozen, i: int, G, scratch: Scratch):
     """The top attention sublayer (layer i) and the MLP below it (layer i - 1), when G is nonzero
     at the last position only.
@@ -267,7 +254,7 @@ def pull_back(model: Model, frozen: Frozen, seed, layer: int, component: str, sc
         mlp_done = False
         if not own:
             attention_sublayer(model, i, frozen.layers[i], G, scratch)
-        elif i > 0 and T > 1 and component != "attention" and low_rank_pays(model, r):
+        elif i > 0 and T > 1 and component != "attention" and low_rank_pays(Shape.of(model.config), r):
             attention_and_mlp_from_last(model, frozen, i, G, scratch)
             mlp_done = True
         else:
