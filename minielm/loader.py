@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import checks
-from .checkpoint import SafetensorsSource, load_weights
+from .checkpoint import SafetensorsSource, file_stamp, load_weights
 from .config import Config
 from .errors import CheckpointError, InputError, show
 from .gguf import GGUFSource, gguf_config, gguf_tokenizer, read_gguf
@@ -163,9 +163,10 @@ def load(path=None, dtype=torch.float64, device="cpu", stream=False) -> Model:
 
 def load_gguf(path: Path, dtype, device, stream) -> Model:
     """A GGUF file: config and tokenizer from its metadata, weights dequantized (minielm/gguf.py)."""
+    stamp = file_stamp(path)  # before the header is read: a change from here on is seen at every read
     reader = read_gguf(path)
     config = gguf_config(reader, path)
-    source = GGUFSource(path, reader, config)
+    source = GGUFSource(path, reader, config, stamp)
     tokenizer = gguf_tokenizer(reader, path)
     check_vocabulary(tokenizer, config, f"{path} (GGUF metadata)")
     weights = load_weights(source, config, dtype, device, stream, where=path)
