@@ -84,14 +84,21 @@ def config_dict(reader, path: Path) -> dict:
             raise ConfigError(f"{path}: GGUF metadata key {arch}.{key!r} is missing")
         return meta[f"{arch}.{key}"]
 
+    def positive(key, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{path}: GGUF metadata key {arch}.{key} must be a positive integer, got {show(value)}")
+        return value
+
     heads = required("attention.head_count")
     kv_heads = get("attention.head_count_kv", heads)
     if isinstance(heads, list) or isinstance(kv_heads, list):  # per-layer counts: must be one value here
         if len(set(np.atleast_1d(heads))) != 1 or len(set(np.atleast_1d(kv_heads))) != 1:
             raise ConfigError(f"{path}: per-layer head counts differ; minielm needs the same in every layer")
         heads, kv_heads = int(np.atleast_1d(heads)[0]), int(np.atleast_1d(kv_heads)[0])
-    hidden = required("embedding_length")
-    head_dim = get("attention.key_length", hidden // heads)
+    heads = positive("attention.head_count", heads)  # checked here: d / heads below, before Config's checks
+    hidden = positive("embedding_length", required("embedding_length"))
+    key_length = get("attention.key_length")
+    head_dim = hidden // heads if key_length is None else positive("attention.key_length", key_length)
     layers = required("block_count")
     raw = {
         "model_type": ARCHITECTURES[arch],
@@ -113,7 +120,7 @@ def config_dict(reader, path: Path) -> dict:
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
     rotary = get("rope.dimension_count")
-    if rotary and rotary != head_dim:
+    if rotary and head_dim and rotary != head_dim:
         raw["partial_rotary_factor"] = rotary / head_dim
     scaling = _rope_scaling(meta, arch, tensors, raw, path)
     if arch == "gemma3":
@@ -145,7 +152,11 @@ def _rope_scaling(meta, arch, tensors, raw, path) -> dict | None:
         factors = _floats(tensors["rope_freqs.weight"], path)
         return {"rope_type": "longrope", "short_factor": factors, "long_factor": factors, "attention_factor": 1.0,
                 "original_max_position_embeddings": raw["max_position_embeddings"]}
-    if "rope_factors_long.weight" in tensors:  # Phi-3 longrope
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:  # Phi-3 longrope
+        for pair in ("long", "short"):
+            if f"rope_factors_{pair}.weight" not in tensors:
+                raise CheckpointError(f"{path}: tensor 'rope_factors_{pair}.weight' is missing (longrope needs both "
+                                      f"rope_factors_long and rope_factors_short)")
         return {"rope_type": "longrope",
                 "short_factor": _floats(tensors["rope_factors_short.weight"], path),
                 "long_factor": _floats(tensors["rope_factors_long.weight"], path),
@@ -154,6 +165,9 @@ def _rope_scaling(meta, arch, tensors, raw, path) -> dict | None:
     if kind in (None, "none"):
         return None
     if kind == "linear":
+        if f"{arch}.rope.scaling.factor" not in meta:
+            raise ConfigError(f"{path}: GGUF metadata key {arch}.rope.scaling.factor is missing "
+                              f"({arch}.rope.scaling.type is linear)")
         return {"rope_type": "linear", "factor": meta[f"{arch}.rope.scaling.factor"]}
     raise ConfigError(f"{path}: GGUF rope scaling type {show(kind)} is not supported; supported: linear, "
                       f"and per-frequency factor tensors (Llama 3, Phi-3 longrope)")

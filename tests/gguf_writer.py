@@ -47,8 +47,9 @@ def permute(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def write_gguf(model, path, arch: str, qtype, seed: int = 0, metadata=None) -> dict:
-    """Write `model` (a transformers CausalLM) to `path` as GGUF; return the reference state dict (float64)."""
+def write_gguf(model, path, arch: str, qtype, seed: int = 0, metadata=None, extra_tensors=None) -> dict:
+    """Write `model` (a transformers CausalLM) to `path` as GGUF; return the reference state dict (float64).
+    `metadata` {key: (value, GGUFValueType)} and `extra_tensors` {name: array} are written besides."""
     config = model.config
     rng = np.random.default_rng(seed)
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
@@ -82,6 +83,8 @@ def write_gguf(model, path, arch: str, qtype, seed: int = 0, metadata=None) -> d
     rope = config.rope_parameters
     if rope.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, config.head_dim))
+    for name, value in (extra_tensors or {}).items():
+        writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -239,6 +239,46 @@ def test_a_streamed_gguf_cut_during_the_run_is_named(streamed_qwen3):
                              f"again\n")
 
 
+# ---- bad metadata: one line naming the key, from the API and the command line -------------------
+def write_zero_heads(monkeypatch, path):
+    """attention.head_count = 0 (with key_length present: d / heads must not be computed)."""
+    monkeypatch.setattr(gguf.GGUFWriter, "add_head_count", lambda writer, count: writer.add_uint32(
+        "qwen3.attention.head_count", 0))
+    write_gguf(AutoModelForCausalLM.from_config(FAMILIES["qwen3"][0]()), path, "qwen3", Q.Q8_0)
+
+
+def write_linear_rope_without_factor(monkeypatch, path):
+    """rope.scaling.type = linear, no rope.scaling.factor (Gemma 3's global layers scale linearly)."""
+    monkeypatch.setattr(gguf.GGUFWriter, "add_rope_scaling_factor", lambda writer, factor: None)
+    write_gguf(AutoModelForCausalLM.from_config(FAMILIES["gemma3"][0]()), path, "gemma3", Q.Q8_0)
+
+
+def write_long_rope_factors_only(monkeypatch, path):
+    """Phi-3 longrope: rope_factors_long.weight, and no rope_factors_short.weight."""
+    write_gguf(AutoModelForCausalLM.from_config(FAMILIES["phi3"][0]()), path, "phi3", Q.Q8_0,
+               extra_tensors={"rope_factors_long.weight": np.ones(4, np.float32)})
+
+
+@pytest.mark.parametrize("write, error, message", [
+    (write_zero_heads, minielm.ConfigError,
+     "GGUF metadata key qwen3.attention.head_count must be a positive integer, got 0"),
+    (write_linear_rope_without_factor, minielm.ConfigError,
+     "GGUF metadata key gemma3.rope.scaling.factor is missing (gemma3.rope.scaling.type is linear)"),
+    (write_long_rope_factors_only, minielm.CheckpointError,
+     "tensor 'rope_factors_short.weight' is missing (longrope needs both rope_factors_long and rope_factors_short)"),
+], ids=["zero heads", "linear rope without factor", "long rope factors only"])
+def test_bad_metadata_is_one_line_naming_the_key(tmp_path, monkeypatch, capsys, write, error, message):
+    from minielm import cli
+
+    path = tmp_path / "bad.gguf"
+    write(monkeypatch, path)
+    with pytest.raises(error) as info:
+        minielm.load(path)
+    assert str(info.value) == f"{path}: {message}"
+    assert cli.main(["generate", "In the beginning", "--model", str(path)]) == 2
+    assert capsys.readouterr().err == f"minielm: error: {path}: {message}\n"
+
+
 def test_unpermute_inverts_the_converters_permute():
     rows = torch.arange(4 * 16 * 3, dtype=torch.float32).reshape(4 * 16, 3)
     permuted = torch.from_numpy(permute(rows.numpy(), 4))
