@@ -423,7 +423,7 @@ class StreamedLayers(Sequence):
         self.checked = set()  # hf names whose values were checked
         self.taken, self.ready = None, {}  # the layer taken last; its tensors read ahead and not yet used
         self.asked = set()  # the short names that the uses of the layer taken last asked for
-        self.ahead = None  # (layer, Future) of the layer being read ahead
+        self.ahead = None  # (layer, Future, pid) of the layer being read ahead, by process `pid`
         self.side_stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
         self.read_ahead = self.side_stream is not None  # on a GPU
 
@@ -448,6 +448,8 @@ class StreamedLayers(Sequence):
     def take(self, i: int) -> dict:
         """hf name -> tensor, those of layer i that were read ahead and not yet used ({} if
         none: the layer then reads its own), after starting to read the next layer."""
+        if self.ahead is not None and self.ahead[2] != os.getpid():  # a parent's, from before a fork: its thread
+            self.ahead = None  # is not in this process, and its future would never finish; dropped, as if never begun
         if i == self.taken:  # the same layer again (the sweep takes it once per sublayer)
             if i == len(self) - 1 and self.ahead is None:  # at the top: a sweep begins where a forward pass ended
                 self.start_reading(i - 1, set(self.asked))
@@ -468,7 +470,7 @@ class StreamedLayers(Sequence):
     def start_reading(self, i: int, asked: set) -> None:
         """Read layer i ahead (if it exists and reading ahead is on), what `asked` names."""
         if self.read_ahead and 0 <= i < len(self):
-            self.ahead = (i, READER.submit(self.read_layer, i, asked))
+            self.ahead = (i, READER.submit(self.read_layer, i, asked), os.getpid())
 
     def read_layer(self, i: int, asked: set) -> tuple[dict, object]:
         """Layer i's tensors that hold a weight in `asked` (all of them if it is empty), read and
