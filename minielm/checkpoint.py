@@ -372,7 +372,7 @@ def checked_plan(source: TensorSource, config: Config, where=None) -> list:
         fused_shape = (sum(e[0] for e in expected), *expected[0][1:])
         if tuple(shape) != fused_shape:
             raise CheckpointError(f"{source.origin(hf_name)}: tensor {hf_name!r} has shape {tuple(shape)}, "
-                                  f"expected {fused_shape} from config.json")
+                                  f"expected {fused_shape} from the config")
         if not dtype.is_floating_point:
             raise CheckpointError(f"{source.origin(hf_name)}: tensor {hf_name!r} has dtype {dtype}, "
                                   f"expected floating point")
