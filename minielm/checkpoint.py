@@ -8,9 +8,13 @@ shape and that no tensor is left over, reads each one, checks that its values
 are finite, then casts it to the compute dtype.
 
 Everything above the file format works through a `TensorSource`: four methods
-that a safetensors directory (`SafetensorsSource`, here) and a GGUF file both
-implement. Files are only read: never written, and never memory-mapped, so a
-file that shrinks or changes during a run is a CheckpointError, not a crash.
+that a safetensors directory (`SafetensorsSource`, here) and a GGUF file
+(`minielm/gguf.py`) both implement. Files are only read, never written. Both
+sources compare the file with what it was at opening (`check_unchanged`) around
+every read, so a file that shrinks or changes during a run is a CheckpointError,
+not a mix of old and new weights. Safetensors files are read with pread, never
+memory-mapped; GGUF files are memory-mapped by gguf-py, so for them only a cut
+made in the middle of one tensor's read can still end the process (SIGBUS).
 
 A streamed model (`StreamedLayers`) reads each layer while it is used; on a GPU it reads
 the next one ahead meanwhile, on a background thread, and copies it on a side stream.
@@ -146,8 +150,9 @@ class SafetensorsSource:
     file exactly as long as the header says. Tensors are read with its `pread` backend into memory
     this process owns, never mapped: a mapped file that shrinks during a run kills the process
     with SIGBUS, a short read is an error that can be named. Each read also compares the file's
-    size and modification time with those seen at opening, so a file rewritten during a run is a
-    CheckpointError, not a mix of old and new weights.
+    stamp (`file_stamp`: device, inode, size, modification and status-change times) with the one
+    taken at opening, so a file rewritten during a run is a CheckpointError, not a mix of old and
+    new weights.
     """
 
     def __init__(self, directory: Path):
@@ -241,28 +246,37 @@ class SafetensorsFile:
         try:
             tensor = self.handle.get_tensor(name)
         except (SafetensorError, OSError) as err:
-            self.check_unchanged(name)  # a short read is most likely a file cut during the run: say so
+            check_unchanged(self.path, self.stamp, name)  # a short read: most likely a file cut meanwhile
             raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({err})") from None
-        self.check_unchanged(name)
+        check_unchanged(self.path, self.stamp, name)
         return tensor
 
-    def check_unchanged(self, name: str) -> None:
-        now = file_stamp(self.path)
-        if now != self.stamp:
-            (_, inode, size, _), (_, inode_now, size_now, _) = self.stamp, now
-            what = (f"it is now {size_now} bytes, not {size}" if size_now != size else
-                    "it was rewritten" if inode_now == inode else "another file took its place")
-            raise CheckpointError(f"{self.path}: the file changed on disk during this run ({what}; reading tensor "
-                                  f"{name!r}); load the checkpoint again")
-
-
+# ---- a file that changes during a run ------------------------------------------------------------
 def file_stamp(path: Path) -> tuple:
-    """What identifies a file's contents cheaply: its inode, size and modification time."""
+    """What identifies a file's contents cheaply: its device, inode, size, modification time and
+    status-change time. The last catches a rewrite in place that restores the modification time
+    (`cp -p`, `rsync -t --inplace`, `touch -r`): the kernel sets it on every write and no call sets it back."""
     try:
         stat = os.stat(path)
     except OSError as err:
         raise CheckpointError(f"{path}: the file is gone or unreadable ({err.strerror})") from None
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def check_unchanged(path: Path, stamp: tuple, name: str) -> None:
+    """A CheckpointError if the file at `path` is no longer the one `file_stamp` saw (`stamp`), naming
+    the tensor being read (`name`): a file cut, rewritten or replaced during a run is an error, never
+    a mix of old and new weights."""
+    now = file_stamp(path)
+    if now != stamp:
+        (_, inode, size, mtime, _), (_, inode_now, size_now, mtime_now, _) = stamp, now
+        what = (f"it is now {size_now} bytes, not {size}" if size_now != size else
+                "another file took its place" if inode_now != inode else
+                "it was rewritten" if mtime_now != mtime else
+                "its status-change time moved: rewritten with the modification time restored, or its "
+                "permissions changed")
+        raise CheckpointError(f"{path}: the file changed on disk during this run ({what}; reading tensor "
+                              f"{name!r}); load the checkpoint again")
 
 
 # ---- loading: check the plan, read, check the values, cast ----------------------------------
@@ -358,7 +372,7 @@ def checked_plan(source: TensorSource, config: Config, where=None) -> list:
         fused_shape = (sum(e[0] for e in expected), *expected[0][1:])
         if tuple(shape) != fused_shape:
             raise CheckpointError(f"{source.origin(hf_name)}: tensor {hf_name!r} has shape {tuple(shape)}, "
-                                  f"expected {fused_shape} from config.json")
+                                  f"expected {fused_shape} from the config")
         if not dtype.is_floating_point:
             raise CheckpointError(f"{source.origin(hf_name)}: tensor {hf_name!r} has dtype {dtype}, "
                                   f"expected floating point")
@@ -409,7 +423,7 @@ class StreamedLayers(Sequence):
         self.checked = set()  # hf names whose values were checked
         self.taken, self.ready = None, {}  # the layer taken last; its tensors read ahead and not yet used
         self.asked = set()  # the short names that the uses of the layer taken last asked for
-        self.ahead = None  # (layer, Future) of the layer being read ahead
+        self.ahead = None  # (layer, Future, pid) of the layer being read ahead, by process `pid`
         self.side_stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
         self.read_ahead = self.side_stream is not None  # on a GPU
 
@@ -434,6 +448,8 @@ class StreamedLayers(Sequence):
     def take(self, i: int) -> dict:
         """hf name -> tensor, those of layer i that were read ahead and not yet used ({} if
         none: the layer then reads its own), after starting to read the next layer."""
+        if self.ahead is not None and self.ahead[2] != os.getpid():  # a parent's, from before a fork: its thread
+            self.ahead = None  # is not in this process, and its future would never finish; dropped, as if never begun
         if i == self.taken:  # the same layer again (the sweep takes it once per sublayer)
             if i == len(self) - 1 and self.ahead is None:  # at the top: a sweep begins where a forward pass ended
                 self.start_reading(i - 1, set(self.asked))
@@ -454,7 +470,7 @@ class StreamedLayers(Sequence):
     def start_reading(self, i: int, asked: set) -> None:
         """Read layer i ahead (if it exists and reading ahead is on), what `asked` names."""
         if self.read_ahead and 0 <= i < len(self):
-            self.ahead = (i, READER.submit(self.read_layer, i, asked))
+            self.ahead = (i, READER.submit(self.read_layer, i, asked), os.getpid())
 
     def read_layer(self, i: int, asked: set) -> tuple[dict, object]:
         """Layer i's tensors that hold a weight in `asked` (all of them if it is empty), read and

@@ -129,6 +129,10 @@ class Config:
             kwargs["hidden_act"] = raw["hidden_activation"]
         if raw.get("mlp_bias") not in (None, False):
             raise ConfigError(f"{source}: mlp_bias={show(raw['mlp_bias'])} is not supported; expected false")
+        if raw.get("use_bidirectional_attention") not in (None, False):  # EmbeddingGemma: an encoder
+            value = show(raw["use_bidirectional_attention"])
+            raise ConfigError(f"{source}: use_bidirectional_attention={value} is not supported (an encoder); "
+                              f"expected false: minielm's decoders attend causally")
         _check_fields(kwargs, source)
         config = cls(**{**kwargs, "rope_parameters": {}, "layer_types": []})
         config.num_key_value_heads = config.num_key_value_heads or config.num_attention_heads

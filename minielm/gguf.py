@@ -24,12 +24,13 @@ but it is the dequantized model, not the original one.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import TOP_LEVEL, layer_map
+from .checkpoint import TOP_LEVEL, check_unchanged, layer_map
 from .config import Config
 from .errors import CheckpointError, ConfigError, TokenizerError, show
 from .tokenizer import Tokenizer
@@ -83,14 +84,21 @@ def config_dict(reader, path: Path) -> dict:
             raise ConfigError(f"{path}: GGUF metadata key {arch}.{key!r} is missing")
         return meta[f"{arch}.{key}"]
 
+    def positive(key, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{path}: GGUF metadata key {arch}.{key} must be a positive integer, got {show(value)}")
+        return value
+
     heads = required("attention.head_count")
     kv_heads = get("attention.head_count_kv", heads)
     if isinstance(heads, list) or isinstance(kv_heads, list):  # per-layer counts: must be one value here
         if len(set(np.atleast_1d(heads))) != 1 or len(set(np.atleast_1d(kv_heads))) != 1:
             raise ConfigError(f"{path}: per-layer head counts differ; minielm needs the same in every layer")
         heads, kv_heads = int(np.atleast_1d(heads)[0]), int(np.atleast_1d(kv_heads)[0])
-    hidden = required("embedding_length")
-    head_dim = get("attention.key_length", hidden // heads)
+    heads = positive("attention.head_count", heads)  # checked here: d / heads below, before Config's checks
+    hidden = positive("embedding_length", required("embedding_length"))
+    key_length = get("attention.key_length")
+    head_dim = hidden // heads if key_length is None else positive("attention.key_length", key_length)
     layers = required("block_count")
     raw = {
         "model_type": ARCHITECTURES[arch],
@@ -112,9 +120,9 @@ def config_dict(reader, path: Path) -> dict:
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
     rotary = get("rope.dimension_count")
-    if rotary and rotary != head_dim:
+    if rotary and head_dim and rotary != head_dim:
         raw["partial_rotary_factor"] = rotary / head_dim
-    scaling = _rope_scaling(meta, arch, tensors, reader, raw, path)
+    scaling = _rope_scaling(meta, arch, tensors, raw, path)
     if arch == "gemma3":
         # llama.cpp's built-ins for Gemma 3 (llama-model.cpp): every 6th layer global, local RoPE base
         # 10000 without scaling, scores scaled by key_length^-1/2 (d/heads for the 27B, 62 layers).
@@ -135,47 +143,92 @@ def config_dict(reader, path: Path) -> dict:
     return {k: v for k, v in raw.items() if v is not None}
 
 
-def _rope_scaling(meta, arch, tensors, reader, raw, path) -> dict | None:
+def _rope_scaling(meta, arch, tensors, raw, path) -> dict | None:
     """rope_scaling for config.json: llama.cpp keeps linear scaling in metadata, and per-frequency
     factors (Llama 3's, Phi-3's longrope) as tensors. Those factors divide the frequencies exactly
     as HF's longrope factors do, so they become longrope settings, with llama.cpp's attention factor."""
     kind = meta.get(f"{arch}.rope.scaling.type")
     if "rope_freqs.weight" in tensors:  # Llama 3.1+: one factor per frequency, the same at every length
-        factors = _floats(reader, tensors["rope_freqs.weight"])
+        factors = _floats(tensors["rope_freqs.weight"], path)
         return {"rope_type": "longrope", "short_factor": factors, "long_factor": factors, "attention_factor": 1.0,
                 "original_max_position_embeddings": raw["max_position_embeddings"]}
-    if "rope_factors_long.weight" in tensors:  # Phi-3 longrope
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:  # Phi-3 longrope
+        for pair in ("long", "short"):
+            if f"rope_factors_{pair}.weight" not in tensors:
+                raise CheckpointError(f"{path}: tensor 'rope_factors_{pair}.weight' is missing (longrope needs both "
+                                      f"rope_factors_long and rope_factors_short)")
         return {"rope_type": "longrope",
-                "short_factor": _floats(reader, tensors["rope_factors_short.weight"]),
-                "long_factor": _floats(reader, tensors["rope_factors_long.weight"]),
+                "short_factor": _floats(tensors["rope_factors_short.weight"], path),
+                "long_factor": _floats(tensors["rope_factors_long.weight"], path),
                 "attention_factor": meta.get(f"{arch}.rope.scaling.attn_factor"),
                 "original_max_position_embeddings": meta.get(f"{arch}.rope.scaling.original_context_length")}
     if kind in (None, "none"):
         return None
     if kind == "linear":
+        if f"{arch}.rope.scaling.factor" not in meta:
+            raise ConfigError(f"{path}: GGUF metadata key {arch}.rope.scaling.factor is missing "
+                              f"({arch}.rope.scaling.type is linear)")
         return {"rope_type": "linear", "factor": meta[f"{arch}.rope.scaling.factor"]}
     raise ConfigError(f"{path}: GGUF rope scaling type {show(kind)} is not supported; supported: linear, "
                       f"and per-frequency factor tensors (Llama 3, Phi-3 longrope)")
 
 
-def _floats(reader, tensor) -> list:
-    import gguf
-
-    return [float(x) for x in gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1)]
+def _floats(tensor, path) -> list:
+    return [float(x) for x in dequantize(tensor, path).reshape(-1)]
 
 
 # ---- tensors --------------------------------------------------------------------------
+@functools.cache
+def readable(kind) -> bool:
+    """Whether minielm reads GGUF tensor type `kind`: F64 itself, every other type that gguf-py
+    dequantizes (asked of gguf-py itself, on one block of zeros). Not the integer types (I8 ... I64)."""
+    import gguf
+
+    if kind == gguf.GGMLQuantizationType.F64:
+        return True
+    _, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    try:
+        gguf.quants.dequantize(np.zeros((1, block_bytes), np.uint8), kind)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def check_readable(tensor, path: Path, hf_name: str | None = None) -> None:
+    """A CheckpointError naming the tensor (by its HF name too, if given) if minielm cannot read its type."""
+    if not readable(tensor.tensor_type):
+        which = f"{hf_name!r} ({tensor.name})" if hf_name else repr(tensor.name)
+        raise CheckpointError(f"{path}: tensor {which} has GGUF type {tensor.tensor_type.name}, which minielm does "
+                              f"not read; expected F64, F32, F16, BF16 or a quantized type that gguf-py dequantizes")
+
+
+def dequantize(tensor, path: Path) -> np.ndarray:
+    """A GGUF tensor's values, in memory this process owns: F64 as stored, in float64 (gguf-py would
+    not read it); every other type in float32, by gguf-py's reference dequantization. A CheckpointError
+    for a type neither reads."""
+    import gguf
+
+    check_readable(tensor, path)
+    if tensor.tensor_type == gguf.GGMLQuantizationType.F64:
+        values = tensor.data.view(np.float64)  # the stored doubles, not rounded through float32
+    else:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # float32, the reference
+    return np.require(values, values.dtype, ["C", "W"])  # a copy where it is a view into the mapped file
+
+
 class GGUFSource:
     """The tensors of a GGUF file under Hugging Face names, in Hugging Face layout.
 
     names() -> set of HF names;  info(name) -> (shape, dtype of get());  get(name) -> CPU tensor,
     dequantized and with the converter's changes undone;  origin(name) -> the file.
-    Dequantized values come as float32 (the `gguf` package's reference dequantization; exact for
-    every type) or float64 where the norm offset was subtracted.
+    Values come as `dequantize` gives them: F64 as stored, every other type as float32 (exact for
+    F32, F16 and BF16; for a quantized type, its reference dequantization), and as float64 where the
+    norm offset was subtracted. `stamp` is the file's `file_stamp`, taken before its header was read:
+    each read checks the file against it before and after (`check_unchanged`).
     """
 
-    def __init__(self, path: Path, reader, config: Config):
-        self.path, self.reader, self.config = Path(path), reader, config
+    def __init__(self, path: Path, reader, config: Config, stamp: tuple):
+        self.path, self.reader, self.config, self.stamp = Path(path), reader, config, stamp
         self.arch = self.reader.fields["general.architecture"].contents()
         self.tensors = {t.name: t for t in self.reader.tensors if t.name not in ROPE_FACTOR_TENSORS}
         to_hf = hf_names(self.arch, self.config)
@@ -186,27 +239,28 @@ class GGUFSource:
         return set(self.hf_to_gguf)
 
     def info(self, name: str) -> tuple:
+        """Shape and dtype; a CheckpointError, before anything is read, for a type minielm cannot read."""
         tensor = self.tensors[self.hf_to_gguf[name]]
+        check_readable(tensor, self.path, name)
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the fastest axis first
-        return shape, torch.float64 if self._norm_offset(name) else torch.float32
+        float64 = tensor.tensor_type.name == "F64" or self._norm_offset(name)
+        return shape, torch.float64 if float64 else torch.float32
 
     def origin(self, name: str) -> str:
         return str(self.path)
 
-
     def get(self, name: str) -> torch.Tensor:
         """The tensor in HF layout: dequantized, q/k rows un-permuted (llama), norm offset undone (Gemma)."""
-        import gguf
-
         tensor = self.tensors[self.hf_to_gguf[name]]
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # float32, the reference
-        values = np.require(values, np.float32, ["C", "W"])  # a copy where it is a view into the file (F32)
+        check_unchanged(self.path, self.stamp, name)  # before: a cut file would be read past its end (SIGBUS)
+        values = dequantize(tensor, self.path)
+        check_unchanged(self.path, self.stamp, name)  # after: a rewrite meanwhile would mix old and new
         weight = torch.from_numpy(values).reshape(self.info(name)[0])  # (out, in): HF layout
         if self.arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = self.config.num_attention_heads if ".q_proj" in name else self.config.num_key_value_heads
             weight = unpermute_rows(weight, heads)
         if self._norm_offset(name):
-            weight = weight.to(torch.float64) - 1.0  # exact for float32 values: 1 + (w - 1) == w
+            weight = weight.to(torch.float64) - 1.0  # exact for float32 values (and F64 ones in [0.5, 2])
         return weight
 
     def quantized_types(self) -> list:

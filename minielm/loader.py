@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import checks
-from .checkpoint import SafetensorsSource, load_weights
+from .checkpoint import SafetensorsSource, file_stamp, load_weights
 from .config import Config
 from .errors import CheckpointError, InputError, show
 from .gguf import GGUFSource, gguf_config, gguf_tokenizer, read_gguf
@@ -63,15 +63,17 @@ def shipped_model() -> Path:
 
 
 def hub_cache() -> Path:
-    """The local Hugging Face hub cache, found as huggingface_hub finds it: $HF_HUB_CACHE (or the
-    older $HUGGINGFACE_HUB_CACHE), else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else
-    ~/.cache/huggingface/hub."""
-    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(variable):
-            return Path(os.environ[variable]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "hub"
+    """The local Hugging Face hub cache, found as huggingface_hub finds it (huggingface_hub/constants.py):
+    $HF_HUB_CACHE, else the older $HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub; `~` and environment variables
+    in HF_HOME and in the result expanded, as there. A variable set to "" counts as set, as there."""
+    def expand(path: str) -> str:
+        return os.path.expandvars(os.path.expanduser(path))
+
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    home = expand(os.environ.get("HF_HOME", os.path.join(cache, "huggingface")))
+    legacy = os.environ.get("HUGGINGFACE_HUB_CACHE", os.path.join(home, "hub"))
+    return Path(expand(os.environ.get("HF_HUB_CACHE", legacy)))
 
 
 def from_hub_cache(model_id: str, org: str, name: str, revision: str | None) -> Path:
@@ -84,7 +86,10 @@ def from_hub_cache(model_id: str, org: str, name: str, revision: str | None) -> 
     revision = revision or "main"
     ref = repo / "refs" / revision
     searched = [ref]
-    commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else None
+    try:
+        commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{ref}: unreadable Hugging Face cache ref; expected a commit hash ({err})") from None
     if commit is None and COMMIT.fullmatch(revision):
         commit = revision
     if commit is not None and COMMIT.fullmatch(commit):
@@ -163,9 +168,10 @@ def load(path=None, dtype=torch.float64, device="cpu", stream=False) -> Model:
 
 def load_gguf(path: Path, dtype, device, stream) -> Model:
     """A GGUF file: config and tokenizer from its metadata, weights dequantized (minielm/gguf.py)."""
+    stamp = file_stamp(path)  # before the header is read: a change from here on is seen at every read
     reader = read_gguf(path)
     config = gguf_config(reader, path)
-    source = GGUFSource(path, reader, config)
+    source = GGUFSource(path, reader, config, stamp)
     tokenizer = gguf_tokenizer(reader, path)
     check_vocabulary(tokenizer, config, f"{path} (GGUF metadata)")
     weights = load_weights(source, config, dtype, device, stream, where=path)

@@ -24,7 +24,9 @@ K_SCALE_OFFSETS = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 
 
 def stored(weight: np.ndarray, qtype, rng: np.random.Generator) -> np.ndarray:
-    """The rows of a float32 (out, in) matrix as the file stores them in `qtype`."""
+    """The rows of a float32 (out, in) matrix as the file stores them in `qtype` (F64: float64 as given)."""
+    if qtype == Q.F64:  # gguf-py neither quantizes nor dequantizes it: the doubles themselves
+        return weight.astype(np.float64)
     if qtype not in K_TYPES:
         return gguf.quants.quantize(weight, qtype)
     # random K blocks, their scales set so that the dequantized rows have about the matrix's spread
@@ -45,8 +47,9 @@ def permute(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def write_gguf(model, path, arch: str, qtype, seed: int = 0, metadata=None) -> dict:
-    """Write `model` (a transformers CausalLM) to `path` as GGUF; return the reference state dict (float64)."""
+def write_gguf(model, path, arch: str, qtype, seed: int = 0, metadata=None, extra_tensors=None) -> dict:
+    """Write `model` (a transformers CausalLM) to `path` as GGUF; return the reference state dict (float64).
+    `metadata` {key: (value, GGUFValueType)} and `extra_tensors` {name: array} are written besides."""
     config = model.config
     rng = np.random.default_rng(seed)
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
@@ -59,8 +62,8 @@ def write_gguf(model, path, arch: str, qtype, seed: int = 0, metadata=None) -> d
             continue
         module, _, suffix = hf_name.rpartition(".")
         gguf_name = f"{names.get_name(module)}.{suffix}"
-        value = tensor.detach().to(torch.float32).numpy()
-        if value.ndim == 1:  # norms and biases: F32, as the converter keeps 1-D tensors
+        value = tensor.detach().to(torch.float64 if qtype == Q.F64 else torch.float32).numpy()
+        if value.ndim == 1:  # norms and biases: F32, as the converter keeps 1-D tensors (F64 in an F64 file)
             if arch == "gemma3" and hf_name.endswith("norm.weight"):
                 value = value + np.float32(1.0)  # the converter's norm_shift, in float32
                 reference[hf_name] = torch.from_numpy(value).double() - 1.0
@@ -69,7 +72,8 @@ def write_gguf(model, path, arch: str, qtype, seed: int = 0, metadata=None) -> d
             writer.add_tensor(gguf_name, value)
             continue
         data = stored(value, qtype, rng)
-        reference[hf_name] = torch.from_numpy(gguf.quants.dequantize(data, qtype)).double().reshape(value.shape)
+        values = data if qtype == Q.F64 else gguf.quants.dequantize(data, qtype)
+        reference[hf_name] = torch.from_numpy(values).double().reshape(value.shape)
         if arch == "llama" and module.endswith(("q_proj", "k_proj")):
             heads = config.num_attention_heads if module.endswith("q_proj") else config.num_key_value_heads
             data = permute(data, heads)
@@ -79,6 +83,8 @@ def write_gguf(model, path, arch: str, qtype, seed: int = 0, metadata=None) -> d
     rope = config.rope_parameters
     if rope.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, config.head_dim))
+    for name, value in (extra_tensors or {}).items():
+        writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

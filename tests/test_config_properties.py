@@ -54,7 +54,8 @@ BASES = {
 TOP_KEYS = sorted({k for base in BASES.values() for k in base} | {k for k in BASES["gemma3"]["text_config"]}
                   | {"head_dim", "hidden_act", "attention_bias", "mlp_bias", "layer_types", "rope_parameters",
                      "rope_scaling", "partial_rotary_factor", "attn_logit_softcapping", "sliding_window_pattern",
-                     "_sliding_window_pattern", "original_max_position_embeddings", "use_sliding_window"})
+                     "_sliding_window_pattern", "original_max_position_embeddings", "use_sliding_window",
+                     "use_bidirectional_attention"})
 ROPE_KEYS = ["rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
              "original_max_position_embeddings", "short_factor", "long_factor", "partial_rotary_factor",
              "attention_factor", *LAYER_TYPES]
@@ -257,6 +258,10 @@ def with_changes(base: str, **changes) -> dict:
     (with_changes("llama3", layer_types=["full_attention", "local", "full_attention"]), ["unknown layer type 'local'"]),
     (with_changes("qwen3", sliding_window=None), ["sliding_attention layers need a positive sliding_window"]),
     (with_changes("llama3", mlp_bias=True), ["mlp_bias=True is not supported"]),
+    (with_changes("gemma3_text", use_bidirectional_attention=True),
+     ["use_bidirectional_attention=True is not supported"]),
+    (with_changes("gemma3", text_config={**BASES["gemma3"]["text_config"], "use_bidirectional_attention": True}),
+     ["use_bidirectional_attention=True is not supported (an encoder); expected false"]),
     (with_changes("gemma3", text_config="none"), ["'gemma3' needs a 'text_config' object"]),
     (with_changes("llama3", eos_token_id={"id": 2}), ["eos_token_id must be a token id, a list of token ids or null"]),
 ])
@@ -267,6 +272,13 @@ def test_config_error_names_the_key(raw, fragments):
     assert message.startswith("dir/config.json: ") and "\n" not in message
     for fragment in fragments:
         assert fragment in message
+
+
+def test_a_causal_gemma3_may_say_so():
+    """use_bidirectional_attention false (or null) is the decoder minielm runs: accepted."""
+    for value in (False, None):
+        config = Config.from_dict(with_changes("gemma3_text", use_bidirectional_attention=value))
+        assert config.model_type == "gemma3_text"
 
 
 def test_null_means_the_default():

@@ -62,8 +62,8 @@ FAMILIES = {
 def gguf_and_reference(family, qtype, directory, seed=0):
     """Write the family's random model as GGUF in `qtype`; return (the .gguf path, HF float64 reference logits)."""
     make_config, arch = FAMILIES[family]
-    model = AutoModelForCausalLM.from_config(make_config(), dtype=torch.float32)
-    randomize_(model, seed)
+    model = AutoModelForCausalLM.from_config(make_config(), dtype=torch.float64 if qtype == Q.F64 else torch.float32)
+    randomize_(model, seed)  # in float64 for an F64 file: values that float32 cannot hold
     path = directory / f"{family}-{qtype.name}.gguf"
     reference = write_gguf(model, path, arch, qtype, seed)
     model = model.to(torch.float64)
@@ -145,6 +145,138 @@ def test_streamed_equals_loaded(tmp_path):
     assert torch.equal(loaded.logits(PROMPT), streamed.logits(PROMPT))
     assert torch.equal(minielm.equivalent_linear_map(loaded, PROMPT).operators,
                        minielm.equivalent_linear_map(streamed, PROMPT).operators)
+
+
+def test_f64_tensors_are_read_exactly(tmp_path):
+    """F64 (every tensor here, norms included) is read as the stored doubles: logits as HF's on the
+    very same float64 weights, to round-off; a rounding through float32 would be off by ~1e-7."""
+    path, expected = gguf_and_reference("llama", Q.F64, tmp_path)
+    model = minielm.load(path, stream=True)
+    source = model.weights["layers"].source
+    assert all(source.info(name)[1] == torch.float64 for name in source.names())
+    embed = source.get("model.embed_tokens.weight")
+    assert embed.dtype == torch.float64 and not torch.equal(embed, embed.float().double())
+    err = relative_error(model.logits(PROMPT), expected)
+    print(f"llama F64: logits vs HF {err:.1e}")
+    assert err <= 1e-13 and model.dequantized_from == []
+
+
+@pytest.mark.parametrize("kind_name, kind", [("I8", np.int8), ("I32", np.int32)])
+def test_an_integer_tensor_is_refused_at_load(tmp_path, monkeypatch, kind_name, kind):
+    """A type gguf-py cannot dequantize (I8 ... I64): a one-line CheckpointError naming the tensor
+    and its type, from the plan check, before any tensor is read."""
+    add_tensor = gguf.GGUFWriter.add_tensor
+
+    def integer_wq(writer, name, data, *args, **kwargs):
+        if name == "blk.0.attn_q.weight":
+            data, kwargs = np.zeros(gguf.quants.dequantize(data, kwargs["raw_dtype"]).shape, kind), {}
+        return add_tensor(writer, name, data, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", integer_wq)
+    model = AutoModelForCausalLM.from_config(FAMILIES["qwen3"][0](), dtype=torch.float32)
+    write_gguf(model, tmp_path / "int.gguf", "qwen3", Q.Q8_0)
+    with pytest.raises(minielm.CheckpointError) as info:
+        minielm.load(tmp_path / "int.gguf", stream=True)
+    assert str(info.value) == (f"{tmp_path / 'int.gguf'}: tensor 'model.layers.0.self_attn.q_proj.weight' "
+                               f"(blk.0.attn_q.weight) has GGUF type {kind_name}, which minielm does not read; "
+                               f"expected F64, F32, F16, BF16 or a quantized type that gguf-py dequantizes")
+
+
+@pytest.fixture
+def streamed_qwen3(tmp_path):
+    """A small GGUF file (Qwen 3, Q8_0), loaded streamed and run once: (path, model)."""
+    model = AutoModelForCausalLM.from_config(FAMILIES["qwen3"][0](), dtype=torch.float32)
+    randomize_(model, 0)
+    write_gguf(model, tmp_path / "qwen3.gguf", "qwen3", Q.Q8_0)
+    streamed = minielm.load(tmp_path / "qwen3.gguf", stream=True)
+    streamed.logits(PROMPT)
+    return tmp_path / "qwen3.gguf", streamed
+
+
+@pytest.mark.parametrize("change, what", [
+    ("rewrite", "it was rewritten"),
+    ("rewrite_keeping_mtime", "its status-change time moved: rewritten with the modification time restored, or its "
+                              "permissions changed"),
+])
+def test_a_streamed_gguf_rewritten_during_the_run_is_named(streamed_qwen3, change, what):
+    """The file is mapped: a rewrite in place would show through the mapping, old and new weights mixed.
+    Each read compares the file with what it was at opening, as for safetensors (test_loading.py)."""
+    import test_loading
+
+    path, model = streamed_qwen3
+    getattr(test_loading, change)(path)
+    with pytest.raises(minielm.CheckpointError) as info:
+        model.logits(PROMPT)
+    assert str(info.value) == (f"{path}: the file changed on disk during this run ({what}; reading tensor "
+                               f"'model.layers.0.input_layernorm.weight'); load the checkpoint again")
+
+
+# A cut under a mapped file's read is SIGBUS, which would end pytest itself: here in a child process.
+TRUNCATE_CHILD = """
+import os, sys, minielm
+model = minielm.load(sys.argv[1], stream=True)
+model.logits([1, 17, 5, 88])
+os.truncate(sys.argv[1], os.path.getsize(sys.argv[1]) // 2)
+try:
+    model.logits([1, 17, 5, 88])
+except minielm.CheckpointError as err:
+    sys.exit(str(err))
+"""
+
+
+def test_a_streamed_gguf_cut_during_the_run_is_named(streamed_qwen3):
+    import os
+    import subprocess
+    import sys
+
+    path, _ = streamed_qwen3
+    size = path.stat().st_size
+    result = subprocess.run([sys.executable, "-c", TRUNCATE_CHILD, str(path)], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])  # not -SIGBUS
+    assert result.stderr == (f"{path}: the file changed on disk during this run (it is now {size // 2} bytes, not "
+                             f"{size}; reading tensor 'model.layers.0.input_layernorm.weight'); load the checkpoint "
+                             f"again\n")
+
+
+# ---- bad metadata: one line naming the key, from the API and the command line -------------------
+def write_zero_heads(monkeypatch, path):
+    """attention.head_count = 0 (with key_length present: d / heads must not be computed)."""
+    monkeypatch.setattr(gguf.GGUFWriter, "add_head_count", lambda writer, count: writer.add_uint32(
+        "qwen3.attention.head_count", 0))
+    write_gguf(AutoModelForCausalLM.from_config(FAMILIES["qwen3"][0]()), path, "qwen3", Q.Q8_0)
+
+
+def write_linear_rope_without_factor(monkeypatch, path):
+    """rope.scaling.type = linear, no rope.scaling.factor (Gemma 3's global layers scale linearly)."""
+    monkeypatch.setattr(gguf.GGUFWriter, "add_rope_scaling_factor", lambda writer, factor: None)
+    write_gguf(AutoModelForCausalLM.from_config(FAMILIES["gemma3"][0]()), path, "gemma3", Q.Q8_0)
+
+
+def write_long_rope_factors_only(monkeypatch, path):
+    """Phi-3 longrope: rope_factors_long.weight, and no rope_factors_short.weight."""
+    write_gguf(AutoModelForCausalLM.from_config(FAMILIES["phi3"][0]()), path, "phi3", Q.Q8_0,
+               extra_tensors={"rope_factors_long.weight": np.ones(4, np.float32)})
+
+
+@pytest.mark.parametrize("write, error, message", [
+    (write_zero_heads, minielm.ConfigError,
+     "GGUF metadata key qwen3.attention.head_count must be a positive integer, got 0"),
+    (write_linear_rope_without_factor, minielm.ConfigError,
+     "GGUF metadata key gemma3.rope.scaling.factor is missing (gemma3.rope.scaling.type is linear)"),
+    (write_long_rope_factors_only, minielm.CheckpointError,
+     "tensor 'rope_factors_short.weight' is missing (longrope needs both rope_factors_long and rope_factors_short)"),
+], ids=["zero heads", "linear rope without factor", "long rope factors only"])
+def test_bad_metadata_is_one_line_naming_the_key(tmp_path, monkeypatch, capsys, write, error, message):
+    from minielm import cli
+
+    path = tmp_path / "bad.gguf"
+    write(monkeypatch, path)
+    with pytest.raises(error) as info:
+        minielm.load(path)
+    assert str(info.value) == f"{path}: {message}"
+    assert cli.main(["generate", "In the beginning", "--model", str(path)]) == 2
+    assert capsys.readouterr().err == f"minielm: error: {path}: {message}\n"
 
 
 def test_unpermute_inverts_the_converters_permute():

@@ -20,7 +20,7 @@ import torch
 
 import minielm
 from minielm.errors import CheckpointError, InputError
-from minielm.loader import resolve_checkpoint
+from minielm.loader import hub_cache, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -97,19 +97,56 @@ def test_revisions_hold_different_weights(cache, only):
     assert not torch.equal(minielm.load("org/tiny").logits(IDS), minielm.load("org/tiny@v1.0").logits(IDS))
 
 
-@pytest.mark.parametrize("where", ["HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HOME"])
-def test_the_cache_is_found_as_huggingface_hub_finds_it(cache, only, tmp_path, monkeypatch, where):
-    home = tmp_path / "home"
-    layout = {"HF_HUB_CACHE": cache, "HUGGINGFACE_HUB_CACHE": cache, "HF_HOME": home / "hf",
-              "XDG_CACHE_HOME": home / "xdg", "HOME": home}
-    hub = {"HF_HOME": home / "hf" / "hub", "XDG_CACHE_HOME": home / "xdg" / "huggingface" / "hub",
-           "HOME": home / ".cache" / "huggingface" / "hub"}.get(where)
-    if hub is not None:
-        hub.parent.mkdir(parents=True)
-        hub.symlink_to(cache)
-    only(**{where: layout[where]}) if where != "HOME" else only()
-    monkeypatch.setenv("HOME", str(home))
-    assert minielm.load("org/tiny").directory == (hub or cache) / "models--org--tiny" / "snapshots" / COMMITS["main"]
+# Where the cache is, asked of huggingface_hub itself (it reads the environment once, at import: a child
+# process per environment), never written here from the same belief as minielm's code.
+ASK_HUGGINGFACE_HUB = "import huggingface_hub.constants as c; print(c.HF_HUB_CACHE)"
+
+
+def huggingface_hub_cache() -> Path:
+    """huggingface_hub.constants.HF_HUB_CACHE under this process's environment."""
+    result = subprocess.run([sys.executable, "-c", ASK_HUGGINGFACE_HUB], capture_output=True, text=True,
+                            env=dict(os.environ), check=True)
+    return Path(result.stdout.removesuffix("\n"))
+
+
+# {root}: a temporary directory ({{ }}: a brace); HOME is {root}/home and $PLACE is {root}/place in every one
+ENVIRONMENTS = [
+    {}, {"HF_HUB_CACHE": "{root}/hub"}, {"HUGGINGFACE_HUB_CACHE": "{root}/legacy"},
+    {"HF_HUB_CACHE": "{root}/hub", "HUGGINGFACE_HUB_CACHE": "{root}/legacy"}, {"HF_HOME": "{root}/hf"},
+    {"HF_HOME": "{root}/hf", "HUGGINGFACE_HUB_CACHE": "{root}/legacy"},
+    {"HF_HOME": "{root}/hf", "XDG_CACHE_HOME": "{root}/x"},
+    {"XDG_CACHE_HOME": "{root}/xdg"}, {"HF_HOME": "~/hf"}, {"HF_HOME": "$PLACE/hf"}, {"HF_HUB_CACHE": "~/hub"},
+    {"HF_HUB_CACHE": "${{PLACE}}/hub"}, {"HUGGINGFACE_HUB_CACHE": "~/legacy"}, {"XDG_CACHE_HOME": "~/xdg"},
+    {"XDG_CACHE_HOME": "$PLACE/xdg"}, {"HF_HUB_CACHE": "$NOT_SET/hub"}, {"HF_HOME": "~"},
+    {"HF_HUB_CACHE": ""}, {"HF_HOME": ""}, {"XDG_CACHE_HOME": ""},
+]
+
+
+@pytest.fixture
+def environment(only, monkeypatch, tmp_path):
+    """Set one of ENVIRONMENTS (and HOME, PLACE); clear the other cache variables."""
+    def setenv(values: dict):
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("PLACE", str(tmp_path / "place"))
+        monkeypatch.delenv("NOT_SET", raising=False)
+        only(**{name: value.format(root=tmp_path) for name, value in values.items()})
+    return setenv
+
+
+@pytest.mark.parametrize("values", ENVIRONMENTS, ids=lambda values: " ".join(f"{k}={v}" for k, v in values.items()))
+def test_the_cache_is_where_huggingface_hub_puts_it(environment, values):
+    environment(values)
+    assert hub_cache() == huggingface_hub_cache()
+
+
+@pytest.mark.parametrize("values", [{}, {"HF_HUB_CACHE": "{root}/hub"}, {"HUGGINGFACE_HUB_CACHE": "~/legacy"},
+                                    {"HF_HOME": "$PLACE/hf"}, {"XDG_CACHE_HOME": "~/xdg"}], ids=str)
+def test_a_model_id_loads_from_where_huggingface_hub_puts_the_cache(cache, environment, values):
+    environment(values)
+    hub = huggingface_hub_cache()
+    hub.parent.mkdir(parents=True, exist_ok=True)
+    hub.symlink_to(cache)
+    assert minielm.load("org/tiny").directory == hub / "models--org--tiny" / "snapshots" / COMMITS["main"]
 
 
 def test_hf_hub_cache_comes_before_hf_home(cache, only, tmp_path):
@@ -140,6 +177,18 @@ def test_a_model_not_in_the_cache_names_where_it_looked(cache, only, model_id, s
     for path in searched:
         assert str(cache / path) in message
     assert advice in message and "minielm never downloads" in message
+
+
+def test_a_ref_that_is_not_text_is_one_line(only, tmp_path):
+    cache = tmp_path / "hub"
+    add_snapshot(cache, "org/bad", "main", COMMITS["main"], 0)
+    ref = cache / "models--org--bad" / "refs" / "main"
+    ref.write_bytes(b"\xff\xfe" + COMMITS["main"].encode())
+    only(HF_HUB_CACHE=cache)
+    with pytest.raises(CheckpointError) as info:
+        minielm.load("org/bad")
+    assert str(info.value) == (f"{ref}: unreadable Hugging Face cache ref; expected a commit hash ('utf-8' codec "
+                               f"can't decode byte 0xff in position 0: invalid start byte)")
 
 
 def test_snapshot_listed_when_the_ref_is_missing(cache, only):

@@ -327,15 +327,26 @@ from pathlib import Path
 def truncate(path: Path) -> None:
     os.truncate(path, path.stat().st_size // 2)
 
-def rewrite(path: Path) -> None:
-    \"\"\"Same size, other bytes (the last half's top bits flipped), a later modification time.\"\"\"
+def flip_last_half(path: Path) -> None:
+    \"\"\"Same size, other bytes: the last half's top bits flipped, written in place.\"\"\"
     data = bytearray(path.read_bytes())
     half = len(data) // 2
     data[half:] = bytes(b ^ 0x80 for b in data[half:])
     with open(path, "r+b") as f:
         f.write(data)
+
+def rewrite(path: Path) -> None:
+    \"\"\"Rewritten in place, with a later modification time.\"\"\"
+    flip_last_half(path)
     later = path.stat().st_mtime_ns + 2_000_000_000
     os.utime(path, ns=(later, later))
+
+def rewrite_keeping_mtime(path: Path) -> None:
+    \"\"\"Rewritten in place, the modification time put back (`cp -p`, `rsync -t --inplace`, `touch -r`).\"\"\"
+    before = path.stat()
+    flip_last_half(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
 """
 exec(CHANGES)
 
@@ -370,6 +381,8 @@ def shipped_copy(tmp_path) -> Path:
 @pytest.mark.parametrize("change, fragment", [
     ("truncate", "the file changed on disk during this run (it is now 7869848 bytes, not 15739696; reading tensor"),
     ("rewrite", "the file changed on disk during this run (it was rewritten; reading tensor"),
+    ("rewrite_keeping_mtime", "the file changed on disk during this run (its status-change time moved: rewritten "
+                              "with the modification time restored, or its permissions changed; reading tensor"),
 ])
 def test_checkpoint_changed_during_a_streamed_run(shipped_copy, change, fragment):
     result = run_cli_child(change, "explain", "In the beginning", "--model", str(shipped_copy), "--stream")

@@ -1,4 +1,4 @@
-"""Streaming: a checkpoint larger than its float64 budget, run layer by layer from the mapped file."""
+"""Streaming: a checkpoint larger than its float64 budget, run layer by layer, each read from the file as it is used."""
 
 import json
 import math
@@ -267,3 +267,44 @@ def test_a_process_ends_with_a_read_ahead_under_way(five_layers):
     result = subprocess.run([sys.executable, "-c", EXIT_CHILD, str(five_layers)], capture_output=True, text=True,
                             timeout=120)
     assert (result.returncode, result.stdout, result.stderr) == (0, "done\n", "")
+
+
+# A process forked while its parent's read-ahead is under way: the child has no reader thread of the
+# parent's, so that future never finishes; the child must drop it and read the layer itself. The
+# parent's read is held (a source whose read-ahead waits) until the child exists, so the moment is not
+# left to chance; a child that hangs is ended by SIGALRM.
+FORK_CHILD = """
+import os, signal, sys, threading, torch, minielm
+model = minielm.load(sys.argv[1], stream=True)
+layers = model.weights["layers"]
+layers.read_ahead = True
+parent, started, release, source = os.getpid(), threading.Event(), threading.Event(), layers.source
+
+class Held:
+    def __getattr__(self, attribute):
+        return getattr(source, attribute)
+
+    def get(self, name):
+        if os.getpid() == parent and threading.current_thread().name.startswith("minielm-read-ahead"):
+            started.set()
+            release.wait()
+        return source.get(name)
+
+layers.source = Held()
+layers[0]["wq"]  # starts reading layer 1 ahead
+started.wait()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(30)
+    layer, loaded = dict(layers[1]), minielm.load(sys.argv[1]).weights["layers"][1]
+    os._exit(0 if layer.keys() == loaded.keys() and all(torch.equal(layer[k], loaded[k]) for k in layer) else 3)
+release.set()
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), len(dict(layers[1])))
+"""
+
+
+def test_a_child_forked_during_a_read_ahead_reads_its_own_layer(five_layers):
+    result = subprocess.run([sys.executable, "-c", FORK_CHILD, str(five_layers)], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["0", "9"]  # the child: its own layer 1, right; the parent: its read-ahead
