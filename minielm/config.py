@@ -49,7 +49,6 @@ class Config:
     sliding_window: int | None = None
     layer_types: list = field(default_factory=list)  # "full_attention" | "sliding_attention" per layer
     query_pre_attn_scalar: float | None = None  # Gemma 3: scores scaled by its -1/2 power
-    attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
@@ -129,6 +128,10 @@ class Config:
             kwargs["hidden_act"] = raw["hidden_activation"]
         if raw.get("mlp_bias") not in (None, False):
             raise ConfigError(f"{source}: mlp_bias={show(raw['mlp_bias'])} is not supported; expected false")
+        if raw.get("attn_logit_softcapping") not in (None, 0):  # Gemma 2's; Gemma 3 has QK norms instead
+            raise ConfigError(f"{source}: attn_logit_softcapping={show(raw['attn_logit_softcapping'])} is not supported "
+                              f"(Gemma 3 does not soft-cap attention scores, and Hugging Face ignores the key); "
+                              f"expected null")
         if raw.get("use_bidirectional_attention") not in (None, False):  # EmbeddingGemma: an encoder
             value = show(raw["use_bidirectional_attention"])
             raise ConfigError(f"{source}: use_bidirectional_attention={value} is not supported (an encoder); "
@@ -266,10 +269,10 @@ def _check_fields(kwargs: dict, source: str) -> None:
             fail(key, "true or false")
     if kwargs.get("query_pre_attn_scalar") is not None and not (_number(kwargs["query_pre_attn_scalar"]) or 0) > 0:
         fail("query_pre_attn_scalar", "a positive number or null")
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # 0 or null: no soft-capping
-        if kwargs.get(key) is not None and not (_number(kwargs[key]) is not None and kwargs[key] >= 0):
-            fail(key, "a positive number or null")
-    for key in ("rms_norm_eps", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+    key = "final_logit_softcapping"  # 0 or null: no soft-capping
+    if kwargs.get(key) is not None and not (_number(kwargs[key]) is not None and kwargs[key] >= 0):
+        fail(key, "a positive number or null")
+    for key in ("rms_norm_eps", "query_pre_attn_scalar", "final_logit_softcapping"):
         if kwargs.get(key) is not None:  # an integer such as 2**70 is a valid JSON number, but not for torch
             kwargs[key] = float(kwargs[key])
 

@@ -258,6 +258,7 @@ def with_changes(base: str, **changes) -> dict:
     (with_changes("llama3", layer_types=["full_attention", "local", "full_attention"]), ["unknown layer type 'local'"]),
     (with_changes("qwen3", sliding_window=None), ["sliding_attention layers need a positive sliding_window"]),
     (with_changes("llama3", mlp_bias=True), ["mlp_bias=True is not supported"]),
+    (with_changes("gemma3_text", attn_logit_softcapping=50.0), ["attn_logit_softcapping=50.0 is not supported"]),
     (with_changes("gemma3_text", use_bidirectional_attention=True),
      ["use_bidirectional_attention=True is not supported"]),
     (with_changes("gemma3", text_config={**BASES["gemma3"]["text_config"], "use_bidirectional_attention": True}),
