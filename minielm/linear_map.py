@@ -331,11 +331,7 @@ class EquivalentLinearMap:
 
     def logits(self) -> torch.Tensor:
         """Next-token logits (V,) from the reconstruction (final-normed targets only)."""
-        if self.model is None:
-            raise InputError("logits need the model: minielm.load_operators(path, model)")
-        if self.target.startswith(("attention", "mlp")):
-            raise InputError(f"logits are defined for residual-stream targets, not {self.target!r}")
-        return self.model.unembed(self.reconstruct().to(self.model.device))  # a file's map is on the CPU
+        return self.unembedded(self.reconstruct())
 
     def probabilities(self) -> torch.Tensor:
         """Next-token probabilities (V,) from the reconstruction."""
@@ -343,7 +339,15 @@ class EquivalentLinearMap:
 
     def model_probabilities(self) -> torch.Tensor:
         """The model's own next-token probabilities for the same target: (V,)."""
-        return torch.softmax(self.model.unembed(self.output.to(self.model.device)), dim=-1)
+        return torch.softmax(self.unembedded(self.output), dim=-1)
+
+    def unembedded(self, y) -> torch.Tensor:
+        """Logits (V,) of a vector y (d,) of this target: a residual-stream target, with its model."""
+        if self.model is None:
+            raise InputError("logits need the model: minielm.load_operators(path, model)")
+        if self.target.startswith(("attention", "mlp")):
+            raise InputError(f"logits are defined for residual-stream targets, not {self.target!r}")
+        return self.model.unembed(y.to(self.model.device))  # a file's map is on the CPU
 
     def _repr_html_(self) -> str:  # Jupyter: tokens by share of y, each J_t's spectrum (minielm.report)
         from .report import map_html
@@ -521,8 +525,9 @@ class Attribution:
 def attribution(model: Model, ids, token: int | None = None) -> Attribution:
     """Split the logit of `token` (default: the top next token) over sources, layers and modules.
 
-    One row-vector reverse sweep per module (r = 1): 2L sweeps costing about a
-    forward pass each, so this is cheap even where the full operators are not.
+    One row-vector reverse sweep per module (r = 1): 2L sweeps, the one from layer ℓ
+    costing about (ℓ + 1)/L of a forward pass, so this is cheap even where the full
+    operators are not.
     """
     ids = checked_ids(model, ids)
     token = checks.optional_integer("token", token, 0, model.config.vocab_size, why="the vocabulary")

@@ -26,6 +26,7 @@ def test_reconstruction_is_exact(case, device, checkpoints):
     assert elm.relative_error() < 1e-13
     probs = torch.softmax(model.logits(PROMPT)[-1], dim=-1)
     assert torch.allclose(elm.probabilities(), probs, rtol=0, atol=1e-14)
+    assert torch.allclose(elm.model_probabilities(), probs, rtol=0, atol=1e-15)  # the model's own, from y
     assert elm.bias.abs().max() > 0 if case == "qwen2" else torch.all(elm.bias == 0)
     # the affine part is the frozen pass at x = 0, which the map runs only for checkpoints with biases
     states0 = trace(model, torch.zeros_like(elm.inputs), elm.frozen)[0]
@@ -94,6 +95,9 @@ def test_intermediate_operators(case, T, checkpoints):
             assert elm.relative_error() < 1e-13, (layer, component)
             if component != "output":
                 assert torch.equal(elm.output, states[layer][-1])
+                for read in (elm.logits, elm.model_probabilities):  # a module's output is not read by W_U
+                    with pytest.raises(minielm.InputError, match="residual-stream targets"):
+                        read()
 
                 def target(z, layer=layer, component=component):
                     return trace(model, z, frozen)[{"attention": 1, "mlp": 2}[component]][layer][-1]
