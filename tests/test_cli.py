@@ -68,7 +68,8 @@ def test_float32_check_reports_honestly(tiny_with_tokenizer, capsys):
     measured = minielm.equivalent_linear_map(model, model.tokenizer.encode(CHECK_PROMPT)).relative_error()
     assert errors["final"] == pytest.approx(measured, rel=0.02)  # printed to two digits
     assert 1e-9 < max(errors.values()) < 1e-4
-    assert f"worst reconstruction error {max(errors.values()):.1e} (within 1e-04 for float32)" in out
+    assert "(within 1e-04 for float32)" in out
+    assert f"reconstruction {max(errors.values()):.1e}" in out.splitlines()[-1]
 
 
 def test_check_fails_above_the_float64_bound(tiny_with_tokenizer, monkeypatch, capsys):
@@ -88,6 +89,31 @@ def test_check_fails_above_the_float64_bound(tiny_with_tokenizer, monkeypatch, c
     errors = reconstruction_column(out)
     assert 1e-13 < errors["final"] < 1e-10
     assert "ABOVE 1e-13 for float64" in out
+
+
+def test_check_fails_on_an_error_only_the_autograd_column_sees(tiny_with_tokenizer, monkeypatch, capsys):
+    """Operators wrong only in directions orthogonal to each x_t still reconstruct y (N_t x_t = 0), so
+    the reconstruction and probability columns stay at round-off; the vs-autograd column sees the
+    error, and the verdict (the worst of every column) fails and names that column."""
+    exact = minielm.cli.equivalent_linear_map
+
+    def wrong_off_the_inputs(model, ids, **kwargs):
+        elm = exact(model, ids, **kwargs)
+        x = elm.inputs  # (T, d)
+        w = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(0))
+        w -= (w * x).sum(-1, keepdim=True) / (x * x).sum(-1, keepdim=True) * x  # (T, d): w_t ⟂ x_t
+        u = torch.randn(x.shape[1], dtype=x.dtype, generator=torch.Generator().manual_seed(1))  # (d,)
+        elm.operators += 1e-3 * u[None, :, None] * w[:, None, :]  # J_t + u w_tᵀ: the same J_t x_t
+        return elm
+
+    monkeypatch.setattr(minielm.cli, "equivalent_linear_map", wrong_off_the_inputs)
+    assert main(["check", "--model", str(tiny_with_tokenizer)]) == 1
+    out = capsys.readouterr().out
+    assert max(reconstruction_column(out).values()) < 1e-13  # the reconstruction alone would pass
+    assert "in the vs autograd column (ABOVE 1e-13 for float64)" in out.splitlines()[-1]
+    assert main(["check", "--model", str(tiny_with_tokenizer), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["worst_column"] == "vs_autograd" and report["worst"] > 1e-6
 
 
 def test_stream_flag(tiny_with_tokenizer, monkeypatch, capsys):
