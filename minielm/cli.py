@@ -548,6 +548,10 @@ def build_parser():
     sub.add_argument("-k", type=int, default=5, help="singular triplets to decode (default 5)")
 
     sub = command("check", check, "exactness report for the whole model and each layer")
+    sub.description = ("exactness report for the whole model and each layer. It passes (exit 0) when the worst "
+                       "figure of every column (reconstruction, probabilities, vs autograd) is below the bound "
+                       "of the compute dtype: " + ", ".join(f"{k} {v:.0e}" for k, v in CHECK_BOUNDS.items())
+                       + " (round-off of that dtype, measured on the shipped model, with a margin); else exit 1")
     prompt_arguments(sub, positional=False)
     sub.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -72,6 +72,15 @@ def test_float32_check_reports_honestly(tiny_with_tokenizer, capsys):
     assert f"reconstruction {max(errors.values()):.1e}" in out.splitlines()[-1]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_check_passes_within_its_own_bound(tiny_with_tokenizer, dtype, capsys):
+    """bfloat16 and float16 get bounds of their own (CHECK_BOUNDS, measured on the shipped model): a
+    correct model passes, and the verdict states the bound of that dtype."""
+    assert main(["check", "--model", str(tiny_with_tokenizer), "--dtype", dtype]) == 0
+    verdict = capsys.readouterr().out.splitlines()[-1]
+    assert f"(within {minielm.cli.CHECK_BOUNDS[dtype]:.0e} for {dtype})" in verdict
+
+
 def test_check_fails_above_the_float64_bound(tiny_with_tokenizer, monkeypatch, capsys):
     """`minielm check` exits 1 and says ABOVE when a frozen factor is wrong by 1e-12 (an error
     of about 1e-12: above float64's 1e-13, far below float32's bound)."""
