@@ -356,7 +356,9 @@ class EquivalentLinearMap:
         """The model's own next-token probabilities for the same target: (V,)."""
         return torch.softmax(self.model.unembed(self.output.to(self.model.device)), dim=-1)
 
-    def _repr_html_(self) -> str:  # Jupyter: tokens by share of y, each J_t's spectrum (minielm.report)
+    def _repr_html_(self) -> str | None:  # Jupyter: tokens by share of y, each J_t's spectrum (minielm.report)
+        if self.model is None:  # loaded from a file without its model: nothing to decode tokens with,
+            return None  # so Jupyter falls back to the plain repr
         from .report import map_html
         return map_html(self)
 

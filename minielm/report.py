@@ -88,7 +88,7 @@ def chart(series: list, title: str, log_y: bool = False, x_labels: list | None =
     """An inline SVG line chart. series: [(label, colour, [y...])], x = 0, 1, ... (or x_labels)."""
     left, right, top, bottom = 52, 10, 34 if len(series) > 1 else 22, 30
     values = [v for _, _, ys in series for v in ys if v is not None and (v > 0 or not log_y)]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    lo, hi = (min(values), max(values)) if values else (1.0, 10.0) if log_y else (0.0, 1.0)  # empty: a default
     f = (lambda v: math.log10(v)) if log_y else (lambda v: v)
     lo, hi = f(lo), f(hi)
     if hi - lo < 1e-12:

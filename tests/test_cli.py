@@ -125,6 +125,25 @@ def test_check_fails_on_an_error_only_the_autograd_column_sees(tiny_with_tokeniz
     assert report["worst_column"] == "vs_autograd" and report["worst"] > 1e-6
 
 
+def test_explain_with_exactly_zero_operators(tiny_with_tokenizer, tmp_path):
+    """The tiny checkpoint as a Mistral whose every layer slides a window of 2: the first tokens of a
+    longer prompt reach y through no path (J_t = 0 exactly). --json is still valid JSON (the stable
+    rank of a zero operator is 0, not NaN) and --html writes the page (log chart of an all-zero spectrum)."""
+    import shutil
+
+    sliding = tmp_path / "sliding"
+    shutil.copytree(tiny_with_tokenizer, sliding)
+    config = json.loads((sliding / "config.json").read_text())
+    (sliding / "config.json").write_text(json.dumps(dict(config, model_type="mistral", sliding_window=2)))
+    result = run("explain", "And God said, Let there be light", "--model", sliding, "--json", "--html",
+                 tmp_path / "r.html")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"bare {name} in the JSON"))
+    ranks = [row["stable_rank"] for row in report["per_token"]]
+    assert ranks[0] == 0.0 and ranks[-1] >= 1  # the first token is outside the receptive field
+    assert (tmp_path / "r.html").read_text().count('class="panel"') == len(report["tokens"])
+
+
 def test_stream_flag(tiny_with_tokenizer, monkeypatch, capsys):
     """--stream loads the model streamed, and the report is the same as without it."""
     loaded = []

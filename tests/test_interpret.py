@@ -88,6 +88,18 @@ def test_stable_rank_and_shares(checkpoints):
     assert float(token_shares(elm).sum()) == pytest.approx(1.0, abs=1e-13)
 
 
+def test_stable_rank_of_exactly_zero_operators_is_zero(checkpoints):
+    """Every Mistral layer slides a window of 5 over 16 tokens: the first tokens reach y through no
+    path, their J_t are exactly 0, and their stable rank is 0 (no directions), not 0/0 = NaN."""
+    model = minielm.load(checkpoints["mistral"])
+    elm = minielm.equivalent_linear_map(model, PROMPT)
+    zero = [t for t in range(len(PROMPT)) if not elm.operators[t].any()]
+    assert zero and zero == list(range(len(zero)))  # the earliest tokens, outside the receptive field
+    ranks = stable_rank(elm.operators)
+    assert ranks[zero].tolist() == [0.0] * len(zero) and bool((ranks[len(zero):] >= 1).all())
+    assert float(stable_rank(torch.zeros(3, 3, dtype=torch.float64))) == 0.0
+
+
 @pytest.mark.parametrize("case", ["llama", "gemma3_text", "qwen2"])
 def test_matrix_free_matches_dense(case, checkpoints):
     model = minielm.load(checkpoints[case])
