@@ -102,13 +102,14 @@ def check_arguments(args) -> None:
     resolve_dtype(args.dtype)
     resolve_device(args.device)
     config = Config.from_file(directory / "config.json") if directory.is_dir() else None  # else load says why
-    if getattr(args, "plot", None) is not None:  # output files: writable before the computation starts
-        writable_output(args.plot, "--plot")
+    for flag in ("plot", "html", "out"):  # output files: writable, and not the checkpoint, before any work
+        if getattr(args, flag, None) is not None:
+            writable_output(getattr(args, flag), f"--{flag}", reading=directory)
+    if getattr(args, "plot", None) is not None:
         plot_format(args.plot)
-    if getattr(args, "html", None) is not None:
-        writable_output(args.html, "--html")
-    if getattr(args, "out", None) is not None:
-        writable_output(args.out, "--out")
+    if getattr(args, "distributed", False) and not {"RANK", "WORLD_SIZE"} <= os.environ.keys():
+        raise InputError("--distributed runs under torchrun (RANK and WORLD_SIZE are not set): "
+                         "torchrun --nproc-per-node N -m minielm.cli operators ... --distributed")
     if getattr(args, "block", None) is not None:
         checks.integer("--block", args.block, 1, why="output rows swept at a time")
     if getattr(args, "k", None) is not None:
@@ -146,15 +147,19 @@ def model_path(value) -> str | None:
     return value
 
 
-def writable_output(path, what: str) -> Path:
+def writable_output(path, what: str, reading: Path | None = None) -> Path:
     """`path` as a file that `what` (a flag) can write, checked before any computation: not empty, not
-    an existing directory, in an existing directory, and writable there (tried by opening it, which
-    also catches read-only file systems and root's permissions; a file created by the try is removed)."""
+    an existing directory, not the checkpoint being read (`reading`: see `overwrites`), in an existing
+    directory, and writable there (tried by opening it, which also catches read-only file systems and
+    root's permissions; a file created by the try is removed)."""
     if not str(path).strip():
         raise OutputError(f"{what} needs a file name, got {str(path)!r}")
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{what} {path}: is a directory; expected a file name")
+    if reading is not None and overwrites(path, reading):
+        raise OutputError(f"{what} {path}: would overwrite the checkpoint being read ({reading}); "
+                          "write it somewhere else")
     if not path.parent.is_dir():
         why = "does not exist" if not path.parent.exists() else "is not a directory"
         raise OutputError(f"{what} {path}: {path.parent} {why}")
@@ -166,6 +171,35 @@ def writable_output(path, what: str) -> Path:
     if not existed:
         path.unlink()
     return path
+
+
+def overwrites(path: Path, checkpoint: Path) -> bool:
+    """Whether writing `path` would change `checkpoint` (a directory, or a GGUF file): a path inside the
+    directory, or the file itself, links resolved (a symlinked folder, the Hugging Face cache's
+    snapshot links into blobs/), or one of its files under another name (a hard link)."""
+    checkpoint = checkpoint.resolve()
+    target = path.resolve()  # what a write would change (symlinks followed)
+    if checkpoint.is_dir():
+        if path.parent.resolve().is_relative_to(checkpoint) or target.is_relative_to(checkpoint):
+            return True
+        files = [f for f in checkpoint.iterdir() if f.is_file()]
+    else:
+        files = [checkpoint]
+    return target == checkpoint or (target.is_file() and any(os.path.samefile(target, f) for f in files))
+
+
+def write_text_replacing(path, text: str, flag: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path` (os.replace): a
+    failed or interrupted write leaves the old file, if any, as it was, and no half-written one."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with written(flag, path):
+            with open(temporary, "x", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def write_stdout(text: str) -> None:
@@ -231,8 +265,7 @@ def explain(args) -> int:
 
         with Progress(f"layer maps, attribution and the report {args.html}"):
             page = explain_page(model, elm, report)
-            with written("--html", args.html):
-                Path(args.html).write_text(page, encoding="utf-8")
+            write_text_replacing(args.html, page, "--html")
     if args.json:
         print(json.dumps(report, indent=1, ensure_ascii=False))
     else:

@@ -1,6 +1,7 @@
 """The minielm command, end to end in a child process, on a real tokenizer."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import torch
 
 import minielm
 import minielm.linear_map
+import minielm.report
 from minielm.checkpoint import StreamedLayers
 from minielm.cli import CHECK_PROMPT, main
 
@@ -142,6 +144,53 @@ def test_explain_with_exactly_zero_operators(tiny_with_tokenizer, tmp_path):
     ranks = [row["stable_rank"] for row in report["per_token"]]
     assert ranks[0] == 0.0 and ranks[-1] >= 1  # the first token is outside the receptive field
     assert (tmp_path / "r.html").read_text().count('class="panel"') == len(report["tokens"])
+
+
+def test_distributed_outside_torchrun_is_one_line(tiny_with_tokenizer, tmp_path, monkeypatch, capsys):
+    """--distributed without torchrun's RANK and WORLD_SIZE is refused in the argument checks (it ended
+    in an internal ValueError from torch.distributed), before the model loads."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(minielm.cli, "load", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
+    out = tmp_path / "ops.safetensors"
+    assert main(["operators", "hi", "--model", str(tiny_with_tokenizer), "--out", str(out), "--distributed"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--distributed runs under torchrun (RANK and WORLD_SIZE are not set)" in err
+    assert not out.exists()
+
+
+def test_an_output_path_cannot_overwrite_the_checkpoint(tiny_with_tokenizer, tmp_path, capsys):
+    """Any output path inside the checkpoint directory being read (also through a symlinked folder, or
+    a hard link to one of its files), or the GGUF file being read, is refused before anything is
+    written; the checkpoint's files stay as they were."""
+    import shutil
+
+    checkpoint = tmp_path / "ck"
+    shutil.copytree(tiny_with_tokenizer, checkpoint)
+    before = {f.name: f.read_bytes() for f in checkpoint.iterdir()}
+    (tmp_path / "link").symlink_to(checkpoint)
+    os.link(checkpoint / "config.json", tmp_path / "hard.json")
+    for out in (checkpoint / "model.safetensors", checkpoint / "new.safetensors", tmp_path / "ck" / ".." / "ck" / "x",
+                tmp_path / "link" / "model.safetensors", tmp_path / "hard.json"):
+        for flag in (["operators", "hi", "--out"], ["explain", "hi", "--html"], ["layers", "hi", "--plot"]):
+            assert main([*flag[:2], "--model", str(checkpoint), flag[2], str(out)]) == 2, (flag, out)
+            assert "would overwrite the checkpoint being read" in capsys.readouterr().err
+    assert main(["operators", "hi", "--model", str(tmp_path / "link"), "--out", str(checkpoint / "x")]) == 2
+    assert {f.name: f.read_bytes() for f in checkpoint.iterdir()} == before
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")  # refused before it is read
+    assert main(["operators", "hi", "--model", str(gguf), "--out", str(tmp_path / "." / "model.gguf")]) == 2
+    assert "would overwrite the checkpoint being read" in capsys.readouterr().err and gguf.read_bytes() == b"GGUF"
+
+
+def test_html_is_written_beside_then_renamed(tiny_with_tokenizer, tmp_path, monkeypatch):
+    """--html goes to a temporary file beside the target, then os.replace: a write that fails half-way
+    leaves the old report as it was, and no temporary file behind."""
+    old = tmp_path / "report.html"
+    old.write_text("the old report")
+    monkeypatch.setattr(minielm.report, "explain_page", lambda *a: "<html>" + "x" * 10_000 + "\ud800")  # unencodable
+    assert main(["explain", "And God", "--model", str(tiny_with_tokenizer), "--html", str(old)]) != 0
+    assert old.read_text() == "the old report" and sorted(tmp_path.iterdir()) == [old]
 
 
 def test_stream_flag(tiny_with_tokenizer, monkeypatch, capsys):
