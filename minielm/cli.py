@@ -31,7 +31,7 @@ from .interpret import (decode_input, decode_output, forward_order, layer_table,
 from .linear_map import all_layer_maps, detached_jacobian, equivalent_linear_map
 from .loader import load, resolve_checkpoint, resolve_device, resolve_dtype, shipped_model
 from .progress import step as Progress
-from .report import LEGENDS, SCHEMA_VERSION
+from .report import LEGENDS, SCHEMA_VERSION, pyplot
 from .steering import DEFAULT_DEPTH, DEFAULT_METHOD, DEFAULT_SCALE, METHODS, NEUTRAL
 
 DEFAULT_MODEL = shipped_model()
@@ -340,18 +340,6 @@ def legend(key: str):
     print(f"  # {LEGENDS[key]}")
 
 
-def pyplot():
-    """matplotlib's pyplot, drawing to files only; an InputError if it is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise InputError("--plot needs matplotlib: pip install 'minielm[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_explanation(path, report, elm):
     plt = pyplot()
 
@@ -503,7 +491,7 @@ def steer_eval_command(args) -> int:
                           args.neutral, args.temperature, None, args.seed)
     if args.plot:
         with written("--plot", args.plot):
-            plot_tradeoff([result], args.plot)
+            plot_tradeoff([result], args.plot, plot_format(args.plot))  # exactly the path given
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
 

@@ -55,6 +55,21 @@ LEGENDS = {
                    "a cell = what source token s sends to z through that layer's module (blue raises z, red lowers it)",
 }
 
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (every plot of minielm gets it here); an InputError if
+    matplotlib is not installed."""
+    from .errors import InputError
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise InputError("plots need matplotlib: pip install 'minielm[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 COLOURS = {"output": "#1f77b4", "attention": "#ff7f0e", "mlp": "#2ca02c"}
 NAMES = {"output": "residual stream", "attention": "attention", "mlp": "MLP"}
 

@@ -43,6 +43,8 @@ norm in all three; the paper's 1/2 makes its push half of minielm's at the same 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from . import checks
@@ -292,16 +294,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_tradeoff(results: list, path) -> None:
+def plot_tradeoff(results: list, path, format: str | None = None) -> None:
     """Lift against fluency cost, one panel per (concept, prompt): colour = recipe, marker = layer,
-    size = λ; the unsteered continuation is the black star (matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.lines import Line2D
-    except ImportError as err:
-        raise InputError("plots need matplotlib: pip install 'minielm[plot]'") from err
+    size = λ; the unsteered continuation is the black star (matplotlib). Written to exactly `path`, in
+    `format` (default: from its suffix, png without one; matplotlib would add '.png' to the name)."""
+    from .report import pyplot
+
+    plt = pyplot()
+    from matplotlib.lines import Line2D
     colours = {"minielm": "tab:blue", "paper": "tab:orange", "actadd": "tab:green"}
     layers = sorted({r["layer"] for result in results for r in result["rows"]})
     markers = dict(zip(layers, "osD^vP*Xh<>p" * 4))
@@ -324,5 +324,8 @@ def plot_tradeoff(results: list, path) -> None:
     handles += [Line2D([], [], ls="", marker="*", color="black", markersize=10, label="unsteered")]
     fig.legend(handles=handles, fontsize=8, loc="center right", title="size: λ", title_fontsize=8)
     fig.tight_layout(rect=(0, 0, 1 - 0.9 / fig.get_figwidth(), 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    format = format or Path(path).suffix.lower().removeprefix(".") or "png"
+    try:
+        fig.savefig(path, dpi=120, format=format)
+    finally:
+        plt.close(fig)

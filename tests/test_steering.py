@@ -114,3 +114,13 @@ def test_cli_steer_methods_and_evaluation(tiny_with_tokenizer, tmp_path):
     result = run("steer-eval", PROMPT, "--concept", CONCEPT, "--layers", "1", "--methods", "paper,bogus",
                  "--model", str(tiny_with_tokenizer))
     assert result.returncode == 2 and "bogus" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name, magic", [("tradeoff", b"\x89PNG"), ("tradeoff.svg", b"<?xml"), ("tradeoff.PDF", b"%PDF")])
+def test_steer_eval_plot_is_written_to_exactly_the_path_given(tiny_with_tokenizer, tmp_path, name, magic):
+    """--plot out writes `out` (matplotlib alone would write out.png), in the format of its suffix (png
+    without one), like explain's and layers' plots; nothing else appears beside it."""
+    result = run("steer-eval", PROMPT, "--concept", CONCEPT, "--layers", "1", "--scales", "0.5", "--methods", "actadd",
+                 "--model", str(tiny_with_tokenizer), "--max-new-tokens", "3", "--plot", str(tmp_path / name))
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_bytes().startswith(magic)
