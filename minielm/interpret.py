@@ -87,7 +87,9 @@ def decode_output(model, u: torch.Tensor, n: int = 5) -> list:
 def decode_input(model, v: torch.Tensor, n: int = 5) -> list:
     """The n embedding rows most cosine-similar to v (d,): [(token, cosine)]."""
     check_decoding(model, "v", v, n)
-    cosine = times_transposed(v, model.weights["embed"]) / (embedding_norms(model) * torch.linalg.vector_norm(v)).clamp_min(1e-300)
+    norms = embedding_norms(model) * torch.linalg.vector_norm(v)  # (V,): ‖E_i‖ ‖v‖
+    norms = norms.clamp_min(torch.finfo(norms.dtype).tiny)  # never 0 (1e-300 is 0 in float32): cosine 0, not NaN
+    cosine = times_transposed(v, model.weights["embed"]) / norms  # (V,)
     top = torch.topk(cosine, n)
     return [(model_token(model, i), float(c)) for c, i in zip(top.values, top.indices)]
 

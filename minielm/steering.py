@@ -136,7 +136,11 @@ def activation_difference(model: Model, concept: str, layer: int, neutral: str =
             residual = trace(model, model.embed(ids))[0][layer]  # (T, d)
         return residual[keep].mean(0)
 
-    return mean_stream(concept) - mean_stream(neutral)
+    v = mean_stream(concept) - mean_stream(neutral)  # (d,)
+    if not v.any():
+        raise InputError(f"actadd at layer {layer}: the concept and the neutral prompt give the same mean stream "
+                         "(a zero direction); choose another concept or --neutral")
+    return v
 
 
 def actadd_edit(direction: torch.Tensor, layer: int, scale: float):
@@ -195,7 +199,7 @@ def pushed(h: torch.Tensor, direction: torch.Tensor, scale: float, layer: int) -
 
 def unit(v: torch.Tensor) -> torch.Tensor:
     """v / ‖v‖ along the last axis (zero stays zero)."""
-    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-300)
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)  # not 0 in any dtype
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------

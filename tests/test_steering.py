@@ -8,7 +8,9 @@ import torch
 
 import minielm
 from minielm.linear_map import equivalent_linear_map
-from minielm.steering import METHODS, Steering, evaluate, next_token_log_probs, steer
+from minielm.errors import InputError
+from minielm.steering import (METHODS, Steering, actadd_edit, evaluate, next_token_log_probs, steer,
+                               unit)
 
 PROMPT, CONCEPT = "And God called the light", "the face of the waters"
 
@@ -124,3 +126,20 @@ def test_steer_eval_plot_is_written_to_exactly_the_path_given(tiny_with_tokenize
                  "--model", str(tiny_with_tokenizer), "--max-new-tokens", "3", "--plot", str(tmp_path / name))
     assert result.returncode == 0, result.stderr
     assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_bytes().startswith(magic)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_a_zero_direction_stays_zero_in_every_dtype(dtype):
+    """unit(0) = 0 (1e-300 underflowed to 0 in float32 and below: 0/0 = NaN), so a zero push at λ = 0
+    changes nothing instead of failing as non-finite."""
+    assert unit(torch.zeros(2, 8, dtype=dtype)).tolist() == [[0.0] * 8] * 2
+    h = torch.randn(3, 8).to(dtype)
+    assert torch.equal(actadd_edit(torch.zeros(8, dtype=dtype), 0, 0.0)(0, h, h), h)
+
+
+def test_actadd_refuses_a_zero_activation_difference(tiny_with_tokenizer):
+    """The concept and the neutral prompt with the same mean stream (here: the same text) give v = 0,
+    which has no direction: one InputError, in float32 as in float64."""
+    model = minielm.load(tiny_with_tokenizer, dtype="float32")
+    with pytest.raises(InputError, match="the concept and the neutral prompt give the same mean stream"):
+        Steering(model, CONCEPT, 1, "actadd", neutral=CONCEPT)
