@@ -262,6 +262,17 @@ def evaluate(model: Model, concept: str, prompt: str, layers, scales, methods=ME
     The unsteered continuation is the `baseline` row (method "none", lifts 0). `progress(row)`,
     if given, sees every row as it is measured, the baseline first.
     """
+    checks.instance("model", model, Model, "from minielm.load")
+    concept, prompt, neutral = (checks.text(name, value) for name, value in
+                                (("concept", concept), ("prompt", prompt), ("neutral", neutral)))
+    if not concept.strip():
+        raise InputError("empty concept prompt")
+    layers, scales, methods = grid(model, layers, scales, methods)
+    checks.integer("max_new_tokens", max_new_tokens, 1, model.config.max_position_embeddings, closed=True,
+                   why="at least one token to measure, at most max_position_embeddings")
+    _, temperature, top_k, seed = model.check_sampling(max_new_tokens, temperature, top_k, seed)
+    if progress is not None and not callable(progress):
+        raise InputError(f"progress must be None or a function progress(row), got {type(progress).__name__}")
     prompt_ids, concept_ids = model.tokenizer.encode(prompt), concept_token_ids(model, concept)
     sampling = dict(temperature=temperature, top_k=top_k, seed=seed)
     new = model.generate_ids(prompt_ids, max_new_tokens, **sampling)
@@ -282,6 +293,22 @@ def evaluate(model: Model, concept: str, prompt: str, layers, scales, methods=ME
                     progress(rows[-1])
     return {"concept": concept, "prompt": prompt, "concept_tokens": [model.tokenizer.decode([i]) for i in concept_ids],
             "max_new_tokens": max_new_tokens, **sampling, "baseline": baseline, "rows": rows}
+
+
+def grid(model: Model, layers, scales, methods) -> tuple:
+    """evaluate's grid, checked before any generation: lists of layers in [0, L), of real λ, of recipes."""
+
+    def listed(name, value, what):
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+            raise InputError(f"{name} must be a list of {what}, got {type(value).__name__} {value!r:.40}")
+        value = list(value)
+        if not value:
+            raise InputError(f"{name} is empty; expected a list of {what}")
+        return value
+
+    return ([steering_layer(model, layer) for layer in listed("layers", layers, "layer indices")],
+            [checks.real("scales", scale) for scale in listed("scales", scales, "numbers")],
+            [checks.one_of("methods", method, METHODS) for method in listed("methods", methods, "recipe names")])
 
 
 def format_table(result: dict) -> str:

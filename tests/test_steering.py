@@ -143,3 +143,19 @@ def test_actadd_refuses_a_zero_activation_difference(tiny_with_tokenizer):
     model = minielm.load(tiny_with_tokenizer, dtype="float32")
     with pytest.raises(InputError, match="the concept and the neutral prompt give the same mean stream"):
         Steering(model, CONCEPT, 1, "actadd", neutral=CONCEPT)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(layers=1), "layers must be a list"),
+    (dict(methods="actadd"), "methods must be a list"), (dict(layers=[2]), "layer"), (dict(layers=[]), "layers is empty"),
+    (dict(scales=["a"]), "scales"), (dict(methods=["minielm", "bogus"]), "methods"), (dict(neutral=3), "neutral"),
+    (dict(temperature=-1.0), "temperature"), (dict(concept=" "), "empty concept"), (dict(progress=3), "progress"),
+])
+def test_evaluate_checks_every_argument_before_generating(model, monkeypatch, bad, match):
+    """A bad argument of the public `evaluate` is one InputError naming it, raised before the baseline
+    generation (max_new_tokens=0 was an IndexError after it, layers=1 a TypeError, methods='actadd'
+    went through its characters)."""
+    monkeypatch.setattr(model, "generate_ids", lambda *a, **k: pytest.fail("generated before checking"))
+    arguments = dict(concept=CONCEPT, prompt=PROMPT, layers=[1], scales=[0.5], methods=["actadd"]) | bad
+    with pytest.raises(InputError, match=match):
+        evaluate(model, **arguments)
