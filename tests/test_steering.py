@@ -9,7 +9,7 @@ import torch
 import minielm
 from minielm.linear_map import equivalent_linear_map
 from minielm.errors import InputError
-from minielm.steering import (METHODS, Steering, actadd_edit, evaluate, next_token_log_probs, steer,
+from minielm.steering import (METHODS, NEUTRAL, Steering, actadd_edit, evaluate, next_token_log_probs, steer,
                                unit)
 
 PROMPT, CONCEPT = "And God called the light", "the face of the waters"
@@ -159,3 +159,46 @@ def test_evaluate_checks_every_argument_before_generating(model, monkeypatch, ba
     arguments = dict(concept=CONCEPT, prompt=PROMPT, layers=[1], scales=[0.5], methods=["actadd"]) | bad
     with pytest.raises(InputError, match=match):
         evaluate(model, **arguments)
+
+
+def stream_after(model, ids, layer, push=None):
+    """The residual stream after `layer` (T, d), by a manual loop over model.block; with push(h, x), the
+    stream after `layer` becomes push(h, x) and the pass goes on to the final norm: (T, d) y."""
+    x = model.embed(ids)  # (T, d)
+    positions = torch.arange(len(ids))
+    h = x
+    for i in range(model.config.num_hidden_layers):
+        h = model.block(i, h, positions)[0]  # (T, d): the stream leaving block i
+        if i == layer and push is None:
+            return h
+        if i == layer:
+            h = push(h, x)
+    return model.norm(h, model.weights["final_norm"])[0]
+
+
+@pytest.mark.parametrize("method", ["minielm", "actadd"])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_minielm_and_actadd_formulas_by_hand(model, method, layer):
+    """One steered pass written out from the module docstring's formulas, compared with the hook:
+      minielm  h_p <- h_p + λ ‖h_p‖ S x_p / ‖S x_p‖ after layer ℓ, S = Σ_t J^ℓ_t of the concept
+      actadd   h_p <- h_p + λ ‖h_p‖ v / ‖v‖ after layer ℓ, v = mean_t h^ℓ_t(concept) − mean_t h^ℓ_t(neutral),
+               the means by hand over the block outputs, BOS left out."""
+    scale, ids = 0.7, model.tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        if method == "minielm":
+            S = equivalent_linear_map(model, model.tokenizer.encode(CONCEPT), layer=layer).operators.sum(0)  # (d, d)
+            direction = lambda h, x: torch.stack([S @ x[p] / (S @ x[p]).norm() for p in range(len(x))])  # (T, d)
+        else:
+            def mean_stream(text):  # (d,): the mean over the text's tokens after `layer`, BOS left out
+                text_ids = model.tokenizer.encode(text)
+                assert text_ids[0] == model.tokenizer.bos_id
+                return stream_after(model, text_ids, layer)[1:].mean(0)
+
+            v = mean_stream(CONCEPT) - mean_stream(NEUTRAL)  # (d,)
+            direction = lambda h, x: (v / v.norm()).expand_as(h)
+        push = lambda h, x: h + scale * h.norm(dim=-1, keepdim=True) * direction(h, x)
+        by_hand = stream_after(model, ids, layer, push)  # (T, d): y at every position
+        hooked = model.forward(model.embed(ids), edit=Steering(model, CONCEPT, layer, method).edit(scale))[0]
+        unsteered = model.forward(model.embed(ids))[0]
+    assert torch.allclose(hooked, by_hand, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(hooked, unsteered, rtol=1e-3, atol=1e-3)  # the push is large enough to matter
