@@ -478,6 +478,8 @@ def steer_command(args) -> int:
     print(f"concept   {args.concept!r} by {args.method} at layer {args.layer}, scale {args.scale}")
     print(f"baseline  {args.prompt}{baseline}")
     print(f"steered   {args.prompt}{steered}")
+    if steered == baseline:  # e.g. the default λ, measured on Gemma 3 270M, is too small for this model
+        print(f"note      no change at scale {args.scale:g}: the steered text is the baseline; try a larger --scale")
     return 0
 
 

@@ -193,6 +193,20 @@ def test_html_is_written_beside_then_renamed(tiny_with_tokenizer, tmp_path, monk
     assert old.read_text() == "the old report" and sorted(tmp_path.iterdir()) == [old]
 
 
+def test_steer_says_when_nothing_changed(tiny_with_tokenizer, capsys):
+    """A steered line identical to the baseline (λ too small for the model) comes with a one-line note;
+    a push that changes the text comes without it."""
+    common = ["steer", "And God called", "--concept", "the waters", "--layer", "1", "--model", str(tiny_with_tokenizer),
+              "--max-new-tokens", "8"]
+    assert main([*common, "--scale", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].removeprefix("baseline") == lines[2].removeprefix("steered ")
+    assert lines[3] == "note      no change at scale 0: the steered text is the baseline; try a larger --scale"
+    assert main([*common, "--scale", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[1].removeprefix("baseline") != lines[2].removeprefix("steered ")
+
+
 def test_stream_flag(tiny_with_tokenizer, monkeypatch, capsys):
     """--stream loads the model streamed, and the report is the same as without it."""
     loaded = []
