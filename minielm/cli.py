@@ -97,14 +97,15 @@ def load_model(args):
 def check_arguments(args) -> None:
     """Check every flag before any work: one InputError (OutputError for an output path) naming the
     flag, the value and what is allowed. Bounds that depend on the model (its layers, width and
-    positions) come from config.json, read without the weights. A new flag gets its check here."""
+    positions) come from config.json or a GGUF file's metadata, read without the weights. A new flag
+    gets its check here."""
     directory = resolve_checkpoint(model_path(args.model))
     resolve_dtype(args.dtype)
     resolve_device(args.device)
-    config = Config.from_file(directory / "config.json") if directory.is_dir() else None  # else load says why
     for flag in ("plot", "html", "out"):  # output files: writable, and not the checkpoint, before any work
         if getattr(args, flag, None) is not None:
             writable_output(getattr(args, flag), f"--{flag}", reading=directory)
+    config = model_config(directory)
     if getattr(args, "plot", None) is not None:
         plot_format(args.plot)
     if getattr(args, "distributed", False) and not {"RANK", "WORLD_SIZE"} <= os.environ.keys():
@@ -138,6 +139,18 @@ def check_arguments(args) -> None:
         if not set(methods) <= set(METHODS):
             raise InputError(f"--methods takes some of {','.join(METHODS)}, got {args.methods!r}")
         args.methods = methods
+
+
+def model_config(checkpoint: Path) -> Config | None:
+    """The Config that the flags' bounds come from, read without the weights: a directory's config.json,
+    or a GGUF file's metadata (memory-mapped; no tensor is read). None for anything else: load says why."""
+    if checkpoint.is_dir():
+        return Config.from_file(checkpoint / "config.json")
+    if checkpoint.is_file() and checkpoint.suffix.lower() == ".gguf":
+        from .gguf import gguf_config, read_gguf
+
+        return gguf_config(read_gguf(checkpoint), checkpoint)
+    return None
 
 
 def model_path(value) -> str | None:

@@ -207,6 +207,26 @@ def test_steer_says_when_nothing_changed(tiny_with_tokenizer, capsys):
     assert len(lines) == 3 and lines[1].removeprefix("baseline") != lines[2].removeprefix("steered ")
 
 
+def test_gguf_flags_are_checked_against_its_metadata_before_loading(tmp_path, monkeypatch, capsys):
+    """For a GGUF file the bounds come from its metadata (read without the weights), as config.json's do:
+    --layer, -k and --max-new-tokens out of range are one line each, before the model loads."""
+    from gguf import GGMLQuantizationType
+    from test_gguf import gguf_and_reference
+
+    path, _ = gguf_and_reference("llama", GGMLQuantizationType.F32, tmp_path)
+    capsys.readouterr()  # transformers' progress bars, while the file was written
+    config = minielm.cli.model_config(path)
+    assert config.num_hidden_layers >= 1  # the metadata, read without loading
+    monkeypatch.setattr(minielm.cli, "load", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
+    L, d, positions = config.num_hidden_layers, config.hidden_size, config.max_position_embeddings
+    for argv, flag in ((["steer", "hi", "--concept", "c", "--layer", str(L)], "--layer"),
+                       (["explain", "hi", "-k", str(d + 1)], "-k"),
+                       (["generate", "hi", "--max-new-tokens", str(positions)], "--max-new-tokens")):
+        assert main([*argv, "--model", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"minielm: error: {flag}") and err.count("\n") == 1, err
+
+
 def test_stream_flag(tiny_with_tokenizer, monkeypatch, capsys):
     """--stream loads the model streamed, and the report is the same as without it."""
     loaded = []
