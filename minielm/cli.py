@@ -300,7 +300,7 @@ def print_explanation(r, model):
     exact = "" if r["dtype"] == "float64" else f"   ({r['dtype']}: not exact, round-off of that dtype)"
     print(f"\nexactness{exact}")
     legend("exactness")
-    print(f"  reconstruction  ‖Σ J_t x_t − y‖ / ‖y‖         {r['relative_error']:.1e}")
+    print(f"  reconstruction  ‖Σ J_t x_t + b − y‖ / ‖y‖     {r['relative_error']:.1e}")
     print(f"  probabilities   max |p_reconstructed − p|     {r['probability_error']:.1e}")
     print(f"  autograd        max |J − J_autograd| / max |J| {r['autograd_relative_difference']:.1e}")
     print("\nper token      share of y   stable rank      σ1")
@@ -560,7 +560,8 @@ def build_parser():
     def command(name, fn, help_text):
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(run=fn)
-        sub.add_argument("--model", help=f"checkpoint directory (default: the shipped {DEFAULT_MODEL.name})")
+        sub.add_argument("--model", help="a checkpoint directory, a GGUF file, or a model id 'org/name[@revision]' "
+                                         f"in the local Hugging Face cache (default: the shipped {DEFAULT_MODEL.name})")
         sub.add_argument("--dtype", default="float64", help="compute dtype (default float64)")
         sub.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
         sub.add_argument("--stream", action="store_true",
@@ -596,7 +597,9 @@ def build_parser():
     sub.add_argument("--json", action="store_true", help="print one JSON object, one entry per layer and module")
     sub.add_argument("--plot", metavar="FILE.png", help="write stable rank and σ1 by layer")
 
-    sub = command("steer", steer_command, "generate with a concept prompt's layer operator added to the stream")
+    sub = command("steer", steer_command, "generate with a concept pushed into the residual stream at a layer "
+                  f"(default {DEFAULT_METHOD}: the concept's mean activation difference; minielm and paper: "
+                  "its layer operator)")
     prompt_arguments(sub)
     sub.add_argument("--concept", help="the concept prompt, or - to read it from stdin")
     sub.add_argument("--concept-file", metavar="PATH", help="read the concept prompt from a UTF-8 file")

@@ -36,7 +36,7 @@ LEGENDS = {
     "next": "the model's own next-token probabilities, softmax(W_U y), top 5",
     "exactness": "how closely the linear map y = Σ_t J_t x_t (+ b) reproduces the model; "
                  "float64 round-off is about 1e-15",
-    "per_token": "share of y = (J_t x_t)·y / ‖y‖² (the shares sum to 1); stable rank = ‖J_t‖_F² / σ1² "
+    "per_token": "share of y = (J_t x_t)·y / ‖y‖² (with b's share b·y / ‖y‖², they sum to 1); stable rank = ‖J_t‖_F² / σ1² "
                  "(how many directions J_t uses); σ1 = J_t's largest singular value (its largest gain)",
     "stacked": "σ = singular value of [J_1 … J_T]; output side = tokens with the largest W_U u (sign: u·y ≥ 0); "
                "@token: input-side block of v with the largest norm, read as the embeddings nearest in cosine",
