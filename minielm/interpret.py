@@ -29,10 +29,16 @@ def svd_ready(J: torch.Tensor) -> torch.Tensor:
 
 
 def stable_rank(J: torch.Tensor) -> torch.Tensor:
-    """‖J‖_F² / σ_1² of each matrix in a stack (..., m, n) -> (...)."""
+    """‖J‖_F² / σ_1² of each matrix in a stack (..., m, n) -> (...); 0 for a zero matrix (no directions)."""
     J = svd_ready(checks.matrices("J", J))
-    sigma1 = torch.linalg.matrix_norm(J, ord=2)
-    return torch.linalg.matrix_norm(J) ** 2 / sigma1 ** 2
+    sigma1 = torch.linalg.matrix_norm(J, ord=2)  # (...)
+    return ratio_or_zero(torch.linalg.matrix_norm(J) ** 2, sigma1 ** 2)
+
+
+def ratio_or_zero(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b elementwise, 0 where b is 0 (a stable rank of a zero operator, e.g. a token outside every
+    sliding window, is 0, not 0/0 = NaN)."""
+    return torch.where(b > 0, a / torch.where(b > 0, b, 1), 0)
 
 
 def stacked(operators: torch.Tensor) -> torch.Tensor:
@@ -81,7 +87,9 @@ def decode_output(model, u: torch.Tensor, n: int = 5) -> list:
 def decode_input(model, v: torch.Tensor, n: int = 5) -> list:
     """The n embedding rows most cosine-similar to v (d,): [(token, cosine)]."""
     check_decoding(model, "v", v, n)
-    cosine = times_transposed(v, model.weights["embed"]) / (embedding_norms(model) * torch.linalg.vector_norm(v)).clamp_min(1e-300)
+    norms = embedding_norms(model) * torch.linalg.vector_norm(v)  # (V,): ‖E_i‖ ‖v‖
+    norms = norms.clamp_min(torch.finfo(norms.dtype).tiny)  # never 0 (1e-300 is 0 in float32): cosine 0, not NaN
+    cosine = times_transposed(v, model.weights["embed"]) / norms  # (V,)
     top = torch.topk(cosine, n)
     return [(model_token(model, i), float(c)) for c, i in zip(top.values, top.indices)]
 
@@ -142,7 +150,7 @@ def layer_table(model, ids, k: int = 3) -> list:
         rows.append({
             "layer": layer, "component": component, "target": elm.target,
             "singular_values": [float(s) for s in svd.S],
-            "stable_rank": float(svd_ready(elm.operators).square().sum() / svd.S[0] ** 2),  # ‖A‖_F² / σ1²
+            "stable_rank": float(ratio_or_zero(svd_ready(elm.operators).square().sum(), svd.S[0] ** 2)),  # ‖A‖_F² / σ1²
             "relative_error": elm.relative_error(),
             "top_tokens": [t for t, _ in decode_output(model, svd.U[:, 0])],
             "predicts": [t for t, _ in decode_output(model, elm.output)],  # the logit lens of the target itself

@@ -349,7 +349,9 @@ class EquivalentLinearMap:
             raise InputError(f"logits are defined for residual-stream targets, not {self.target!r}")
         return self.model.unembed(y.to(self.model.device))  # a file's map is on the CPU
 
-    def _repr_html_(self) -> str:  # Jupyter: tokens by share of y, each J_t's spectrum (minielm.report)
+    def _repr_html_(self) -> str | None:  # Jupyter: tokens by share of y, each J_t's spectrum (minielm.report)
+        if self.model is None:  # loaded from a file without its model: nothing to decode tokens with,
+            return None  # so Jupyter falls back to the plain repr
         from .report import map_html
         return map_html(self)
 

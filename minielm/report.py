@@ -36,7 +36,7 @@ LEGENDS = {
     "next": "the model's own next-token probabilities, softmax(W_U y), top 5",
     "exactness": "how closely the linear map y = Σ_t J_t x_t (+ b) reproduces the model; "
                  "float64 round-off is about 1e-15",
-    "per_token": "share of y = (J_t x_t)·y / ‖y‖² (the shares sum to 1); stable rank = ‖J_t‖_F² / σ1² "
+    "per_token": "share of y = (J_t x_t)·y / ‖y‖² (with b's share b·y / ‖y‖², they sum to 1); stable rank = ‖J_t‖_F² / σ1² "
                  "(how many directions J_t uses); σ1 = J_t's largest singular value (its largest gain)",
     "stacked": "σ = singular value of [J_1 … J_T]; output side = tokens with the largest W_U u (sign: u·y ≥ 0); "
                "@token: input-side block of v with the largest norm, read as the embeddings nearest in cosine",
@@ -54,6 +54,21 @@ LEGENDS = {
     "attribution": "the logit z of the predicted token split exactly: z = Σ cells + direct path + biases; "
                    "a cell = what source token s sends to z through that layer's module (blue raises z, red lowers it)",
 }
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (every plot of minielm gets it here); an InputError if
+    matplotlib is not installed."""
+    from .errors import InputError
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise InputError("plots need matplotlib: pip install 'minielm[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 COLOURS = {"output": "#1f77b4", "attention": "#ff7f0e", "mlp": "#2ca02c"}
 NAMES = {"output": "residual stream", "attention": "attention", "mlp": "MLP"}
@@ -88,7 +103,7 @@ def chart(series: list, title: str, log_y: bool = False, x_labels: list | None =
     """An inline SVG line chart. series: [(label, colour, [y...])], x = 0, 1, ... (or x_labels)."""
     left, right, top, bottom = 52, 10, 34 if len(series) > 1 else 22, 30
     values = [v for _, _, ys in series for v in ys if v is not None and (v > 0 or not log_y)]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    lo, hi = (min(values), max(values)) if values else (1.0, 10.0) if log_y else (0.0, 1.0)  # empty: a default
     f = (lambda v: math.log10(v)) if log_y else (lambda v: v)
     lo, hi = f(lo), f(hi)
     if hi - lo < 1e-12:

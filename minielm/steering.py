@@ -43,6 +43,8 @@ norm in all three; the paper's 1/2 makes its push half of minielm's at the same 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from . import checks
@@ -53,7 +55,7 @@ from .model import Model
 METHODS = ("minielm", "paper", "actadd")
 NEUTRAL = "This is a sentence about something."  # actadd's default neutral prompt
 
-# The measured default (README.steer.md; tools/results/steer_gemma3_270m.md): on Gemma 3 270M
+# The measured default (README, "Steering"; tools/results/steer_gemma3_270m.md): on Gemma 3 270M
 # the best lift at a fluent cost, over three concepts, came from this recipe a quarter of the
 # way up the layers at this λ. `minielm steer` uses it when no --method/--layer/--scale is given.
 DEFAULT_METHOD, DEFAULT_DEPTH, DEFAULT_SCALE = "actadd", 0.25, 0.05
@@ -134,7 +136,11 @@ def activation_difference(model: Model, concept: str, layer: int, neutral: str =
             residual = trace(model, model.embed(ids))[0][layer]  # (T, d)
         return residual[keep].mean(0)
 
-    return mean_stream(concept) - mean_stream(neutral)
+    v = mean_stream(concept) - mean_stream(neutral)  # (d,)
+    if not v.any():
+        raise InputError(f"actadd at layer {layer}: the concept and the neutral prompt give the same mean stream "
+                         "(a zero direction); choose another concept or --neutral")
+    return v
 
 
 def actadd_edit(direction: torch.Tensor, layer: int, scale: float):
@@ -193,7 +199,7 @@ def pushed(h: torch.Tensor, direction: torch.Tensor, scale: float, layer: int) -
 
 def unit(v: torch.Tensor) -> torch.Tensor:
     """v / ‖v‖ along the last axis (zero stays zero)."""
-    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-300)
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)  # not 0 in any dtype
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------
@@ -256,6 +262,17 @@ def evaluate(model: Model, concept: str, prompt: str, layers, scales, methods=ME
     The unsteered continuation is the `baseline` row (method "none", lifts 0). `progress(row)`,
     if given, sees every row as it is measured, the baseline first.
     """
+    checks.instance("model", model, Model, "from minielm.load")
+    concept, prompt, neutral = (checks.text(name, value) for name, value in
+                                (("concept", concept), ("prompt", prompt), ("neutral", neutral)))
+    if not concept.strip():
+        raise InputError("empty concept prompt")
+    layers, scales, methods = grid(model, layers, scales, methods)
+    checks.integer("max_new_tokens", max_new_tokens, 1, model.config.max_position_embeddings, closed=True,
+                   why="at least one token to measure, at most max_position_embeddings")
+    _, temperature, top_k, seed = model.check_sampling(max_new_tokens, temperature, top_k, seed)
+    if progress is not None and not callable(progress):
+        raise InputError(f"progress must be None or a function progress(row), got {type(progress).__name__}")
     prompt_ids, concept_ids = model.tokenizer.encode(prompt), concept_token_ids(model, concept)
     sampling = dict(temperature=temperature, top_k=top_k, seed=seed)
     new = model.generate_ids(prompt_ids, max_new_tokens, **sampling)
@@ -278,6 +295,22 @@ def evaluate(model: Model, concept: str, prompt: str, layers, scales, methods=ME
             "max_new_tokens": max_new_tokens, **sampling, "baseline": baseline, "rows": rows}
 
 
+def grid(model: Model, layers, scales, methods) -> tuple:
+    """evaluate's grid, checked before any generation: lists of layers in [0, L), of real λ, of recipes."""
+
+    def listed(name, value, what):
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+            raise InputError(f"{name} must be a list of {what}, got {type(value).__name__} {value!r:.40}")
+        value = list(value)
+        if not value:
+            raise InputError(f"{name} is empty; expected a list of {what}")
+        return value
+
+    return ([steering_layer(model, layer) for layer in listed("layers", layers, "layer indices")],
+            [checks.real("scales", scale) for scale in listed("scales", scales, "numbers")],
+            [checks.one_of("methods", method, METHODS) for method in listed("methods", methods, "recipe names")])
+
+
 def format_table(result: dict) -> str:
     """The evaluation as a Markdown table, the baseline first."""
     lines = [f"concept {result['concept']!r}, prompt {result['prompt']!r}",
@@ -292,16 +325,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_tradeoff(results: list, path) -> None:
+def plot_tradeoff(results: list, path, format: str | None = None) -> None:
     """Lift against fluency cost, one panel per (concept, prompt): colour = recipe, marker = layer,
-    size = λ; the unsteered continuation is the black star (matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.lines import Line2D
-    except ImportError as err:
-        raise InputError("plots need matplotlib: pip install 'minielm[plot]'") from err
+    size = λ; the unsteered continuation is the black star (matplotlib). Written to exactly `path`, in
+    `format` (default: from its suffix, png without one; matplotlib would add '.png' to the name)."""
+    from .report import pyplot
+
+    plt = pyplot()
+    from matplotlib.lines import Line2D
     colours = {"minielm": "tab:blue", "paper": "tab:orange", "actadd": "tab:green"}
     layers = sorted({r["layer"] for result in results for r in result["rows"]})
     markers = dict(zip(layers, "osD^vP*Xh<>p" * 4))
@@ -324,5 +355,8 @@ def plot_tradeoff(results: list, path) -> None:
     handles += [Line2D([], [], ls="", marker="*", color="black", markersize=10, label="unsteered")]
     fig.legend(handles=handles, fontsize=8, loc="center right", title="size: λ", title_fontsize=8)
     fig.tight_layout(rect=(0, 0, 1 - 0.9 / fig.get_figwidth(), 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    format = format or Path(path).suffix.lower().removeprefix(".") or "png"
+    try:
+        fig.savefig(path, dpi=120, format=format)
+    finally:
+        plt.close(fig)

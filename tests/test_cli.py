@@ -1,6 +1,7 @@
 """The minielm command, end to end in a child process, on a real tokenizer."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import torch
 
 import minielm
 import minielm.linear_map
+import minielm.report
 from minielm.checkpoint import StreamedLayers
 from minielm.cli import CHECK_PROMPT, main
 
@@ -68,7 +70,17 @@ def test_float32_check_reports_honestly(tiny_with_tokenizer, capsys):
     measured = minielm.equivalent_linear_map(model, model.tokenizer.encode(CHECK_PROMPT)).relative_error()
     assert errors["final"] == pytest.approx(measured, rel=0.02)  # printed to two digits
     assert 1e-9 < max(errors.values()) < 1e-4
-    assert f"worst reconstruction error {max(errors.values()):.1e} (within 1e-04 for float32)" in out
+    assert "(within 1e-04 for float32)" in out
+    assert f"reconstruction {max(errors.values()):.1e}" in out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_check_passes_within_its_own_bound(tiny_with_tokenizer, dtype, capsys):
+    """bfloat16 and float16 get bounds of their own (CHECK_BOUNDS, measured on the shipped model): a
+    correct model passes, and the verdict states the bound of that dtype."""
+    assert main(["check", "--model", str(tiny_with_tokenizer), "--dtype", dtype]) == 0
+    verdict = capsys.readouterr().out.splitlines()[-1]
+    assert f"(within {minielm.cli.CHECK_BOUNDS[dtype]:.0e} for {dtype})" in verdict
 
 
 def test_check_fails_above_the_float64_bound(tiny_with_tokenizer, monkeypatch, capsys):
@@ -88,6 +100,131 @@ def test_check_fails_above_the_float64_bound(tiny_with_tokenizer, monkeypatch, c
     errors = reconstruction_column(out)
     assert 1e-13 < errors["final"] < 1e-10
     assert "ABOVE 1e-13 for float64" in out
+
+
+def test_check_fails_on_an_error_only_the_autograd_column_sees(tiny_with_tokenizer, monkeypatch, capsys):
+    """Operators wrong only in directions orthogonal to each x_t still reconstruct y (N_t x_t = 0), so
+    the reconstruction and probability columns stay at round-off; the vs-autograd column sees the
+    error, and the verdict (the worst of every column) fails and names that column."""
+    exact = minielm.cli.equivalent_linear_map
+
+    def wrong_off_the_inputs(model, ids, **kwargs):
+        elm = exact(model, ids, **kwargs)
+        x = elm.inputs  # (T, d)
+        w = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(0))
+        w -= (w * x).sum(-1, keepdim=True) / (x * x).sum(-1, keepdim=True) * x  # (T, d): w_t ⟂ x_t
+        u = torch.randn(x.shape[1], dtype=x.dtype, generator=torch.Generator().manual_seed(1))  # (d,)
+        elm.operators += 1e-3 * u[None, :, None] * w[:, None, :]  # J_t + u w_tᵀ: the same J_t x_t
+        return elm
+
+    monkeypatch.setattr(minielm.cli, "equivalent_linear_map", wrong_off_the_inputs)
+    assert main(["check", "--model", str(tiny_with_tokenizer)]) == 1
+    out = capsys.readouterr().out
+    assert max(reconstruction_column(out).values()) < 1e-13  # the reconstruction alone would pass
+    assert "in the vs autograd column (ABOVE 1e-13 for float64)" in out.splitlines()[-1]
+    assert main(["check", "--model", str(tiny_with_tokenizer), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["worst_column"] == "vs_autograd" and report["worst"] > 1e-6
+
+
+def test_explain_with_exactly_zero_operators(tiny_with_tokenizer, tmp_path):
+    """The tiny checkpoint as a Mistral whose every layer slides a window of 2: the first tokens of a
+    longer prompt reach y through no path (J_t = 0 exactly). --json is still valid JSON (the stable
+    rank of a zero operator is 0, not NaN) and --html writes the page (log chart of an all-zero spectrum)."""
+    import shutil
+
+    sliding = tmp_path / "sliding"
+    shutil.copytree(tiny_with_tokenizer, sliding)
+    config = json.loads((sliding / "config.json").read_text())
+    (sliding / "config.json").write_text(json.dumps(dict(config, model_type="mistral", sliding_window=2)))
+    result = run("explain", "And God said, Let there be light", "--model", sliding, "--json", "--html",
+                 tmp_path / "r.html")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"bare {name} in the JSON"))
+    ranks = [row["stable_rank"] for row in report["per_token"]]
+    assert ranks[0] == 0.0 and ranks[-1] >= 1  # the first token is outside the receptive field
+    assert (tmp_path / "r.html").read_text().count('class="panel"') == len(report["tokens"])
+
+
+def test_distributed_outside_torchrun_is_one_line(tiny_with_tokenizer, tmp_path, monkeypatch, capsys):
+    """--distributed without torchrun's RANK and WORLD_SIZE is refused in the argument checks (it ended
+    in an internal ValueError from torch.distributed), before the model loads."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(minielm.cli, "load", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
+    out = tmp_path / "ops.safetensors"
+    assert main(["operators", "hi", "--model", str(tiny_with_tokenizer), "--out", str(out), "--distributed"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--distributed runs under torchrun (RANK and WORLD_SIZE are not set)" in err
+    assert not out.exists()
+
+
+def test_an_output_path_cannot_overwrite_the_checkpoint(tiny_with_tokenizer, tmp_path, capsys):
+    """Any output path inside the checkpoint directory being read (also through a symlinked folder, or
+    a hard link to one of its files), or the GGUF file being read, is refused before anything is
+    written; the checkpoint's files stay as they were."""
+    import shutil
+
+    checkpoint = tmp_path / "ck"
+    shutil.copytree(tiny_with_tokenizer, checkpoint)
+    before = {f.name: f.read_bytes() for f in checkpoint.iterdir()}
+    (tmp_path / "link").symlink_to(checkpoint)
+    os.link(checkpoint / "config.json", tmp_path / "hard.json")
+    for out in (checkpoint / "model.safetensors", checkpoint / "new.safetensors", tmp_path / "ck" / ".." / "ck" / "x",
+                tmp_path / "link" / "model.safetensors", tmp_path / "hard.json"):
+        for flag in (["operators", "hi", "--out"], ["explain", "hi", "--html"], ["layers", "hi", "--plot"]):
+            assert main([*flag[:2], "--model", str(checkpoint), flag[2], str(out)]) == 2, (flag, out)
+            assert "would overwrite the checkpoint being read" in capsys.readouterr().err
+    assert main(["operators", "hi", "--model", str(tmp_path / "link"), "--out", str(checkpoint / "x")]) == 2
+    assert {f.name: f.read_bytes() for f in checkpoint.iterdir()} == before
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")  # refused before it is read
+    assert main(["operators", "hi", "--model", str(gguf), "--out", str(tmp_path / "." / "model.gguf")]) == 2
+    assert "would overwrite the checkpoint being read" in capsys.readouterr().err and gguf.read_bytes() == b"GGUF"
+
+
+def test_html_is_written_beside_then_renamed(tiny_with_tokenizer, tmp_path, monkeypatch):
+    """--html goes to a temporary file beside the target, then os.replace: a write that fails half-way
+    leaves the old report as it was, and no temporary file behind."""
+    old = tmp_path / "report.html"
+    old.write_text("the old report")
+    monkeypatch.setattr(minielm.report, "explain_page", lambda *a: "<html>" + "x" * 10_000 + "\ud800")  # unencodable
+    assert main(["explain", "And God", "--model", str(tiny_with_tokenizer), "--html", str(old)]) != 0
+    assert old.read_text() == "the old report" and sorted(tmp_path.iterdir()) == [old]
+
+
+def test_steer_says_when_nothing_changed(tiny_with_tokenizer, capsys):
+    """A steered line identical to the baseline (λ too small for the model) comes with a one-line note;
+    a push that changes the text comes without it."""
+    common = ["steer", "And God called", "--concept", "the waters", "--layer", "1", "--model", str(tiny_with_tokenizer),
+              "--max-new-tokens", "8"]
+    assert main([*common, "--scale", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].removeprefix("baseline") == lines[2].removeprefix("steered ")
+    assert lines[3] == "note      no change at scale 0: the steered text is the baseline; try a larger --scale"
+    assert main([*common, "--scale", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[1].removeprefix("baseline") != lines[2].removeprefix("steered ")
+
+
+def test_gguf_flags_are_checked_against_its_metadata_before_loading(tmp_path, monkeypatch, capsys):
+    """For a GGUF file the bounds come from its metadata (read without the weights), as config.json's do:
+    --layer, -k and --max-new-tokens out of range are one line each, before the model loads."""
+    from gguf import GGMLQuantizationType
+    from test_gguf import gguf_and_reference
+
+    path, _ = gguf_and_reference("llama", GGMLQuantizationType.F32, tmp_path)
+    capsys.readouterr()  # transformers' progress bars, while the file was written
+    config = minielm.cli.model_config(path)
+    assert config.num_hidden_layers >= 1  # the metadata, read without loading
+    monkeypatch.setattr(minielm.cli, "load", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
+    L, d, positions = config.num_hidden_layers, config.hidden_size, config.max_position_embeddings
+    for argv, flag in ((["steer", "hi", "--concept", "c", "--layer", str(L)], "--layer"),
+                       (["explain", "hi", "-k", str(d + 1)], "-k"),
+                       (["generate", "hi", "--max-new-tokens", str(positions)], "--max-new-tokens")):
+        assert main([*argv, "--model", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"minielm: error: {flag}") and err.count("\n") == 1, err
 
 
 def test_stream_flag(tiny_with_tokenizer, monkeypatch, capsys):

@@ -88,6 +88,31 @@ def test_stable_rank_and_shares(checkpoints):
     assert float(token_shares(elm).sum()) == pytest.approx(1.0, abs=1e-13)
 
 
+def test_decode_input_ranks_a_zero_embedding_row_by_cosine_zero(tiny_with_tokenizer):
+    """In float32 a zero embedding row's cosine was 0/0 = NaN (the 1e-300 floor is 0 there), and
+    topk ranked it first; it is cosine 0 now, and the top token is the one v points at."""
+    model = minielm.load(tiny_with_tokenizer, dtype="float32")
+    model.weights["embed"] = model.weights["embed"].clone()
+    model.weights["embed"][7] = 0
+    v = model.weights["embed"][9].to(model.dtype)  # (d,): exactly token 9's embedding
+    decoded = decode_input(model, v, n=model.config.vocab_size)
+    assert decoded[0][0] == model.tokenizer.token(9) and decoded[0][1] == pytest.approx(1, abs=1e-6)
+    assert all(math.isfinite(c) for _, c in decoded)
+    assert dict(decoded)[model.tokenizer.token(7)] == 0.0
+
+
+def test_stable_rank_of_exactly_zero_operators_is_zero(checkpoints):
+    """Every Mistral layer slides a window of 5 over 16 tokens: the first tokens reach y through no
+    path, their J_t are exactly 0, and their stable rank is 0 (no directions), not 0/0 = NaN."""
+    model = minielm.load(checkpoints["mistral"])
+    elm = minielm.equivalent_linear_map(model, PROMPT)
+    zero = [t for t in range(len(PROMPT)) if not elm.operators[t].any()]
+    assert zero and zero == list(range(len(zero)))  # the earliest tokens, outside the receptive field
+    ranks = stable_rank(elm.operators)
+    assert ranks[zero].tolist() == [0.0] * len(zero) and bool((ranks[len(zero):] >= 1).all())
+    assert float(stable_rank(torch.zeros(3, 3, dtype=torch.float64))) == 0.0
+
+
 @pytest.mark.parametrize("case", ["llama", "gemma3_text", "qwen2"])
 def test_matrix_free_matches_dense(case, checkpoints):
     model = minielm.load(checkpoints[case])

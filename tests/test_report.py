@@ -61,6 +61,31 @@ def test_map_repr_html(model):
     assert shown == pytest.approx(shares.tolist(), abs=1e-4)  # the colours' values are the shares
 
 
+def test_map_repr_html_with_exactly_zero_operators(checkpoints):
+    """Tokens outside every sliding window have J_t = 0 exactly: their log-scale spectrum chart has no
+    point to draw and gets a default range (it crashed in log10(0)); the rest of the page is drawn."""
+    from conftest import PROMPT
+
+    from minielm.report import chart
+
+    model = minielm.load(checkpoints["mistral"])
+    elm = minielm.equivalent_linear_map(model, PROMPT)
+    assert not elm.operators[0].any()
+    page = elm._repr_html_()
+    assert page.count('class="panel"') == len(PROMPT)
+    empty = chart([("σ_k", "#000", [0.0, 0.0])], "zero", log_y=True)
+    assert "<polyline" in empty and "<circle" not in empty  # axes, no points
+
+
+def test_map_from_a_file_without_its_model_has_no_html(model, tmp_path):
+    """A map loaded without its model cannot decode tokens: _repr_html_ returns None (Jupyter then
+    shows the plain repr), and with the model it draws the page."""
+    ids = model.tokenizer.encode(PROMPT)
+    minielm.equivalent_linear_map(model, ids, out=tmp_path / "ops.safetensors")
+    assert minielm.load_operators(tmp_path / "ops.safetensors")._repr_html_() is None
+    assert "<div" in minielm.load_operators(tmp_path / "ops.safetensors", model)._repr_html_()
+
+
 def test_attribution_repr_states_the_identity(model):
     ids = model.tokenizer.encode(PROMPT)
     attr = minielm.attribution(model, ids)

@@ -8,7 +8,9 @@ import torch
 
 import minielm
 from minielm.linear_map import equivalent_linear_map
-from minielm.steering import METHODS, Steering, evaluate, next_token_log_probs, steer
+from minielm.errors import InputError
+from minielm.steering import (METHODS, NEUTRAL, Steering, actadd_edit, evaluate, next_token_log_probs, steer,
+                               unit)
 
 PROMPT, CONCEPT = "And God called the light", "the face of the waters"
 
@@ -114,3 +116,89 @@ def test_cli_steer_methods_and_evaluation(tiny_with_tokenizer, tmp_path):
     result = run("steer-eval", PROMPT, "--concept", CONCEPT, "--layers", "1", "--methods", "paper,bogus",
                  "--model", str(tiny_with_tokenizer))
     assert result.returncode == 2 and "bogus" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name, magic", [("tradeoff", b"\x89PNG"), ("tradeoff.svg", b"<?xml"), ("tradeoff.PDF", b"%PDF")])
+def test_steer_eval_plot_is_written_to_exactly_the_path_given(tiny_with_tokenizer, tmp_path, name, magic):
+    """--plot out writes `out` (matplotlib alone would write out.png), in the format of its suffix (png
+    without one), like explain's and layers' plots; nothing else appears beside it."""
+    result = run("steer-eval", PROMPT, "--concept", CONCEPT, "--layers", "1", "--scales", "0.5", "--methods", "actadd",
+                 "--model", str(tiny_with_tokenizer), "--max-new-tokens", "3", "--plot", str(tmp_path / name))
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_bytes().startswith(magic)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_a_zero_direction_stays_zero_in_every_dtype(dtype):
+    """unit(0) = 0 (1e-300 underflowed to 0 in float32 and below: 0/0 = NaN), so a zero push at λ = 0
+    changes nothing instead of failing as non-finite."""
+    assert unit(torch.zeros(2, 8, dtype=dtype)).tolist() == [[0.0] * 8] * 2
+    h = torch.randn(3, 8).to(dtype)
+    assert torch.equal(actadd_edit(torch.zeros(8, dtype=dtype), 0, 0.0)(0, h, h), h)
+
+
+def test_actadd_refuses_a_zero_activation_difference(tiny_with_tokenizer):
+    """The concept and the neutral prompt with the same mean stream (here: the same text) give v = 0,
+    which has no direction: one InputError, in float32 as in float64."""
+    model = minielm.load(tiny_with_tokenizer, dtype="float32")
+    with pytest.raises(InputError, match="the concept and the neutral prompt give the same mean stream"):
+        Steering(model, CONCEPT, 1, "actadd", neutral=CONCEPT)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(layers=1), "layers must be a list"),
+    (dict(methods="actadd"), "methods must be a list"), (dict(layers=[2]), "layer"), (dict(layers=[]), "layers is empty"),
+    (dict(scales=["a"]), "scales"), (dict(methods=["minielm", "bogus"]), "methods"), (dict(neutral=3), "neutral"),
+    (dict(temperature=-1.0), "temperature"), (dict(concept=" "), "empty concept"), (dict(progress=3), "progress"),
+])
+def test_evaluate_checks_every_argument_before_generating(model, monkeypatch, bad, match):
+    """A bad argument of the public `evaluate` is one InputError naming it, raised before the baseline
+    generation (max_new_tokens=0 was an IndexError after it, layers=1 a TypeError, methods='actadd'
+    went through its characters)."""
+    monkeypatch.setattr(model, "generate_ids", lambda *a, **k: pytest.fail("generated before checking"))
+    arguments = dict(concept=CONCEPT, prompt=PROMPT, layers=[1], scales=[0.5], methods=["actadd"]) | bad
+    with pytest.raises(InputError, match=match):
+        evaluate(model, **arguments)
+
+
+def stream_after(model, ids, layer, push=None):
+    """The residual stream after `layer` (T, d), by a manual loop over model.block; with push(h, x), the
+    stream after `layer` becomes push(h, x) and the pass goes on to the final norm: (T, d) y."""
+    x = model.embed(ids)  # (T, d)
+    positions = torch.arange(len(ids))
+    h = x
+    for i in range(model.config.num_hidden_layers):
+        h = model.block(i, h, positions)[0]  # (T, d): the stream leaving block i
+        if i == layer and push is None:
+            return h
+        if i == layer:
+            h = push(h, x)
+    return model.norm(h, model.weights["final_norm"])[0]
+
+
+@pytest.mark.parametrize("method", ["minielm", "actadd"])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_minielm_and_actadd_formulas_by_hand(model, method, layer):
+    """One steered pass written out from the module docstring's formulas, compared with the hook:
+      minielm  h_p <- h_p + λ ‖h_p‖ S x_p / ‖S x_p‖ after layer ℓ, S = Σ_t J^ℓ_t of the concept
+      actadd   h_p <- h_p + λ ‖h_p‖ v / ‖v‖ after layer ℓ, v = mean_t h^ℓ_t(concept) − mean_t h^ℓ_t(neutral),
+               the means by hand over the block outputs, BOS left out."""
+    scale, ids = 0.7, model.tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        if method == "minielm":
+            S = equivalent_linear_map(model, model.tokenizer.encode(CONCEPT), layer=layer).operators.sum(0)  # (d, d)
+            direction = lambda h, x: torch.stack([S @ x[p] / (S @ x[p]).norm() for p in range(len(x))])  # (T, d)
+        else:
+            def mean_stream(text):  # (d,): the mean over the text's tokens after `layer`, BOS left out
+                text_ids = model.tokenizer.encode(text)
+                assert text_ids[0] == model.tokenizer.bos_id
+                return stream_after(model, text_ids, layer)[1:].mean(0)
+
+            v = mean_stream(CONCEPT) - mean_stream(NEUTRAL)  # (d,)
+            direction = lambda h, x: (v / v.norm()).expand_as(h)
+        push = lambda h, x: h + scale * h.norm(dim=-1, keepdim=True) * direction(h, x)
+        by_hand = stream_after(model, ids, layer, push)  # (T, d): y at every position
+        hooked = model.forward(model.embed(ids), edit=Steering(model, CONCEPT, layer, method).edit(scale))[0]
+        unsteered = model.forward(model.embed(ids))[0]
+    assert torch.allclose(hooked, by_hand, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(hooked, unsteered, rtol=1e-3, atol=1e-3)  # the push is large enough to matter
