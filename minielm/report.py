@@ -55,6 +55,7 @@ LEGENDS = {
                    "a cell = what source token s sends to z through that layer's module (blue raises z, red lowers it)",
 }
 
+
 def pyplot():
     """matplotlib's pyplot, drawing to files only (every plot of minielm gets it here); an InputError if
     matplotlib is not installed."""
