@@ -13,6 +13,10 @@
 #
 # Everything written goes to $OUT (what comes back from that machine), or to tools/results here.
 set -uo pipefail
+case "${1:-}" in
+    tests | llama3-8b | qwen3-14b | gemma3-12b) ;;
+    *) echo "usage: bash tools/gpu_session.sh tests|llama3-8b|qwen3-14b|gemma3-12b" >&2; exit 2 ;;
+esac
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-tools/results}
 mkdir -p "$OUT"
@@ -20,14 +24,14 @@ export PYTHONPATH="$PWD"  # minielm from this checkout, also in the tests' child
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-case "${1:-}" in
-    tests)
-        python3 -m pytest -q -rs --durations=20 tests 2>&1 | tee "$OUT/pytest_cuda.log"
-        python3 tools/bench_read_ahead.py --device cuda 2>&1 | tee "$OUT/bench_read_ahead_cuda.txt" ;;
-    llama3-8b | qwen3-14b | gemma3-12b)
-        python3 tools/bench_gpu.py --models "$1" --tokens 32 128 --out "$OUT" 2>&1 | tee "$OUT/bench_gpu_$1.log" ;;
-    *)
-        echo "usage: bash tools/gpu_session.sh tests|llama3-8b|qwen3-14b|gemma3-12b" >&2
-        exit 2 ;;
-esac
+if ! gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv); then
+    echo "no GPU here (nvidia-smi failed): this script is for a lent GPU machine" >&2
+    exit 1
+fi
+echo "$gpu" | tee "$OUT/gpu.txt"
+if [ "$1" = tests ]; then
+    python3 -m pytest -q -rs --durations=20 tests 2>&1 | tee "$OUT/pytest_cuda.log"
+    python3 tools/bench_read_ahead.py --device cuda 2>&1 | tee "$OUT/bench_read_ahead_cuda.txt"
+else
+    python3 tools/bench_gpu.py --models "$1" --tokens 32 128 --out "$OUT" 2>&1 | tee "$OUT/bench_gpu_$1.log"
+fi
