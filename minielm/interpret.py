@@ -117,7 +117,7 @@ def model_token(model, i) -> str:
 
 
 def token_shares(elm: EquivalentLinearMap) -> torch.Tensor:
-    """(J_t x_t) · y / ‖y‖² for each t: (T,). With the bias's share, they sum to 1 exactly."""
+    """(J_t x_t) · y / ‖y‖² for each t: (T,). With the bias's share, they sum to 1 (to round-off)."""
     checks.instance("elm", elm, EquivalentLinearMap, "from minielm.equivalent_linear_map")
     parts = torch.einsum("tij,tj->ti", elm.operators, elm.inputs)  # (T, d)
     return parts @ elm.output / (elm.output @ elm.output)
