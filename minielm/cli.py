@@ -31,7 +31,7 @@ from .interpret import (decode_input, decode_output, forward_order, layer_table,
 from .linear_map import all_layer_maps, detached_jacobian, equivalent_linear_map
 from .loader import load, resolve_checkpoint, resolve_device, resolve_dtype, shipped_model
 from .progress import step as Progress
-from .report import LEGENDS, SCHEMA_VERSION, pyplot
+from .report import LEGENDS, SCHEMA_VERSION, plot_format, pyplot
 from .steering import DEFAULT_DEPTH, DEFAULT_METHOD, DEFAULT_SCALE, METHODS, NEUTRAL
 
 DEFAULT_MODEL = shipped_model()
@@ -107,7 +107,7 @@ def check_arguments(args) -> None:
             writable_output(getattr(args, flag), f"--{flag}", reading=directory)
     config = model_config(directory)
     if getattr(args, "plot", None) is not None:
-        plot_format(args.plot)
+        plot_format(args.plot, "--plot")
     if getattr(args, "distributed", False) and not {"RANK", "WORLD_SIZE"} <= os.environ.keys():
         raise InputError("--distributed runs under torchrun (RANK and WORLD_SIZE are not set): "
                          "torchrun --nproc-per-node N -m minielm.cli operators ... --distributed")
@@ -316,20 +316,6 @@ def print_explanation(r, model):
         print(f"  {row['sigma']:>8.3f}   {out:<40} @{at}: {' '.join(row['input_tokens'])}")
 
 
-def plot_format(path) -> str:
-    """The image format of a plot path, from its suffix (png when there is none: the file gets exactly the
-    name given, never a suffix added); an InputError for a format matplotlib cannot write."""
-    pyplot()  # matplotlib must be there before the computation starts
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    formats = FigureCanvasBase.get_supported_filetypes()
-    suffix = Path(path).suffix.lower().removeprefix(".") or "png"
-    if suffix not in formats:
-        raise InputError(f"--plot {path}: unsupported image format {suffix!r}; expected one of "
-                         f"{', '.join(sorted(formats))}")
-    return suffix
-
-
 @contextlib.contextmanager
 def written(flag: str, path):
     """A failed write inside (full disk, a directory removed under us) as an OutputError naming the flag."""
@@ -343,7 +329,7 @@ def save_figure(plt, fig, path) -> None:
     """Write and close a figure; a failed write is an OutputError."""
     try:
         with written("--plot", path):
-            fig.savefig(path, dpi=120, format=plot_format(path))
+            fig.savefig(path, dpi=120, format=plot_format(path, "--plot"))
     finally:
         plt.close(fig)
 
@@ -506,7 +492,7 @@ def steer_eval_command(args) -> int:
                           args.neutral, args.temperature, None, args.seed)
     if args.plot:
         with written("--plot", args.plot):
-            plot_tradeoff([result], args.plot, plot_format(args.plot))  # exactly the path given
+            plot_tradeoff([result], args.plot)  # exactly the path given
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
 

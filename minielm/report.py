@@ -24,9 +24,11 @@ from __future__ import annotations
 import html
 import itertools
 import math
+from pathlib import Path
 
 import torch
 
+from .errors import InputError
 from .interpret import COMPONENTS, align_signs, decode_input, decode_output, forward_order, model_token, svd_ready
 
 SCHEMA_VERSION = 1  # of the --json output of explain, layers and check (README: "The --json output")
@@ -59,8 +61,6 @@ LEGENDS = {
 def pyplot():
     """matplotlib's pyplot, drawing to files only (every plot of minielm gets it here); an InputError if
     matplotlib is not installed."""
-    from .errors import InputError
-
     try:
         import matplotlib
     except ImportError:
@@ -69,6 +69,20 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_format(path, what: str = "plot") -> str:
+    """The image format of a plot path, from its suffix (png when there is none: the file gets exactly the
+    name given, never a suffix added); an InputError naming `what` for a format matplotlib cannot write."""
+    pyplot()  # matplotlib must be there
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().removeprefix(".") or "png"
+    if suffix not in formats:
+        raise InputError(f"{what} {path}: unsupported image format {suffix!r}; expected one of "
+                         f"{', '.join(sorted(formats))}")
+    return suffix
 
 
 COLOURS = {"output": "#1f77b4", "attention": "#ff7f0e", "mlp": "#2ca02c"}

@@ -43,8 +43,6 @@ norm in all three; the paper's 1/2 makes its push half of minielm's at the same 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from . import checks
@@ -325,11 +323,11 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_tradeoff(results: list, path, format: str | None = None) -> None:
+def plot_tradeoff(results: list, path) -> None:
     """Lift against fluency cost, one panel per (concept, prompt): colour = recipe, marker = layer,
     size = λ; the unsteered continuation is the black star (matplotlib). Written to exactly `path`, in
-    `format` (default: from its suffix, png without one; matplotlib would add '.png' to the name)."""
-    from .report import pyplot
+    the format of its suffix (png without one; matplotlib itself would add '.png' to the name)."""
+    from .report import plot_format, pyplot
 
     plt = pyplot()
     from matplotlib.lines import Line2D
@@ -355,8 +353,7 @@ def plot_tradeoff(results: list, path, format: str | None = None) -> None:
     handles += [Line2D([], [], ls="", marker="*", color="black", markersize=10, label="unsteered")]
     fig.legend(handles=handles, fontsize=8, loc="center right", title="size: λ", title_fontsize=8)
     fig.tight_layout(rect=(0, 0, 1 - 0.9 / fig.get_figwidth(), 1))
-    format = format or Path(path).suffix.lower().removeprefix(".") or "png"
     try:
-        fig.savefig(path, dpi=120, format=format)
+        fig.savefig(path, dpi=120, format=plot_format(path))
     finally:
         plt.close(fig)
