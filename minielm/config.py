@@ -92,6 +92,12 @@ class Config:
         return self.attention_bias and self.family != "qwen2"
 
     @property
+    def affine(self) -> bool:
+        """A value or output bias (b_V, b_O; b_Q and b_K only shape P): the frozen map is then affine,
+        y = Σ_t J_t x_t + b, and its value at x = 0 is b; without them b is exactly 0."""
+        return self.qkv_bias or self.o_bias
+
+    @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 

@@ -28,7 +28,7 @@ class Shape:
     def of(cls, config) -> Shape:
         return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                    config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.vocab_size,
-                   config.qkv_bias or config.o_bias)
+                   config.affine)
 
     @property
     def layer_params(self) -> int:

@@ -286,7 +286,7 @@ def traced(model: Model, ids):
     stream after each layer, 'attention', 'mlp'), at x and at 0 (the affine part)."""
     x = model.embed(ids)  # (T, d)
     residual, attn, mlp, frozen = trace(model, x)
-    if model.config.qkv_bias or model.config.o_bias:  # b_V and b_O survive x = 0 (b_Q, b_K only shape P)
+    if model.config.affine:
         residual0, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)
     else:  # without biases the frozen pass is linear: exactly 0 at x = 0, so it is not run
         residual0 = attn0 = mlp0 = [torch.zeros_like(x)] * model.config.num_hidden_layers
