@@ -10,7 +10,7 @@ H / Hkv heads of size hd, V = vocab, b = bytes per number (8 in float64).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass
@@ -57,7 +57,7 @@ def frozen_product_flops(s: Shape, T: int) -> int:
     position only (Frozen.at_last_position): there only W_V reads every source."""
     q, kv = s.H * s.hd, s.Hkv * s.hd
     top = 2 * T * s.d * kv + 2 * s.H * T * s.hd + 2 * s.d * q + 4 * s.d * s.f
-    return forward_flops(Shape(s.d, s.f, s.L - 1, s.H, s.Hkv, s.hd, s.V), T, frozen=True) + top
+    return forward_flops(replace(s, L=s.L - 1), T, frozen=True) + top
 
 
 def explicit_mlp_pays(d: int, f: int, r: int) -> bool:
