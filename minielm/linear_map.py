@@ -105,10 +105,15 @@ def folded_attention(model: Model, w: dict, factors: FrozenLayer, live):
     """W_O (d, H*hd), W_V (Hkv*hd, d) with the norms' diagonals folded in, and P (H, T', S)
     times the post-norm's 1/ρ of each query and the pre-norm's 1/ρ of each source."""
     offset, W_O, W_V, P = model.config.norm_offset, w["wo"], w["wv"], factors.probs[:, live]
+    scales = []  # the per-token 1/ρ: of each query (T', 1), of each source (1, S)
     if w.get("attn_post_norm") is not None:
-        W_O, P = (offset + w["attn_post_norm"])[:, None] * W_O, P * factors.attn_post_norm[live][None]
+        W_O = (offset + w["attn_post_norm"])[:, None] * W_O
+        scales.append(factors.attn_post_norm[live])
     if w.get("attn_norm") is not None:
-        W_V, P = W_V * (offset + w["attn_norm"]), P * factors.attn_norm[: P.shape[-1]].T[None]
+        W_V = W_V * (offset + w["attn_norm"])
+        scales.append(factors.attn_norm[: P.shape[-1]].T)
+    if scales:  # their (T', S) product first, so that P is copied once
+        P = P * math.prod(scales)[None]
     return W_O, P, W_V
 
 

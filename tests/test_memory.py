@@ -1,8 +1,14 @@
 """Bounded memory: a child process's peak during equivalent_linear_map, on a model whose H·hd exceeds
 d (as Gemma 3's), at T = 512. In memory: at most 1.5× the operators + 200 MB above the loaded model
-(the unblocked sweep needed about 7×). With out=: one block's work, well under the operators."""
+(the unblocked sweep needed about 7×). With out=: one block's work, well under the operators.
+
+The child runs with glibc's mmap threshold fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_), so that every
+large tensor is mapped when made and unmapped when freed: the peak is then minielm's own live memory.
+With the default, adaptive threshold the peak also holds whatever the allocator kept from the warm-up,
+and identical runs of the out= case measured anywhere from 65 to 107 MB."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,8 +51,9 @@ def gemma_like(tmp_path_factory):
 
 
 def peak(directory, out="-") -> dict:
+    live = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20), MALLOC_TRIM_THRESHOLD_=str(2**20))
     result = subprocess.run([sys.executable, "-c", CHILD, str(directory), str(T), str(out)],
-                            capture_output=True, text=True, check=True)
+                            capture_output=True, text=True, check=True, env=live)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -61,7 +68,8 @@ def test_peak_with_out_is_one_block(gemma_like, tmp_path):
     memory = peak(gemma_like, tmp_path / "operators.safetensors")
     block_mb = T * 16 * 128 * 8 / 2**20  # the block's G: 16 rows of every J_t
     factors_mb = 2 * 4 * T * T * 8 / 2**20  # P (H, T, T) of both layers, held by the frozen factors
-    bound = block_mb + 2 * 16 + factors_mb + factors_mb / 2 * 2 + 24  # + scratch (2 × budget), a layer's folded P (2 copies), slack
+    # + the scratch (2 × budget), a layer's P with the norms' 1/ρ folded in (one copy), 32 MB of slack
+    bound = block_mb + 2 * 16 + factors_mb + factors_mb / 2 + 32
     print(f"out=: {memory['extra_mb']:.0f} MB above the model (bound {bound:.0f}), blocks of {block_mb:.0f} MB, "
           f"operators {memory['operators_mb']:.0f} MB")
     assert memory["error"] < 1e-13
