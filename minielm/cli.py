@@ -31,7 +31,7 @@ from .interpret import (decode_input, decode_output, forward_order, layer_table,
 from .linear_map import all_layer_maps, detached_jacobian, equivalent_linear_map
 from .loader import load, resolve_checkpoint, resolve_device, resolve_dtype, shipped_model
 from .progress import step as Progress
-from .report import LEGENDS, SCHEMA_VERSION, plot_format, pyplot
+from .report import LEGENDS, SCHEMA_VERSION, plot_format, pyplot, replacing, save_figure
 from .steering import DEFAULT_DEPTH, DEFAULT_METHOD, DEFAULT_SCALE, METHODS, NEUTRAL
 
 DEFAULT_MODEL = shipped_model()
@@ -202,17 +202,9 @@ def overwrites(path: Path, checkpoint: Path) -> bool:
 
 
 def write_text_replacing(path, text: str, flag: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path` (os.replace): a
-    failed or interrupted write leaves the old file, if any, as it was, and no half-written one."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with written(flag, path):
-            with open(temporary, "x", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Write `text` to `path` through a temporary file renamed over it (minielm.report.replacing)."""
+    with written(flag, path), replacing(path) as f:
+        f.write(text.encode())
 
 
 def write_stdout(text: str) -> None:
@@ -325,15 +317,6 @@ def written(flag: str, path):
         raise OutputError(f"{flag} {path}: cannot write ({err.strerror or err})") from None
 
 
-def save_figure(plt, fig, path) -> None:
-    """Write and close a figure; a failed write is an OutputError."""
-    try:
-        with written("--plot", path):
-            fig.savefig(path, dpi=120, format=plot_format(path, "--plot"))
-    finally:
-        plt.close(fig)
-
-
 def legend(key: str):
     """The section's one-line legend (minielm.report.LEGENDS), dimmed as a comment."""
     print(f"  # {LEGENDS[key]}")
@@ -355,7 +338,8 @@ def plot_explanation(path, report, elm):
     right.set(title=f"share of y from each token: (J_t x_t)·y / ‖y‖²   → next: {report['next_token']!r}",
               ylabel="share")
     fig.tight_layout()
-    save_figure(plt, fig, path)
+    with written("--plot", path):
+        save_figure(fig, path, "--plot")
 
 
 # ---- check ----------------------------------------------------------------------------------------
@@ -461,7 +445,8 @@ def plot_layers(path, rows, tokens):
         ax.set_xticks(sorted({r["layer"] for r in rows}))
     fig.suptitle(" ".join(tokens)[:120], fontsize=9)
     fig.tight_layout()
-    save_figure(plt, fig, path)
+    with written("--plot", path):
+        save_figure(fig, path, "--plot")
 
 
 # ---- steer ------------------------------------------------------------------------------------------

@@ -21,9 +21,11 @@ the script only switches which token's view is shown when a token is clicked.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import itertools
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -83,6 +85,36 @@ def plot_format(path, what: str = "plot") -> str:
         raise InputError(f"{what} {path}: unsupported image format {suffix!r}; expected one of "
                          f"{', '.join(sorted(formats))}")
     return suffix
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """A new file beside `path`, open for binary writing, renamed over `path` (os.replace) when the block
+    ends: a failed or interrupted write leaves the old file, if any, as it was, and no half-written one.
+    A symlink's target is the file replaced. What is not a regular file (a device such as /dev/stdout or
+    /dev/full, a pipe) is written as it is: renaming over it would replace the device itself."""
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        with open(path, "wb") as f:
+            yield f
+        return
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "xb") as f:
+            yield f
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_figure(fig, path, what: str = "plot") -> None:
+    """Write a matplotlib figure to `path` (its format from the suffix) through `replacing`, and close it."""
+    plt = pyplot()
+    try:
+        with replacing(path) as f:
+            fig.savefig(f, dpi=120, format=plot_format(path, what))
+    finally:
+        plt.close(fig)
 
 
 COLOURS = {"output": "#1f77b4", "attention": "#ff7f0e", "mlp": "#2ca02c"}

@@ -327,7 +327,7 @@ def plot_tradeoff(results: list, path) -> None:
     """Lift against fluency cost, one panel per (concept, prompt): colour = recipe, marker = layer,
     size = λ; the unsteered continuation is the black star (matplotlib). Written to exactly `path`, in
     the format of its suffix (png without one; matplotlib itself would add '.png' to the name)."""
-    from .report import plot_format, pyplot
+    from .report import pyplot, save_figure
 
     plt = pyplot()
     from matplotlib.lines import Line2D
@@ -353,7 +353,4 @@ def plot_tradeoff(results: list, path) -> None:
     handles += [Line2D([], [], ls="", marker="*", color="black", markersize=10, label="unsteered")]
     fig.legend(handles=handles, fontsize=8, loc="center right", title="size: λ", title_fontsize=8)
     fig.tight_layout(rect=(0, 0, 1 - 0.9 / fig.get_figwidth(), 1))
-    try:
-        fig.savefig(path, dpi=120, format=plot_format(path))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

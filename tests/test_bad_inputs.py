@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -393,15 +395,33 @@ def test_real_processes_fail_cleanly(ckpt, tmp_path, unchanged):
 
 
 def test_full_disk_is_an_output_error(ckpt, tmp_path, unchanged):
-    """stdout on /dev/full, and a plot written to /dev/full: ENOSPC, one line, exit 2."""
-    if not Path("/dev/full").exists():
-        pytest.skip("no /dev/full on this system")
+    """stdout, a plot and an HTML report on /dev/full: ENOSPC, one line, exit 2; and /dev/full is still
+    the device (a file written beside it and renamed over it would replace the device node)."""
+    if not stat.S_ISCHR(os.stat("/dev/full").st_mode if Path("/dev/full").exists() else 0):
+        pytest.skip("no /dev/full device on this system")
     with open("/dev/full", "w") as full:
         result = run(["generate", PROMPT, "--model", str(ckpt), "--max-new-tokens", "2"], stdout=full,
                      stderr=subprocess.PIPE)
     assert_one_error_line(result, "standard output", "No space left on device")
     result = run(["layers", PROMPT, "--model", str(ckpt), "--plot", "/dev/full"])
     assert_one_error_line(result, "--plot /dev/full", "No space left on device")
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    result = run(["explain", PROMPT, "--model", str(ckpt), "--html", "/dev/full"])
+    assert_one_error_line(result, "--html /dev/full", "No space left on device")
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+def test_outputs_through_a_symlink_replace_its_target(ckpt, tmp_path):
+    """--plot and --html named by a symlink: the file it points to gets the new contents, the link stays."""
+    for flag, command, start in (("--plot", "layers", b"\x89PNG"), ("--html", "explain", b"<!DOCTYPE")):
+        target, link = tmp_path / f"target{flag}", tmp_path / f"link{flag}"
+        target.write_bytes(b"old")
+        link.symlink_to(target)
+        assert minielm.cli.main([command, PROMPT, "--model", str(ckpt), flag, str(link), "--quiet"]) == 0
+        assert link.is_symlink() and link.resolve() == target.resolve()
+        assert target.read_bytes().startswith(start)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link--html", "link--plot", "target--html",
+                                                          "target--plot"]
 
 
 def test_closed_pipe_is_an_output_error(ckpt):

@@ -1,5 +1,7 @@
 """out=: the operators written block by block into one safetensors file, read back memory-mapped."""
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -88,3 +90,21 @@ def test_cli_writes_the_file(tiny_with_tokenizer, tmp_path):
     ids = model.tokenizer.encode("In the beginning")
     expected = minielm.equivalent_linear_map(model, ids).operators
     assert torch.allclose(minielm.load_operators(path, model).operators, expected, rtol=0, atol=1e-14)
+
+
+def test_out_through_a_symlink_and_onto_what_is_not_a_file(checkpoints, tmp_path):
+    """A symlink's target gets the operators and the link stays; a pipe (or a device: /dev/null) is
+    refused before any work and left as it was: renaming the .partial file over it would replace it."""
+    model = minielm.load(checkpoints["llama"])
+    target, link = tmp_path / "target.safetensors", tmp_path / "link.safetensors"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    elm = minielm.equivalent_linear_map(model, PROMPT, out=link)
+    assert link.is_symlink() and elm.relative_error() < 1e-13
+    assert torch.equal(minielm.load_operators(target).operators, elm.operators)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(minielm.OutputError, match="not a regular file"):
+        minielm.equivalent_linear_map(model, PROMPT, out=pipe)
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "pipe", "target.safetensors"]
