@@ -404,7 +404,8 @@ class StreamedLayers(Sequence):
     background thread, step being the move from the layer taken before (+1 in a forward
     pass, -1 in a sweep), or, after a jump to the first or the last layer, away from that
     end; a sweep that begins on the top layer where a forward pass ended reads the one
-    below. The tensors that the layer before was asked for (a frozen pass or a sweep asks
+    below, and a sweep that reaches the bottom layer reads layer 1 again, for the forward
+    pass that may follow (Lanczos alternates the two; after a map, that read goes unused). The tensors that the layer before was asked for (a frozen pass or a sweep asks
     for no query, key or gate weights; right after the forward pass at x, which asks for all,
     the sweep's first two read-aheads read them too) are read, checked and copied to the GPU on a side
     stream, in the file's dtype, and wait there for their use, which casts them as it
@@ -457,6 +458,8 @@ class StreamedLayers(Sequence):
         # the step: the move from the layer taken before, if it was a neighbour; else away from an end
         near = self.taken is not None and abs(i - self.taken) == 1
         step = i - self.taken if near else 1 if i == 0 else -1 if i == len(self) - 1 else None
+        if i == 0 and step == -1:  # a sweep at the bottom: the forward pass that may follow (Lanczos) goes up
+            step = 1
         ahead, self.ahead, self.taken, self.ready = self.ahead, None, i, {}
         asked, self.asked = self.asked, set()  # what the layer before asked for: the next will ask the same
         if ahead is not None and ahead[0] == i:

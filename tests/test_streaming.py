@@ -178,6 +178,29 @@ def test_a_sweep_reads_ahead_only_what_it_uses(five_layers):
     assert set(ahead) == {"3", "2", "1", "0"} and not set.union(*ahead.values()) & unused
 
 
+def test_lanczos_turns_find_the_next_layer_read_ahead(five_layers):
+    """Lanczos alternates a frozen pass up the layers (A V) and a sweep down them (Aᵀ U). At both turns
+    the next layer is already on its way: in a pass after a sweep, only layer 0, where it turns, is read
+    where it is used, and in a sweep after a pass only the top layer."""
+    from minielm.linear_map import pull_back, traced
+
+    model = minielm.load(five_layers, stream=True)
+    reads = recorded(model)
+    x, frozen, _, _ = traced(model, IDS)
+    seed = torch.eye(32, dtype=torch.float64)[:1]
+
+    def read_in_use(run):  # the layers whose tensors were read by the main thread during run()
+        reader_idle()
+        del reads.reads[:]
+        run()
+        reader_idle()
+        return {name.split(".")[2] for name, thread in reads.reads if thread == "MainThread"}
+
+    for _ in range(2):
+        assert read_in_use(lambda: pull_back(model, frozen, seed, 4, "output")) == {"4"}
+        assert read_in_use(lambda: model.forward(x[None], frozen)) == {"0"}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_read_ahead_changes_nothing(five_layers, family, device, tmp_path):
