@@ -209,18 +209,33 @@ def check_readable(tensor, path: Path, hf_name: str | None = None) -> None:
                               f"not read; expected F64, F32, F16, BF16 or a quantized type that gguf-py dequantizes")
 
 
+def stored(tensor, path: Path) -> np.ndarray:
+    """A GGUF tensor's stored bytes, as gguf-py's view shows them (its dtype and shape), but read from
+    the file into memory this process owns rather than through the reader's mapping: a file cut
+    meanwhile is then a short read and a CheckpointError, where touching the mapping past the new end
+    would end the process (SIGBUS)."""
+    buffer = np.empty(tensor.data.nbytes, np.uint8)
+    with open(path, "rb") as f:
+        f.seek(tensor.data_offset)
+        read = f.readinto(memoryview(buffer))  # buffered: as many reads as it takes, short only at the end
+    if read != buffer.nbytes:
+        raise CheckpointError(f"{path}: the file changed on disk during this run (it now ends inside tensor "
+                              f"{tensor.name!r}); load the checkpoint again")
+    return buffer.view(tensor.data.dtype).reshape(tensor.data.shape)
+
+
 def dequantize(tensor, path: Path) -> np.ndarray:
-    """A GGUF tensor's values, in memory this process owns: F64 as stored, in float64 (gguf-py would
-    not read it); every other type in float32, by gguf-py's reference dequantization. A CheckpointError
-    for a type neither reads."""
+    """A GGUF tensor's values, in memory this process owns (`stored`): F64 as stored, in float64 (gguf-py
+    would not read it); every other type in float32, by gguf-py's reference dequantization. A
+    CheckpointError for a type neither reads."""
     import gguf
 
     check_readable(tensor, path)
+    data = stored(tensor, path)
     if tensor.tensor_type == gguf.GGMLQuantizationType.F64:
-        values = tensor.data.view(np.float64)  # the stored doubles, not rounded through float32
-    else:
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # float32, the reference
-    return np.require(values, values.dtype, ["C", "W"])  # a copy where it is a view into the mapped file
+        return data.view(np.float64)  # the stored doubles, not rounded through float32
+    values = gguf.quants.dequantize(data, tensor.tensor_type)  # float32, the reference
+    return np.require(values, values.dtype, ["C", "W"])
 
 
 class GGUFSource:

@@ -239,6 +239,38 @@ def test_a_streamed_gguf_cut_during_the_run_is_named(streamed_qwen3):
                              f"again\n")
 
 
+# The cut between the check before a read and the read itself: the read is a short one, never SIGBUS.
+CUT_UNDER_A_READ_CHILD = """
+import os, sys, minielm, minielm.gguf
+model = minielm.load(sys.argv[1], stream=True)
+model.logits([1, 17, 5, 88])
+check = minielm.gguf.check_unchanged
+
+def check_then_cut(path, stamp, name):  # the file passes the check before the read, then is cut to nothing
+    check(path, stamp, name)
+    os.truncate(path, 0)
+
+minielm.gguf.check_unchanged = check_then_cut
+try:
+    model.logits([1, 17, 5, 88])
+except minielm.CheckpointError as err:
+    sys.exit(str(err))
+"""
+
+
+def test_a_streamed_gguf_cut_under_a_read_is_named(streamed_qwen3):
+    import os
+    import subprocess
+    import sys
+
+    path, _ = streamed_qwen3
+    result = subprocess.run([sys.executable, "-c", CUT_UNDER_A_READ_CHILD, str(path)], capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])  # not -SIGBUS
+    assert result.stderr == (f"{path}: the file changed on disk during this run (it now ends inside tensor "
+                             f"'blk.0.attn_norm.weight'); load the checkpoint again\n")
+
+
 # ---- bad metadata: one line naming the key, from the API and the command line -------------------
 def write_zero_heads(monkeypatch, path):
     """attention.head_count = 0 (with key_length present: d / heads must not be computed)."""
