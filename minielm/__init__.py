@@ -4,19 +4,30 @@
     model = minielm.load(dtype=torch.float64)          # the shipped model; or a directory, a GGUF file, an org/name id
     elm = minielm.equivalent_linear_map(model, model.tokenizer.encode("In the beginning"))
     elm.relative_error()        # ‖Σ_t J_t x_t − y‖ / ‖y‖, float64 round-off
+
+The public names, and the module each lives in. They are imported on first use (PEP 562), so that
+`import minielm` itself loads nothing heavy: the `minielm` command can then answer a Ctrl-C that
+comes while torch is still being imported with its one line (minielm/__main__.py).
 """
 
-from .errors import (CheckpointError, ConfigError, InputError, MinielmError, NumericalError, OutputError,
-                     TokenizerError)
-from .linear_map import Attribution, EquivalentLinearMap, attribution, detached_jacobian, equivalent_linear_map
-from .loader import load
-from .model import Model
-from .operators_file import load_operators
-from .spectra import singular_vectors
+import importlib
 
-__all__ = [
-    "load", "Model",
-    "equivalent_linear_map", "EquivalentLinearMap", "load_operators", "detached_jacobian", "attribution", "Attribution",
-    "singular_vectors",
-    "MinielmError", "CheckpointError", "ConfigError", "TokenizerError", "InputError", "NumericalError", "OutputError",
-]
+WHERE = {
+    "load": "loader", "Model": "model",
+    "equivalent_linear_map": "linear_map", "EquivalentLinearMap": "linear_map", "load_operators": "operators_file",
+    "detached_jacobian": "linear_map", "attribution": "linear_map", "Attribution": "linear_map",
+    "singular_vectors": "spectra",
+    "MinielmError": "errors", "CheckpointError": "errors", "ConfigError": "errors", "TokenizerError": "errors",
+    "InputError": "errors", "NumericalError": "errors", "OutputError": "errors",
+}
+__all__ = list(WHERE)
+
+
+def __getattr__(name):
+    if name not in WHERE:
+        raise AttributeError(f"module 'minielm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{WHERE[name]}", __name__), name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

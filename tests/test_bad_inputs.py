@@ -17,9 +17,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -434,6 +436,43 @@ def test_closed_pipe_is_an_output_error(ckpt):
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
     assert stderr.splitlines() == ["minielm: error: standard output was closed before all output was written "
                                    "(broken pipe)"]
+
+
+def test_import_minielm_imports_no_torch():
+    """`import minielm` loads nothing heavy (its names are imported on first use), so that the command's
+    entry point is running before torch starts loading."""
+    result = subprocess.run([sys.executable, "-c", "import sys, minielm; print(sorted(sys.modules.keys() & "
+                             "{'torch', 'numpy', 'minielm.cli'}), minielm.InputError.__module__)"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.stdout == "[] minielm.errors\n", result.stderr
+
+
+def test_ctrl_c_while_torch_is_imported_is_one_line(monkeypatch, capsys):
+    """The command's entry point (minielm/__main__.py) turns an interrupt during the imports into its one line."""
+    import builtins
+
+    import minielm.__main__
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "cli":  # `from .cli import main`: torch and the rest load here
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    assert minielm.__main__.main(["generate", PROMPT]) == 130
+    assert capsys.readouterr().err == "minielm: interrupted\n"
+
+
+def test_ctrl_c_in_a_real_process(ckpt):
+    """SIGINT 0.2 s after the start, while torch is still loading (about 1.5 s here): one line, exit 130."""
+    child = subprocess.Popen([sys.executable, "-m", "minielm", "generate", PROMPT, "--model", str(ckpt)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=300)
+    assert (child.returncode, stderr) == (130, "minielm: interrupted\n")
 
 
 def test_plot_without_a_suffix_is_written_where_named(ckpt, tmp_path):
