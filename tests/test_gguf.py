@@ -211,12 +211,24 @@ def test_a_streamed_gguf_rewritten_during_the_run_is_named(streamed_qwen3, chang
                                f"'model.layers.0.input_layernorm.weight'); load the checkpoint again")
 
 
-# A cut under a mapped file's read is SIGBUS, which would end pytest itself: here in a child process.
-TRUNCATE_CHILD = """
-import os, sys, minielm
-model = minielm.load(sys.argv[1], stream=True)
+# A file cut under a streamed run: before a tensor's read (the check before it sees the cut), or between that
+# check and the read (a short read). Each is one line naming the tensor; in a child process, since a read
+# past the end of a mapped file would be SIGBUS, which would end pytest itself.
+CUT_CHILD = """
+import os, sys, minielm, minielm.gguf
+path, when = sys.argv[1], sys.argv[2]
+model = minielm.load(path, stream=True)
 model.logits([1, 17, 5, 88])
-os.truncate(sys.argv[1], os.path.getsize(sys.argv[1]) // 2)
+if when == "between runs":
+    os.truncate(path, os.path.getsize(path) // 2)
+else:  # under a read: the file passes the check before the read, then is cut to nothing
+    check = minielm.gguf.check_unchanged
+
+    def check_then_cut(path, stamp, name):
+        check(path, stamp, name)
+        os.truncate(path, 0)
+
+    minielm.gguf.check_unchanged = check_then_cut
 try:
     model.logits([1, 17, 5, 88])
 except minielm.CheckpointError as err:
@@ -224,51 +236,20 @@ except minielm.CheckpointError as err:
 """
 
 
-def test_a_streamed_gguf_cut_during_the_run_is_named(streamed_qwen3):
+@pytest.mark.parametrize("when", ["between runs", "under a read"])
+def test_a_streamed_gguf_cut_during_the_run_is_named(streamed_qwen3, when):
     import os
     import subprocess
     import sys
 
     path, _ = streamed_qwen3
     size = path.stat().st_size
-    result = subprocess.run([sys.executable, "-c", TRUNCATE_CHILD, str(path)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", CUT_CHILD, str(path), when], capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 1, (result.returncode, result.stderr[-2000:])  # not -SIGBUS
-    assert result.stderr == (f"{path}: the file changed on disk during this run (it is now {size // 2} bytes, not "
-                             f"{size}; reading tensor 'model.layers.0.input_layernorm.weight'); load the checkpoint "
-                             f"again\n")
-
-
-# The cut between the check before a read and the read itself: the read is a short one, never SIGBUS.
-CUT_UNDER_A_READ_CHILD = """
-import os, sys, minielm, minielm.gguf
-model = minielm.load(sys.argv[1], stream=True)
-model.logits([1, 17, 5, 88])
-check = minielm.gguf.check_unchanged
-
-def check_then_cut(path, stamp, name):  # the file passes the check before the read, then is cut to nothing
-    check(path, stamp, name)
-    os.truncate(path, 0)
-
-minielm.gguf.check_unchanged = check_then_cut
-try:
-    model.logits([1, 17, 5, 88])
-except minielm.CheckpointError as err:
-    sys.exit(str(err))
-"""
-
-
-def test_a_streamed_gguf_cut_under_a_read_is_named(streamed_qwen3):
-    import os
-    import subprocess
-    import sys
-
-    path, _ = streamed_qwen3
-    result = subprocess.run([sys.executable, "-c", CUT_UNDER_A_READ_CHILD, str(path)], capture_output=True,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])  # not -SIGBUS
-    assert result.stderr == (f"{path}: the file changed on disk during this run (it now ends inside tensor "
-                             f"'blk.0.attn_norm.weight'); load the checkpoint again\n")
+    what = (f"it is now {size // 2} bytes, not {size}; reading tensor 'model.layers.0.input_layernorm.weight'"
+            if when == "between runs" else "it now ends inside tensor 'blk.0.attn_norm.weight'")
+    assert result.stderr == f"{path}: the file changed on disk during this run ({what}); load the checkpoint again\n"
 
 
 # ---- bad metadata: one line naming the key, from the API and the command line -------------------
