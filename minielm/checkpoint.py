@@ -405,7 +405,8 @@ class StreamedLayers(Sequence):
     pass, -1 in a sweep), or, after a jump to the first or the last layer, away from that
     end; a sweep that begins on the top layer where a forward pass ended reads the one
     below, and a sweep that reaches the bottom layer reads layer 1 again, for the forward
-    pass that may follow (Lanczos alternates the two; after a map, that read goes unused). The tensors that the layer before was asked for (a frozen pass or a sweep asks
+    pass that may follow (Lanczos alternates the two; after a map, that read goes unused).
+    The tensors that the layer before was asked for (a frozen pass or a sweep asks
     for no query, key or gate weights; right after the forward pass at x, which asks for all,
     the sweep's first two read-aheads read them too) are read, checked and copied to the GPU on a side
     stream, in the file's dtype, and wait there for their use, which casts them as it
