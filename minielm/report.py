@@ -93,11 +93,11 @@ def replacing(path):
     ends: a failed or interrupted write leaves the old file, if any, as it was, and no half-written one.
     A symlink's target is the file replaced. What is not a regular file (a device such as /dev/stdout or
     /dev/full, a pipe) is written as it is: renaming over it would replace the device itself."""
-    path = Path(os.path.realpath(path))
-    if path.exists() and not path.is_file():
+    if os.path.exists(path) and not os.path.isfile(path):  # links followed: /dev/stdout is a pipe or a terminal
         with open(path, "wb") as f:
             yield f
         return
+    path = Path(os.path.realpath(path))  # a link's target is the file replaced
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "xb") as f:

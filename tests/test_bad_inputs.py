@@ -426,6 +426,19 @@ def test_outputs_through_a_symlink_replace_its_target(ckpt, tmp_path):
                                                           "target--plot"]
 
 
+def test_html_and_plot_to_standard_output(ckpt):
+    """--html /dev/stdout and --plot /dev/stdout, stdout a pipe: written into the pipe (not beside it and
+    renamed, which would replace the link /dev/stdout, or fail where /proc/self/fd/1 names no file)."""
+    if not Path("/dev/stdout").exists():
+        pytest.skip("no /dev/stdout on this system")
+    for flag, command, start in (("--html", "explain", b"<!DOCTYPE html>"), ("--plot", "layers", b"\x89PNG")):
+        result = subprocess.run([sys.executable, "-m", "minielm", command, PROMPT, "--model", str(ckpt), flag,
+                                 "/dev/stdout"], capture_output=True, timeout=300)
+        assert result.returncode == 0 and result.stderr == b"", result.stderr
+        assert result.stdout.startswith(start)
+    assert os.path.islink("/dev/stdout") or not os.path.isfile("/dev/stdout")
+
+
 def test_closed_pipe_is_an_output_error(ckpt):
     """`minielm ... | head -0`: the reader is gone before the output is written."""
     child = subprocess.Popen([sys.executable, "-m", "minielm.cli", "generate", PROMPT, "--model", str(ckpt),
