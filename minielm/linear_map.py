@@ -389,10 +389,10 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
     if out is not None and not isinstance(out, (str, os.PathLike)) or out == "":
         raise InputError(f"out must be a file path, got {out!r}")
     if out is not None:  # written beside as .partial, then renamed over: so a link's target, never a device
-        given, out = out, os.path.realpath(out)
         if os.path.exists(out) and not os.path.isfile(out):
-            raise OutputError(f"out={given}: not a regular file (a directory, a device or a pipe); "
+            raise OutputError(f"out={out}: not a regular file (a directory, a device or a pipe); "
                               "the operators are written into a file and mapped back from it")
+        out = os.path.realpath(out)
     rank, ranks = rank_and_size(distributed)
     if distributed:
         check_same_prompt(ids, model.device)
