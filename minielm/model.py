@@ -29,7 +29,7 @@ from . import checks
 from .config import Config
 from .errors import InputError, NumericalError, TokenizerError
 from .progress import progress
-from .rope import apply_rotary, rotation
+from .rope import apply_rotary, rotation, rotation_switches
 
 ACTIVATIONS = {
     "silu": F.silu,  # φ(g) = g·σ(g)
@@ -290,9 +290,10 @@ class Model:
     def generate_ids(self, ids, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> list:
         """The new token ids, computed with a KV cache: the prompt once, then one token per step.
 
-        With `longrope` (Phi-3) the cached keys keep the rotation they were made with: once the
-        sequence grows past original_max_position_embeddings, a full forward pass would rotate
-        every position with the long factors, and the two differ (as Hugging Face's cache does)."""
+        With `longrope` (Phi-3) every position rotates with the short factors while the sequence fits
+        original_max_position_embeddings, and with the long ones beyond: keys cached before that length
+        are stale after it. The step that crosses it recomputes the cache over the whole sequence, as
+        Hugging Face's Phi-3 generate does, so every token is the one a full forward pass predicts."""
         max_new_tokens, temperature, top_k, seed = self.check_sampling(max_new_tokens, temperature, top_k, seed, edit)
         ids = self.check_ids(ids)
         room = self.config.max_position_embeddings - len(ids)  # the whole sequence must fit the positions
@@ -307,8 +308,11 @@ class Model:
         step_input = list(ids)
         eos = self.config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
+        switches = rotation_switches(self.config)  # lengths past which every cached key rotates differently
         with torch.no_grad():
             for _ in progress(range(max_new_tokens), "generating", unit="token"):
+                if cache.length and any(cache.length <= s < cache.length + len(step_input) for s in switches):
+                    cache, step_input = KVCache(self.config.num_hidden_layers), ids + new  # stale keys: start over
                 y, _ = self.forward(self.embed(step_input), cache=cache, edit=edit)
                 next_id = sample(self.unembed(y[-1]), temperature, top_k, generator)
                 new.append(next_id)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import DEVICES, PROMPT
-from hf_reference import FAMILIES, hf_float64_logits, save_tiny_checkpoint
+from hf_reference import FAMILIES, float64_everywhere, hf_float64_logits, load_hf_float64, save_tiny_checkpoint
 
 import minielm
 
@@ -49,14 +49,31 @@ def test_kv_cache_matches_full_forward(case, checkpoints):
     assert relative(torch.cat(outs), full) < 1e-13
 
 
-def test_greedy_generation_follows_argmax(checkpoints):
-    """Each greedy token is the argmax of a full (uncached) forward over the sequence so far."""
-    model = minielm.load(checkpoints["gemma3_text"])
+@pytest.mark.parametrize("case", ["gemma3_text", "phi3_longrope"])
+def test_greedy_generation_follows_argmax(case, checkpoints):
+    """Each greedy token is the argmax of a full (uncached) forward over the sequence so far: across
+    the sliding window, and across longrope's switch to the long factors (at 8 tokens), where the
+    cached keys go stale."""
+    model = minielm.load(checkpoints[case])
     new = model.generate_ids(PROMPT[:5], max_new_tokens=12)
     sequence = PROMPT[:5]
     for token in new:
         assert token == int(model.logits(sequence)[-1].argmax())
         sequence = sequence + [token]
+
+
+@pytest.mark.parametrize("prompt", [PROMPT[:3], PROMPT], ids=["short", "past the windows"])
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_greedy_generation_matches_hugging_face(case, prompt, checkpoints):
+    """Greedy tokens equal transformers' cached greedy `generate` in float64: the cache crosses the
+    sliding windows (4, 5) and longrope's original context (8) on the way, and stops at the same EOS."""
+    model = minielm.load(checkpoints[case])
+    new = model.generate_ids(prompt, max_new_tokens=20)
+    hf = load_hf_float64(checkpoints[case])
+    with float64_everywhere(), torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, use_cache=True,
+                          pad_token_id=0)
+    assert new == out[0, len(prompt):].tolist()
 
 
 def test_sampling_is_seeded(checkpoints):
