@@ -279,7 +279,8 @@ class Model:
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> str:
         """The continuation of `prompt` (text, or a list of token ids), as text: greedy at temperature 0,
-        else sampled from softmax(logits / temperature), over the top k if given, seeded."""
+        else sampled from softmax(logits / temperature), over the top k if given: from a generator seeded
+        with `seed`, or without one from torch's global generator (each call then draws afresh)."""
         prompt = checks.prompt("prompt", prompt)  # bytes would iterate as token ids: refused
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt)
         new = self.generate_ids(ids, max_new_tokens, temperature, top_k, seed, edit)
@@ -301,9 +302,9 @@ class Model:
             raise InputError(f"max_new_tokens={max_new_tokens} after a {len(ids)}-token prompt: "
                              f"{len(ids) + max_new_tokens} tokens exceed max_position_embeddings="
                              f"{self.config.max_position_embeddings} (at most {room} new tokens)")
-        generator = torch.Generator(device=self.device)
+        generator = None  # no seed: torch's global generator, so that each call draws afresh (torch.manual_seed fixes it)
         if seed is not None:
-            generator.manual_seed(seed)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
         cache, new = KVCache(self.config.num_hidden_layers), []
         step_input = list(ids)
         eos = self.config.eos_token_id
@@ -362,8 +363,10 @@ def sample(logits, temperature, top_k, generator) -> int:
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = nan
-    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
+    # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = nan;
+    # and the largest stays 0 where the temperature rounds to 0 in a low-precision dtype (0 / 0 would be nan)
+    shifted = logits - logits.max()  # (V,), ≤ 0
+    probs = torch.softmax(torch.where(shifted == 0, shifted, shifted / temperature), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

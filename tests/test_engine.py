@@ -86,6 +86,26 @@ def test_sampling_is_seeded(checkpoints):
     assert top1 == model.generate_ids(PROMPT[:3], 8)  # top-1 sampling is greedy
 
 
+def test_unseeded_sampling_draws_afresh(checkpoints):
+    """Without a seed each call samples anew from torch's global generator (not from one fixed seed,
+    which gave the same "sample" on every call); torch.manual_seed makes it reproducible."""
+    model = minielm.load(checkpoints["llama"])
+    torch.manual_seed(0)
+    a = model.generate_ids(PROMPT[:3], 15, temperature=1.0)
+    b = model.generate_ids(PROMPT[:3], 15, temperature=1.0)
+    torch.manual_seed(0)
+    assert a != b and model.generate_ids(PROMPT[:3], 15, temperature=1.0) == a
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_temperature_is_greedy_in_low_precision(dtype, checkpoints):
+    """A temperature that rounds to 0 in the compute dtype (1e-50 in float32) is the greedy limit, not
+    0 / 0 = nan at the largest logit and a crash in torch.multinomial."""
+    model = minielm.load(checkpoints["llama"], dtype=dtype)
+    greedy = model.generate_ids(PROMPT[:3], 8)
+    assert model.generate_ids(PROMPT[:3], 8, temperature=1e-50, seed=0) == greedy
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_rotary_tables_are_float64_rounded_once(dtype, checkpoints):
     """In bfloat16, positions above 256 are not integers and the angles would lose whole radians: the cos and
