@@ -328,7 +328,7 @@ def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 # ---- tokenizer --------------------------------------------------------------------------
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (tokenizer.ggml.token_type)
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4  # llama.cpp's token types (tokenizer.ggml.token_type)
 
 # How a byte-level vocabulary splits text before its merges apply, by tokenizer.ggml.pre
 # (the regexes of transformers' GGUF tokenizer converter, which follow llama.cpp's).
@@ -454,11 +454,12 @@ def byte_level_bpe(tokens: list, merges: list, pre: str | None):
 
 
 def _add_special_tokens(tok, tokens: list, types: list) -> None:
-    """Control tokens as special tokens, user-defined ones as added tokens: both matched whole in text."""
+    """Control tokens (and <unk>) as special tokens, user-defined ones as added tokens: all matched whole
+    in text, as llama.cpp and transformers' GGUF tokenizer match them."""
     from tokenizers import AddedToken
 
     known = [(t, k) for t, k in zip(tokens, types) if tok.token_to_id(t) is not None]  # never new ids
-    control = [AddedToken(t, normalized=False, special=True) for t, k in known if k == CONTROL]
+    control = [AddedToken(t, normalized=False, special=True) for t, k in known if k in (UNKNOWN, CONTROL)]
     user = [AddedToken(t, normalized=False, special=False) for t, k in known if k == USER_DEFINED]
     tok.add_special_tokens(control)
     tok.add_tokens(user)

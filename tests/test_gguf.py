@@ -312,6 +312,10 @@ TEXTS = ["In the beginning God created the heaven", "  two  spaces\tand a tab\nn
          "And God said, Let there be light: and there was light.<eos>"]
 
 
+# sentencepiece reads these as plain text; llama.cpp and transformers match the special tokens whole
+WITH_SPECIAL_TOKENS = ["a</s> b", "</s>\nhi", "x</s>In", "an <unk> word"]
+
+
 def write_tokenizer_gguf(path, kind, tokens, types, scores=None, merges=None, pre=None, space_prefix=True,
                          arch="llama"):
     """A GGUF file holding only a vocabulary, under the keys convert_hf_to_gguf.py writes."""
@@ -370,11 +374,13 @@ def test_sentencepiece_vocabulary(tmp_path):
     encodes as sentencepiece itself does, and as transformers' GGUF tokenizer."""
     sp, path = sentencepiece_gguf(tmp_path)
     ours, theirs = both_tokenizers(path)
-    for text in TEXTS:
+    for text in TEXTS + WITH_SPECIAL_TOKENS:
         ids = ours.encode(text)
+        assert ids == theirs(text).input_ids, text
+        if text in WITH_SPECIAL_TOKENS:
+            continue
         if "  " not in text:  # sentencepiece splits at every space before merging; llama.cpp does not
             assert ids == [sp.bos_id()] + sp.EncodeAsIds(text), text
-        assert ids == theirs(text).input_ids, text
         assert ours.decode(ids[1:]) == sp.DecodeIds(ids[1:])
 
 
@@ -384,9 +390,9 @@ def test_phi3_vocabulary_prefixes_every_stretch_of_text(tmp_path):
     GGUF tokenizer does for a phi3 file. Llama 2 style prefixes the very start only."""
     sp, path = sentencepiece_gguf(tmp_path, arch="phi3")
     ours, theirs = both_tokenizers(path)
-    for text in TEXTS + [" leading space", "  two", "a</s> b", "</s>\nhi", "x</s>In"]:
+    for text in TEXTS + [" leading space", "  two"] + WITH_SPECIAL_TOKENS:
         ids = ours.encode(text)
-        if "</s>" not in text:
+        if text not in WITH_SPECIAL_TOKENS:
             assert ids == [sp.bos_id()] + sp.EncodeAsIds(text), text
         assert ids == theirs(text).input_ids, text
         assert ours.decode(ids) == theirs.decode(ids), text
