@@ -215,6 +215,26 @@ GEMMA3_DEFAULTS = dict(  # transformers' Gemma3TextConfig defaults that real con
 
 
 # ---- checking values ------------------------------------------------------------------
+def generation_eos_token_id(path: Path, config: Config):
+    """Where generation stops: generation_config.json's eos_token_id where the checkpoint has one, as
+    transformers' generate reads it (an instruct model's end of turn, Gemma 3's <end_of_turn> or
+    Llama 3's <|eot_id|>, is often listed there only); else config.json's."""
+    if not path.is_file():
+        return config.eos_token_id
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err})") from None
+    eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    if eos is None:
+        return config.eos_token_id
+    if not (_is_int(eos) or isinstance(eos, list) and all(_is_int(i) for i in eos)):
+        raise ConfigError(f"{path}: eos_token_id must be a token id, a list of token ids or null, got {show(eos)}")
+    return eos
+
+
 def _given(raw: dict) -> dict:
     """The keys of a config object that are not null."""
     return {k: v for k, v in raw.items() if v is not None}

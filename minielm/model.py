@@ -181,8 +181,11 @@ def attention(u, w, config, layer_type, positions, cache=None, layer=None, probs
 class Model:
     """A decoder-only language model held as plain tensors in one compute dtype."""
 
-    def __init__(self, config: Config, weights: dict, tokenizer=None, directory=None, dtype=None, device=None):
+    def __init__(self, config: Config, weights: dict, tokenizer=None, directory=None, dtype=None, device=None,
+                 eos_token_id=None):
         self.config = config
+        # generation stops at these: generation_config.json's where the checkpoint has one, else config.json's
+        self.eos_token_id = config.eos_token_id if eos_token_id is None else eos_token_id
         self.weights = weights  # streamed models keep embed/lm_head in the file's dtype, layers cast on access
         self._tokenizer = tokenizer
         self.directory = directory
@@ -307,8 +310,7 @@ class Model:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         cache, new = KVCache(self.config.num_hidden_layers), []
         step_input = list(ids)
-        eos = self.config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
+        eos = set(self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id])
         switches = rotation_switches(self.config)  # lengths past which every cached key rotates differently
         with torch.no_grad():
             for _ in progress(range(max_new_tokens), "generating", unit="token"):

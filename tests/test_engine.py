@@ -1,5 +1,8 @@
 """The engine against Hugging Face: float64 logits of every family to relative 1e-12."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from conftest import DEVICES, PROMPT
@@ -74,6 +77,27 @@ def test_greedy_generation_matches_hugging_face(case, prompt, checkpoints):
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, use_cache=True,
                           pad_token_id=0)
     assert new == out[0, len(prompt):].tolist()
+
+
+def test_generation_stops_at_generation_config_eos(tmp_path, checkpoints):
+    """An instruct model lists its end of turn in generation_config.json only (Gemma 3: config.json says
+    <eos>, generation_config.json [<eos>, <end_of_turn>]): generation stops there, as transformers' does."""
+    shutil.copytree(checkpoints["llama"], tmp_path / "llama")
+    free = minielm.load(tmp_path / "llama").generate_ids(PROMPT[:3], 20)
+    stop = [free[9], free[5]]
+    (tmp_path / "llama" / "generation_config.json").write_text(json.dumps({"eos_token_id": stop}))
+    new = minielm.load(tmp_path / "llama").generate_ids(PROMPT[:3], 20)
+    hf = load_hf_float64(tmp_path / "llama")
+    with float64_everywhere(), torch.no_grad():
+        out = hf.generate(torch.tensor([PROMPT[:3]]), max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert len(new) < 20 and new[-1] in stop and new == out[0, 3:].tolist()
+
+
+def test_a_bad_generation_config_is_named(tmp_path, checkpoints):
+    shutil.copytree(checkpoints["llama"], tmp_path / "llama")
+    (tmp_path / "llama" / "generation_config.json").write_text('{"eos_token_id": "2"}')
+    with pytest.raises(minielm.errors.ConfigError, match="generation_config.json: eos_token_id must be"):
+        minielm.load(tmp_path / "llama")
 
 
 def test_sampling_is_seeded(checkpoints):
