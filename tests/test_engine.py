@@ -65,18 +65,18 @@ def test_greedy_generation_follows_argmax(case, checkpoints):
         sequence = sequence + [token]
 
 
-@pytest.mark.parametrize("prompt", [PROMPT[:3], PROMPT], ids=["short", "past the windows"])
 @pytest.mark.parametrize("case", list(FAMILIES))
-def test_greedy_generation_matches_hugging_face(case, prompt, checkpoints):
-    """Greedy tokens equal transformers' cached greedy `generate` in float64: the cache crosses the
-    sliding windows (4, 5) and longrope's original context (8) on the way, and stops at the same EOS."""
-    model = minielm.load(checkpoints[case])
-    new = model.generate_ids(prompt, max_new_tokens=20)
-    hf = load_hf_float64(checkpoints[case])
-    with float64_everywhere(), torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, use_cache=True,
-                          pad_token_id=0)
-    assert new == out[0, len(prompt):].tolist()
+def test_greedy_generation_matches_hugging_face(case, checkpoints):
+    """Greedy tokens equal transformers' cached greedy `generate` in float64, from a short prompt and
+    from one past the windows: the cache crosses the sliding windows (4, 5) and longrope's original
+    context (8) on the way, and stops at the same EOS."""
+    model, hf = minielm.load(checkpoints[case]), load_hf_float64(checkpoints[case])
+    for prompt in (PROMPT[:3], PROMPT):
+        new = model.generate_ids(prompt, max_new_tokens=20)
+        with float64_everywhere(), torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, use_cache=True,
+                              pad_token_id=0)
+        assert new == out[0, len(prompt):].tolist(), prompt
 
 
 def test_generation_stops_at_generation_config_eos(tmp_path, checkpoints):
