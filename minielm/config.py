@@ -156,13 +156,7 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no config.json")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError) as err:  # bad JSON or encoding, an integer too long, too deep
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read ({err})") from None
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(read_json(path), str(path))
 
     def to_dict(self) -> dict:
         """A config.json object that `from_dict` reads back to an equal Config."""
@@ -215,6 +209,31 @@ GEMMA3_DEFAULTS = dict(  # transformers' Gemma3TextConfig defaults that real con
 
 
 # ---- checking values ------------------------------------------------------------------
+def read_json(path: Path):
+    """The JSON value in a file; ConfigError naming the file if it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # bad JSON or encoding, an integer too long, too deep
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err})") from None
+
+
+def generation_eos_token_id(path: Path, config: Config):
+    """Where generation stops: generation_config.json's eos_token_id where the checkpoint has one, as
+    transformers' generate reads it (an instruct model's end of turn, Gemma 3's <end_of_turn> or
+    Llama 3's <|eot_id|>, is often listed there only); else config.json's."""
+    if not path.is_file():
+        return config.eos_token_id
+    raw = read_json(path)
+    eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    if eos is None:
+        return config.eos_token_id
+    if not (_is_int(eos) or isinstance(eos, list) and all(_is_int(i) for i in eos)):
+        raise ConfigError(f"{path}: eos_token_id must be a token id, a list of token ids or null, got {show(eos)}")
+    return eos
+
+
 def _given(raw: dict) -> dict:
     """The keys of a config object that are not null."""
     return {k: v for k, v in raw.items() if v is not None}

@@ -328,7 +328,7 @@ def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 # ---- tokenizer --------------------------------------------------------------------------
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (tokenizer.ggml.token_type)
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4  # llama.cpp's token types (tokenizer.ggml.token_type)
 
 # How a byte-level vocabulary splits text before its merges apply, by tokenizer.ggml.pre
 # (the regexes of transformers' GGUF tokenizer converter, which follow llama.cpp's).
@@ -359,7 +359,7 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer | None:
             scores = fields["tokenizer.ggml.scores"].contents() if "tokenizer.ggml.scores" in fields else None
             space_prefix = _field(fields, "tokenizer.ggml.add_space_prefix", True)
             tok = sentencepiece_bpe(tokens, scores, _field(fields, "tokenizer.ggml.unknown_token_id", None),
-                                    space_prefix, gemma=arch == "gemma3")
+                                    space_prefix, arch)
             add_bos = _field(fields, "tokenizer.ggml.add_bos_token", True)
         elif kind == "gpt2":
             merges = fields["tokenizer.ggml.merges"].contents()
@@ -388,16 +388,20 @@ def _field(fields, key, default):
     return fields[key].contents() if key in fields else default
 
 
-def sentencepiece_bpe(tokens: list, scores: list | None, unk_id, space_prefix: bool, gemma: bool):
+def sentencepiece_bpe(tokens: list, scores: list | None, unk_id, space_prefix: bool, arch: str):
     """A SentencePiece-style BPE tokenizer from a vocabulary with scores.
 
     SentencePiece BPE merges the adjacent pair whose union is the best-scoring vocabulary entry;
     as explicit merges that is every split of every token into two tokens, ranked by the token's
     score. Gemma's files spell whitespace-only tokens with real spaces and rank merges by position,
     not score (both as transformers' GGUF converter and Gemma's own tokenizer.json have it).
+    Phi-3 puts its "▁" before every stretch of text, the one after a special token (<|user|>) and
+    one before a leading space too, as its own tokenizer.json and transformers' GGUF converter do;
+    Llama 2 style puts one before the text only.
     """
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
+    gemma = arch == "gemma3"
     if gemma:
         tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
         scores = [-i for i in range(len(tokens))]
@@ -410,6 +414,9 @@ def sentencepiece_bpe(tokens: list, scores: list | None, unk_id, space_prefix: b
     decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if gemma or not space_prefix:
         tok.normalizer = normalizers.Replace(" ", "\u2581")
+    elif arch == "phi3":  # "▁" before each stretch of text, whatever it starts with; the decoder strips the first
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        decode.append(decoders.Strip(content=" ", left=1))
     else:  # Llama 2 style: "▁" before the text, spaces as "▁"; the decoder strips the first space again
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
         decode.append(decoders.Strip(content=" ", left=1))
@@ -447,11 +454,12 @@ def byte_level_bpe(tokens: list, merges: list, pre: str | None):
 
 
 def _add_special_tokens(tok, tokens: list, types: list) -> None:
-    """Control tokens as special tokens, user-defined ones as added tokens: both matched whole in text."""
+    """Control tokens (and <unk>) as special tokens, user-defined ones as added tokens: all matched whole
+    in text, as llama.cpp and transformers' GGUF tokenizer match them."""
     from tokenizers import AddedToken
 
     known = [(t, k) for t, k in zip(tokens, types) if tok.token_to_id(t) is not None]  # never new ids
-    control = [AddedToken(t, normalized=False, special=True) for t, k in known if k == CONTROL]
+    control = [AddedToken(t, normalized=False, special=True) for t, k in known if k in (UNKNOWN, CONTROL)]
     user = [AddedToken(t, normalized=False, special=False) for t, k in known if k == USER_DEFINED]
     tok.add_special_tokens(control)
     tok.add_tokens(user)

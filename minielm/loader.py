@@ -14,7 +14,7 @@ import torch
 
 from . import checks
 from .checkpoint import SafetensorsSource, file_stamp, load_weights
-from .config import Config
+from .config import Config, generation_eos_token_id
 from .errors import CheckpointError, InputError, show
 from .gguf import GGUFSource, gguf_config, gguf_tokenizer, read_gguf
 from .model import Model
@@ -163,7 +163,8 @@ def load(path=None, dtype=torch.float64, device="cpu", stream=False) -> Model:
     tokenizer = load_tokenizer(directory)
     check_vocabulary(tokenizer, config, directory / "config.json")
     weights = load_weights(SafetensorsSource(directory), config, dtype, device, stream, where=directory)
-    return Model(config, weights, tokenizer, directory, dtype, device)
+    eos = generation_eos_token_id(directory / "generation_config.json", config)
+    return Model(config, weights, tokenizer, directory, dtype, device, eos_token_id=eos)
 
 
 def load_gguf(path: Path, dtype, device, stream) -> Model:

@@ -29,7 +29,7 @@ from . import checks
 from .config import Config
 from .errors import InputError, NumericalError, TokenizerError
 from .progress import progress
-from .rope import apply_rotary, rotation
+from .rope import apply_rotary, rotation, rotation_switches
 
 ACTIVATIONS = {
     "silu": F.silu,  # φ(g) = g·σ(g)
@@ -181,8 +181,11 @@ def attention(u, w, config, layer_type, positions, cache=None, layer=None, probs
 class Model:
     """A decoder-only language model held as plain tensors in one compute dtype."""
 
-    def __init__(self, config: Config, weights: dict, tokenizer=None, directory=None, dtype=None, device=None):
+    def __init__(self, config: Config, weights: dict, tokenizer=None, directory=None, dtype=None, device=None,
+                 eos_token_id=None):
         self.config = config
+        # generation stops at these: generation_config.json's where the checkpoint has one, else config.json's
+        self.eos_token_id = config.eos_token_id if eos_token_id is None else eos_token_id
         self.weights = weights  # streamed models keep embed/lm_head in the file's dtype, layers cast on access
         self._tokenizer = tokenizer
         self.directory = directory
@@ -279,7 +282,8 @@ class Model:
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> str:
         """The continuation of `prompt` (text, or a list of token ids), as text: greedy at temperature 0,
-        else sampled from softmax(logits / temperature), over the top k if given, seeded."""
+        else sampled from softmax(logits / temperature), over the top k if given: from a generator seeded
+        with `seed`, or without one from torch's global generator (each call then draws afresh)."""
         prompt = checks.prompt("prompt", prompt)  # bytes would iterate as token ids: refused
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt)
         new = self.generate_ids(ids, max_new_tokens, temperature, top_k, seed, edit)
@@ -290,9 +294,10 @@ class Model:
     def generate_ids(self, ids, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> list:
         """The new token ids, computed with a KV cache: the prompt once, then one token per step.
 
-        With `longrope` (Phi-3) the cached keys keep the rotation they were made with: once the
-        sequence grows past original_max_position_embeddings, a full forward pass would rotate
-        every position with the long factors, and the two differ (as Hugging Face's cache does)."""
+        With `longrope` (Phi-3) every position rotates with the short factors while the sequence fits
+        original_max_position_embeddings, and with the long ones beyond: keys cached before that length
+        are stale after it. The step that crosses it recomputes the cache over the whole sequence, as
+        Hugging Face's Phi-3 generate does, so every token is the one a full forward pass predicts."""
         max_new_tokens, temperature, top_k, seed = self.check_sampling(max_new_tokens, temperature, top_k, seed, edit)
         ids = self.check_ids(ids)
         room = self.config.max_position_embeddings - len(ids)  # the whole sequence must fit the positions
@@ -300,15 +305,17 @@ class Model:
             raise InputError(f"max_new_tokens={max_new_tokens} after a {len(ids)}-token prompt: "
                              f"{len(ids) + max_new_tokens} tokens exceed max_position_embeddings="
                              f"{self.config.max_position_embeddings} (at most {room} new tokens)")
-        generator = torch.Generator(device=self.device)
+        generator = None  # no seed: torch's global generator, so that each call draws afresh (torch.manual_seed fixes it)
         if seed is not None:
-            generator.manual_seed(seed)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
         cache, new = KVCache(self.config.num_hidden_layers), []
         step_input = list(ids)
-        eos = self.config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
+        eos = set(self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id])
+        switches = rotation_switches(self.config)  # lengths past which every cached key rotates differently
         with torch.no_grad():
             for _ in progress(range(max_new_tokens), "generating", unit="token"):
+                if cache.length and any(cache.length <= s < cache.length + len(step_input) for s in switches):
+                    cache, step_input = KVCache(self.config.num_hidden_layers), ids + new  # stale keys: start over
                 y, _ = self.forward(self.embed(step_input), cache=cache, edit=edit)
                 next_id = sample(self.unembed(y[-1]), temperature, top_k, generator)
                 new.append(next_id)
@@ -358,8 +365,10 @@ def sample(logits, temperature, top_k, generator) -> int:
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = nan
-    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
+    # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = nan;
+    # and the largest stays 0 where the temperature rounds to 0 in a low-precision dtype (0 / 0 would be nan)
+    shifted = logits - logits.max()  # (V,), ≤ 0
+    probs = torch.softmax(torch.where(shifted == 0, shifted, shifted / temperature), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -37,7 +37,7 @@ def inverse_frequencies(config, params: dict, seq_len: int, dtype, device) -> tu
         ramp = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
         return (1 - ramp) * inv_freq / factor + ramp * inv_freq, 1.0
     if kind == "longrope":  # per-frequency factors, the long ones beyond the original context
-        old_len = params.get("original_max_position_embeddings") or config.original_max_position_embeddings
+        old_len = original_length(config, params)
         long = seq_len > old_len
         factors = torch.tensor(params["long_factor" if long else "short_factor"], dtype=dtype, device=device)
         scale = params.get("factor") or config.max_position_embeddings / old_len
@@ -46,6 +46,19 @@ def inverse_frequencies(config, params: dict, seq_len: int, dtype, device) -> tu
             attention_factor = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(old_len))
         return inv_freq / factors, attention_factor
     return inv_freq, 1.0
+
+
+def original_length(config, params: dict) -> int:
+    """longrope's original_max_position_embeddings: its short factors serve sequences up to this length."""
+    return params.get("original_max_position_embeddings") or config.original_max_position_embeddings
+
+
+def rotation_switches(config) -> set:
+    """Sequence lengths L past which every position rotates differently: longrope's original context,
+    where the short factors give way to the long ones (for all positions, the earlier ones too)."""
+    used = [config.rope_parameters[t] for t in set(config.layer_types)]
+    return {original_length(config, p) for p in used
+            if p["rope_type"] == "longrope" and p["short_factor"] != p["long_factor"]}
 
 
 def rotation(config, params: dict, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:

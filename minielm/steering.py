@@ -206,7 +206,7 @@ STOPWORDS = {"the", "a", "an", "in", "of", "on", "at", "to", "and", "or", "is", 
 
 def concept_token_ids(model: Model, concept: str) -> list:
     """The concept's own tokens, with and without a leading space, less specials and stopwords."""
-    tok, eos = model.tokenizer, model.config.eos_token_id
+    tok, eos = model.tokenizer, model.eos_token_id
     specials = {model.config.bos_token_id, tok.bos_id, *(eos if isinstance(eos, list) else [eos])}
     ids = set(tok.encode(concept)) | set(tok.encode(" " + concept))
     keep = [i for i in ids if i not in specials and tok.decode([i]).strip().lower() not in STOPWORDS | {""}]

@@ -1,9 +1,12 @@
 """The engine against Hugging Face: float64 logits of every family to relative 1e-12."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from conftest import DEVICES, PROMPT
-from hf_reference import FAMILIES, hf_float64_logits, save_tiny_checkpoint
+from hf_reference import FAMILIES, float64_everywhere, hf_float64_logits, load_hf_float64, save_tiny_checkpoint
 
 import minielm
 
@@ -49,14 +52,52 @@ def test_kv_cache_matches_full_forward(case, checkpoints):
     assert relative(torch.cat(outs), full) < 1e-13
 
 
-def test_greedy_generation_follows_argmax(checkpoints):
-    """Each greedy token is the argmax of a full (uncached) forward over the sequence so far."""
-    model = minielm.load(checkpoints["gemma3_text"])
+@pytest.mark.parametrize("case", ["gemma3_text", "phi3_longrope"])
+def test_greedy_generation_follows_argmax(case, checkpoints):
+    """Each greedy token is the argmax of a full (uncached) forward over the sequence so far: across
+    the sliding window, and across longrope's switch to the long factors (at 8 tokens), where the
+    cached keys go stale."""
+    model = minielm.load(checkpoints[case])
     new = model.generate_ids(PROMPT[:5], max_new_tokens=12)
     sequence = PROMPT[:5]
     for token in new:
         assert token == int(model.logits(sequence)[-1].argmax())
         sequence = sequence + [token]
+
+
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_greedy_generation_matches_hugging_face(case, checkpoints):
+    """Greedy tokens equal transformers' cached greedy `generate` in float64, from a short prompt and
+    from one past the windows: the cache crosses the sliding windows (4, 5) and longrope's original
+    context (8) on the way, and stops at the same EOS."""
+    model, hf = minielm.load(checkpoints[case]), load_hf_float64(checkpoints[case])
+    for prompt in (PROMPT[:3], PROMPT):
+        new = model.generate_ids(prompt, max_new_tokens=20)
+        with float64_everywhere(), torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, use_cache=True,
+                              pad_token_id=0)
+        assert new == out[0, len(prompt):].tolist(), prompt
+
+
+def test_generation_stops_at_generation_config_eos(tmp_path, checkpoints):
+    """An instruct model lists its end of turn in generation_config.json only (Gemma 3: config.json says
+    <eos>, generation_config.json [<eos>, <end_of_turn>]): generation stops there, as transformers' does."""
+    shutil.copytree(checkpoints["llama"], tmp_path / "llama")
+    free = minielm.load(tmp_path / "llama").generate_ids(PROMPT[:3], 20)
+    stop = [free[9], free[5]]
+    (tmp_path / "llama" / "generation_config.json").write_text(json.dumps({"eos_token_id": stop}))
+    new = minielm.load(tmp_path / "llama").generate_ids(PROMPT[:3], 20)
+    hf = load_hf_float64(tmp_path / "llama")
+    with float64_everywhere(), torch.no_grad():
+        out = hf.generate(torch.tensor([PROMPT[:3]]), max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert len(new) < 20 and new[-1] in stop and new == out[0, 3:].tolist()
+
+
+def test_a_bad_generation_config_is_named(tmp_path, checkpoints):
+    shutil.copytree(checkpoints["llama"], tmp_path / "llama")
+    (tmp_path / "llama" / "generation_config.json").write_text('{"eos_token_id": "2"}')
+    with pytest.raises(minielm.errors.ConfigError, match="generation_config.json: eos_token_id must be"):
+        minielm.load(tmp_path / "llama")
 
 
 def test_sampling_is_seeded(checkpoints):
@@ -67,6 +108,26 @@ def test_sampling_is_seeded(checkpoints):
     assert a == b and a != c
     top1 = model.generate_ids(PROMPT[:3], 8, temperature=1.0, top_k=1, seed=7)
     assert top1 == model.generate_ids(PROMPT[:3], 8)  # top-1 sampling is greedy
+
+
+def test_unseeded_sampling_draws_afresh(checkpoints):
+    """Without a seed each call samples anew from torch's global generator (not from one fixed seed,
+    which gave the same "sample" on every call); torch.manual_seed makes it reproducible."""
+    model = minielm.load(checkpoints["llama"])
+    torch.manual_seed(0)
+    a = model.generate_ids(PROMPT[:3], 15, temperature=1.0)
+    b = model.generate_ids(PROMPT[:3], 15, temperature=1.0)
+    torch.manual_seed(0)
+    assert a != b and model.generate_ids(PROMPT[:3], 15, temperature=1.0) == a
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_temperature_is_greedy_in_low_precision(dtype, checkpoints):
+    """A temperature that rounds to 0 in the compute dtype (1e-50 in float32) is the greedy limit, not
+    0 / 0 = nan at the largest logit and a crash in torch.multinomial."""
+    model = minielm.load(checkpoints["llama"], dtype=dtype)
+    greedy = model.generate_ids(PROMPT[:3], 8)
+    assert model.generate_ids(PROMPT[:3], 8, temperature=1e-50, seed=0) == greedy
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -312,9 +312,14 @@ TEXTS = ["In the beginning God created the heaven", "  two  spaces\tand a tab\nn
          "And God said, Let there be light: and there was light.<eos>"]
 
 
-def write_tokenizer_gguf(path, kind, tokens, types, scores=None, merges=None, pre=None, space_prefix=True):
+# sentencepiece reads these as plain text; llama.cpp and transformers match the special tokens whole
+WITH_SPECIAL_TOKENS = ["a</s> b", "</s>\nhi", "x</s>In", "an <unk> word"]
+
+
+def write_tokenizer_gguf(path, kind, tokens, types, scores=None, merges=None, pre=None, space_prefix=True,
+                         arch="llama"):
     """A GGUF file holding only a vocabulary, under the keys convert_hf_to_gguf.py writes."""
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_tokenizer_model(kind)
     if pre is not None:
         writer.add_tokenizer_pre(pre)
@@ -343,9 +348,9 @@ def both_tokenizers(path):
     return gguf_tokenizer(read_gguf(path), path), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-def test_sentencepiece_vocabulary(tmp_path):
-    """A SentencePiece BPE model's vocabulary and scores (Llama 2 style) as llama.cpp stores them:
-    encodes as sentencepiece itself does, and as transformers' GGUF tokenizer."""
+def sentencepiece_gguf(tmp_path, arch="llama"):
+    """A SentencePiece BPE model trained on a few verses, and a GGUF file of its vocabulary and scores
+    as llama.cpp stores them: (sentencepiece processor, GGUF path)."""
     import sentencepiece
     from conftest import TEXT
 
@@ -359,14 +364,38 @@ def test_sentencepiece_vocabulary(tmp_path):
     types = [2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 6 if sp.IsByte(i) else 5 if sp.IsUnused(i) else 1
              for i in range(n)]
     path = tmp_path / "spm.gguf"
-    write_tokenizer_gguf(path, "llama", [sp.IdToPiece(i) for i in range(n)], types, [sp.GetScore(i) for i in range(n)])
+    write_tokenizer_gguf(path, "llama", [sp.IdToPiece(i) for i in range(n)], types, [sp.GetScore(i) for i in range(n)],
+                         arch=arch)
+    return sp, path
+
+
+def test_sentencepiece_vocabulary(tmp_path):
+    """A SentencePiece BPE model's vocabulary and scores (Llama 2 style) as llama.cpp stores them:
+    encodes as sentencepiece itself does, and as transformers' GGUF tokenizer."""
+    sp, path = sentencepiece_gguf(tmp_path)
     ours, theirs = both_tokenizers(path)
-    for text in TEXTS:
+    for text in TEXTS + WITH_SPECIAL_TOKENS:
         ids = ours.encode(text)
+        assert ids == theirs(text).input_ids, text
+        if text in WITH_SPECIAL_TOKENS:
+            continue
         if "  " not in text:  # sentencepiece splits at every space before merging; llama.cpp does not
             assert ids == [sp.bos_id()] + sp.EncodeAsIds(text), text
-        assert ids == theirs(text).input_ids, text
         assert ours.decode(ids[1:]) == sp.DecodeIds(ids[1:])
+
+
+def test_phi3_vocabulary_prefixes_every_stretch_of_text(tmp_path):
+    """Phi-3's sentencepiece vocabulary puts "▁" before a leading space and after a special token
+    (<|user|>\nhi): as sentencepiece does for text without special tokens, and as transformers'
+    GGUF tokenizer does for a phi3 file. Llama 2 style prefixes the very start only."""
+    sp, path = sentencepiece_gguf(tmp_path, arch="phi3")
+    ours, theirs = both_tokenizers(path)
+    for text in TEXTS + [" leading space", "  two"] + WITH_SPECIAL_TOKENS:
+        ids = ours.encode(text)
+        if text not in WITH_SPECIAL_TOKENS:
+            assert ids == [sp.bos_id()] + sp.EncodeAsIds(text), text
+        assert ids == theirs(text).input_ids, text
+        assert ours.decode(ids) == theirs.decode(ids), text
 
 
 @pytest.mark.parametrize("pre", ["qwen2", "llama-bpe"])
