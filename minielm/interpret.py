@@ -58,7 +58,8 @@ class Singular:
 
 def align_signs(U, V, y):
     """Flip each pair (u_k, v_k) so that u_k · y ≥ 0; V is (..., k) with k last."""
-    signs = torch.where(U.T @ y < 0, -1.0, 1.0).to(U.dtype)
+    one = U.new_ones(())  # in U's dtype: a -1.0/1.0 literal would make the signs float32 first
+    signs = torch.where(U.T @ y < 0, -one, one)  # (k,)
     return U * signs, V * signs
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from hf_reference import FAMILIES, hf_float64_logits, save_tiny_checkpoint
+from hf_reference import EDGE_CASES, FAMILIES, hf_float64_logits, save_tiny_checkpoint
 
 # The fuzz tests draw the same examples on every run, so that a suite that passed passes again
 # (CI lands on one run); `pytest --hypothesis-profile explore` draws new ones.
@@ -30,6 +30,19 @@ def checkpoints(tmp_path_factory):
         save_tiny_checkpoint(case, root / case, seed=0)
         paths[case] = root / case
     return paths
+
+
+@pytest.fixture(scope="session")
+def edge_checkpoints(tmp_path_factory):
+    """case name -> directory of a tiny checkpoint of each configuration in EDGE_CASES, saved on first use."""
+    root, paths = tmp_path_factory.mktemp("edge_cases"), {}
+
+    def path(case):
+        if case not in paths:
+            save_tiny_checkpoint(case, root / case, seed=0)
+            paths[case] = root / case
+        return paths[case]
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -142,6 +142,31 @@ def _qwen2() -> PretrainedConfig:
         rope_parameters=dict(rope_type="default", rope_theta=1000000.0), **_COMMON)
 
 
+def _qwen3_sliding() -> PretrainedConfig:
+    # Qwen's sliding layers: those from max_window_layers up (here 1 and 2), once use_sliding_window is set
+    return Qwen3Config(
+        vocab_size=151, hidden_size=32, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+        use_sliding_window=True, sliding_window=4, max_window_layers=1,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0), **_COMMON)
+
+
+def _llama_mqa() -> PretrainedConfig:
+    # one key-value head for all 4 query heads (MQA), head_dim 20 != 48/4
+    return LlamaConfig(
+        vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=20, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0), **_COMMON)
+
+
+def _mistral_no_gqa() -> PretrainedConfig:
+    # as many key-value heads as query heads, head_dim 8 != 48/3, a window of 3 over 3 layers, tied
+    return MistralConfig(
+        vocab_size=128, hidden_size=48, intermediate_size=112, num_hidden_layers=3,
+        num_attention_heads=3, num_key_value_heads=3, head_dim=8, sliding_window=3, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0), **_COMMON)
+
+
 FAMILIES = {
     "llama": _llama,
     "llama_tied": _llama_tied,
@@ -152,6 +177,14 @@ FAMILIES = {
     "phi3_longrope": _phi3_longrope,
     "olmo2": _olmo2,
     "qwen2": _qwen2,
+}
+
+# Configurations at the edges that the families above do not reach, for the tests that ask for them
+# by name (kept out of FAMILIES, over which most tests run).
+EDGE_CASES = {
+    "qwen3_sliding": _qwen3_sliding,
+    "llama_mqa": _llama_mqa,
+    "mistral_no_gqa": _mistral_no_gqa,
 }
 
 # ---------------------------------------------------------------------------
@@ -193,7 +226,7 @@ def save_tiny_checkpoint(case: str, directory, seed: int = 0, dtype: torch.dtype
     ``max_shard_size`` (e.g. ``"20KB"``) yields a sharded checkpoint with
     ``model.safetensors.index.json``.
     """
-    model = AutoModelForCausalLM.from_config(FAMILIES[case](), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config({**FAMILIES, **EDGE_CASES}[case](), dtype=torch.float32)
     randomize_(model, seed)
     model.to(dtype)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}

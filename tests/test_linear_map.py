@@ -2,11 +2,15 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from conftest import DEVICES, PROMPT
-from hf_reference import FAMILIES
+from hf_reference import EDGE_CASES, FAMILIES, hf_float64_logits
 
 import minielm
-from minielm.linear_map import trace
+from minielm.interpret import stacked_svd
+from minielm.linear_map import all_layer_maps, trace
+from minielm.spectra import singular_vectors
 
 
 def relative(a, b):
@@ -160,3 +164,136 @@ def test_bad_arguments(checkpoints):
         minielm.equivalent_linear_map(model, PROMPT, layer=0, component="mixer")
     with pytest.raises(minielm.InputError, match="empty"):
         minielm.equivalent_linear_map(model, [])
+
+
+# ---- edge configurations and prompt lengths ------------------------------------------------------
+# Prompt lengths at the edges: 1 and 2 tokens for every configuration; for those with a sliding window w,
+# w and w + 1 (the first prompt the window cuts) and 5w (most sources outside it); for longrope, the
+# original context and one past it (short factors, then long ones); for llama3 scaling, past its context.
+WINDOWS = {"mistral": 5, "gemma3_text": 4, "qwen3_sliding": 4, "mistral_no_gqa": 3}
+EDGE_LENGTHS = ([(case, T) for case in [*FAMILIES, *EDGE_CASES] for T in (1, 2)]
+                + [(case, T) for case, w in WINDOWS.items() for T in (w, w + 1, 5 * w)]
+                + [("phi3_longrope", 8), ("phi3_longrope", 9), ("llama", 40), ("llama_mqa", 20)])
+
+
+def edge_prompt(T):
+    """T token ids valid in every tiny vocabulary, none repeated next to each other."""
+    return [3 + (7 * t) % 120 for t in range(T)]
+
+
+def checkpoint(case, checkpoints, edge_checkpoints):
+    return checkpoints[case] if case in checkpoints else edge_checkpoints(case)
+
+
+@pytest.mark.parametrize("case, T", EDGE_LENGTHS)
+def test_edge_lengths_match_hugging_face_and_autograd(case, T, checkpoints, edge_checkpoints):
+    """Logits against the float64 Hugging Face model, the reconstruction, and the analytic operators against
+    autograd, at prompt lengths and on configurations the 16-token tests do not reach."""
+    path = checkpoint(case, checkpoints, edge_checkpoints)
+    model, prompt = minielm.load(path), edge_prompt(T)
+    if case in WINDOWS:  # the configuration has the sliding layers it was written to have
+        assert "sliding_attention" in model.config.layer_types and model.config.sliding_window == WINDOWS[case]
+    assert relative(model.logits(prompt), hf_float64_logits(path, prompt)) < 1e-13
+    elm = minielm.equivalent_linear_map(model, prompt)
+    assert elm.relative_error() < 1e-13
+    assert relative(elm.operators, minielm.detached_jacobian(model, prompt)) < 1e-12
+
+
+@pytest.mark.parametrize("case, T", [(case, T) for case, T in EDGE_LENGTHS if T <= 2 or case in WINDOWS and T <= 6])
+def test_every_entry_point_agrees_at_edge_lengths(case, T, checkpoints, edge_checkpoints):
+    """All layer maps (forward = reverse = one target at a time, negative layers too), blocks of rows that do
+    not divide d, the attribution's sum, and the matrix-free singular triplets (b = 1 and 3, whole map and one
+    token) against the dense SVD, on 1 and 2 tokens and across a sliding window's edge."""
+    model, prompt = minielm.load(checkpoint(case, checkpoints, edge_checkpoints)), edge_prompt(T)
+    L, d = model.config.num_hidden_layers, model.config.hidden_size
+    forward, reverse = (all_layer_maps(model, prompt, mode=mode) for mode in ("forward", "reverse"))
+    assert len(forward) == len(reverse) == 3 * L
+    for (layer, component), elm in forward.items():
+        single = minielm.equivalent_linear_map(model, prompt, layer=layer - L, component=component)
+        scale = float(single.operators.abs().max())
+        assert relative(elm.operators, single.operators) < 1e-12, (layer, component)
+        assert float((reverse[(layer, component)].operators - single.operators).abs().max()) < 1e-12 * scale
+        assert torch.equal(elm.output, single.output) and torch.equal(elm.bias, single.bias)
+        assert max(elm.relative_error(), reverse[(layer, component)].relative_error(), single.relative_error()) < 1e-13
+    whole = forward[(L - 1, "output")]
+    for block in (1, d - 1, d + 5):
+        assert relative(minielm.equivalent_linear_map(model, prompt, block=block).operators, whole.operators) < 1e-13
+    table = minielm.attribution(model, prompt, token=5)
+    assert table.table.shape == (T, L, 2) and abs(table.total() - table.logit) < 1e-13 * max(1.0, abs(table.logit))
+    dense = stacked_svd(whole, k=3)
+    for block in (1, 3):
+        U, S, V = singular_vectors(model, prompt, k=3, block=block)
+        assert relative(S, dense.S) < 1e-10
+        assert torch.allclose(U, dense.U, atol=1e-8) and torch.allclose(V, dense.V, atol=1e-8)
+        for token in (0, -1):
+            _, S_t, _ = singular_vectors(model, prompt, k=3, token=token, block=block)
+            assert relative(S_t, torch.linalg.svdvals(whole.operators[token])[:3]) < 1e-10
+
+
+class FloatDtypes(TorchDispatchMode):
+    """Every floating-point dtype of a tensor that goes into or comes out of an aten operation."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}  # dtype -> the first operation it was seen in
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.seen.setdefault(t.dtype, str(func))
+        return out
+
+
+@pytest.mark.parametrize("case", ["qwen2"])
+def test_float64_is_float64_throughout(case, checkpoints):
+    """Asked for float64, no operation of the map, the layer maps, the attribution or the singular triplets
+    (dense and matrix-free) makes or reads a tensor of any other floating-point dtype, not even an exact one."""
+    model, prompt = minielm.load(checkpoints[case]), PROMPT[:4]
+    with FloatDtypes() as dtypes:
+        elm = minielm.equivalent_linear_map(model, prompt, block=5)
+        all_layer_maps(model, prompt, mode="forward"), all_layer_maps(model, prompt, mode="reverse")
+        minielm.attribution(model, prompt)
+        stacked_svd(elm, k=2), singular_vectors(model, prompt, k=2), singular_vectors(model, prompt, k=2, token=0)
+    assert set(dtypes.seen) == {torch.float64}, dtypes.seen
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-4), (torch.bfloat16, 1e-1), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("case", ["qwen2", "gemma3_text", "olmo2"])
+def test_lower_precision_maps_agree_with_their_own_forward_pass(case, dtype, bound, checkpoints):
+    """In float32, bfloat16 and float16 the map is computed in that dtype (no upcast) and still reproduces
+    the model's own output at that precision (the bounds of `minielm check`), for every target, T = 1 and 16."""
+    model = minielm.load(checkpoints[case], dtype=dtype)
+    for prompt in (PROMPT[:1], PROMPT):
+        y = model.forward(model.embed(prompt))[0][-1]
+        elm = minielm.equivalent_linear_map(model, prompt)
+        assert elm.operators.dtype == elm.bias.dtype == elm.output.dtype == dtype and torch.equal(elm.output, y)
+        assert elm.relative_error() < bound
+        for mode in ("forward", "reverse"):
+            maps = all_layer_maps(model, prompt, mode=mode)
+            assert all(m.operators.dtype == dtype for m in maps.values())
+            assert max(m.relative_error() for m in maps.values()) < bound
+        table = minielm.attribution(model, prompt, token=5)
+        assert table.table.dtype == dtype and abs(table.total() - table.logit) < bound * max(1.0, abs(table.logit))
+
+
+@pytest.mark.parametrize("case", ["gemma3_text", "qwen2", "llama_mqa"])
+def test_sweeps_in_small_pieces_give_the_same_operators(case, checkpoints, edge_checkpoints, monkeypatch):
+    """With a scratch budget of one byte every chunked loop of the sweep (rows of the attention sublayer,
+    positions of the MLP, sources below the top attention, sources of the top attention alone) goes one
+    item at a time, as it does on large models; the operators of every entry point stay those of the
+    unchunked sweep. Without this the tiny models never leave the one-chunk path."""
+    model, prompt = minielm.load(checkpoint(case, checkpoints, edge_checkpoints)), PROMPT[:4]
+    L = model.config.num_hidden_layers
+
+    def everything():
+        return ([minielm.equivalent_linear_map(model, prompt, block=block).operators for block in (None, 24)]
+                + [minielm.equivalent_linear_map(model, prompt, layer=-L, component=component).operators
+                   for component in ("attention", "mlp")]
+                + [m.operators for m in all_layer_maps(model, prompt, mode="reverse").values()]
+                + [minielm.attribution(model, prompt, token=5).table])
+
+    whole = everything()
+    monkeypatch.setattr(minielm.linear_map, "SCRATCH_BYTES", 1)
+    for a, b in zip(everything(), whole, strict=True):
+        assert relative(a, b) < 1e-13
