@@ -1,5 +1,8 @@
 """The equivalent linear map: exact reconstruction, analytic = autograd, freezing, attribution."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -197,6 +200,22 @@ def test_edge_lengths_match_hugging_face_and_autograd(case, T, checkpoints, edge
     elm = minielm.equivalent_linear_map(model, prompt)
     assert elm.relative_error() < 1e-13
     assert relative(elm.operators, minielm.detached_jacobian(model, prompt)) < 1e-12
+
+
+@pytest.mark.parametrize("case, old_keys", [("qwen3_sliding", {}), ("gemma3_text", {"sliding_window_pattern": 2})])
+def test_files_without_layer_types_read_as_hugging_face_reads_them(case, old_keys, checkpoints, edge_checkpoints,
+                                                                   tmp_path):
+    """config.json files written before transformers listed `layer_types` give the sliding layers by rule: Qwen's
+    use_sliding_window with max_window_layers, Gemma 3's sliding_window_pattern. The same layer types, and the
+    same float64 logits as Hugging Face reading the same file, past the window."""
+    path = shutil.copytree(checkpoint(case, checkpoints, edge_checkpoints), tmp_path / "old")
+    raw = json.loads((path / "config.json").read_text())
+    layer_types = raw.pop("layer_types")
+    raw.update(old_keys)
+    (path / "config.json").write_text(json.dumps(raw))
+    model, prompt = minielm.load(path), edge_prompt(12)
+    assert model.config.layer_types == layer_types and "sliding_attention" in layer_types
+    assert relative(model.logits(prompt), hf_float64_logits(path, prompt)) < 1e-13
 
 
 @pytest.mark.parametrize("case, T", [(case, T) for case, T in EDGE_LENGTHS if T <= 2 or case in WINDOWS and T <= 6])
