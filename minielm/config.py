@@ -229,9 +229,14 @@ def generation_eos_token_id(path: Path, config: Config):
     eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
     if eos is None:
         return config.eos_token_id
-    if not (_is_int(eos) or isinstance(eos, list) and all(_is_int(i) for i in eos)):
+    if not _token_ids(eos):
         raise ConfigError(f"{path}: eos_token_id must be a token id, a list of token ids or null, got {show(eos)}")
     return eos
+
+
+def _token_ids(value) -> bool:
+    """Whether a JSON value is what eos_token_id may be: a token id, a list of token ids, or null."""
+    return value is None or _is_int(value) or isinstance(value, list) and all(_is_int(v) for v in value)
 
 
 def _given(raw: dict) -> dict:
@@ -276,13 +281,10 @@ def _check_fields(kwargs: dict, source: str) -> None:
     for key in ("original_max_position_embeddings", "sliding_window"):
         if kwargs.get(key) is not None and (not _is_int(kwargs[key]) or not 0 <= kwargs[key] <= MAX_SIZE):
             fail(key, "a positive integer or null")
-    for key in ("bos_token_id", "eos_token_id"):
-        value = kwargs.get(key)
-        if value is None or _is_int(value):
-            continue
-        if key == "eos_token_id" and isinstance(value, list) and all(_is_int(v) for v in value):
-            continue
-        fail(key, "a token id" + (", a list of token ids" if key == "eos_token_id" else "") + " or null")
+    if kwargs.get("bos_token_id") is not None and not _is_int(kwargs["bos_token_id"]):
+        fail("bos_token_id", "a token id or null")
+    if not _token_ids(kwargs.get("eos_token_id")):
+        fail("eos_token_id", "a token id, a list of token ids or null")
     if "hidden_act" in kwargs and (not isinstance(kwargs["hidden_act"], str)
                                    or kwargs["hidden_act"] not in SUPPORTED_ACTIVATIONS):
         raise ConfigError(f"{source}: unsupported hidden_act {show(kwargs['hidden_act'])}; "
