@@ -4,12 +4,13 @@
 #   bash tools/gpu_session.sh tests        # the test suite, CUDA cases included, then the read-ahead benchmark
 #   bash tools/gpu_session.sh llama3-8b    # tools/bench_gpu.py for one model shape (or qwen3-14b, gemma3-12b)
 #
-# That machine has torch with CUDA, safetensors, tokenizers, sentencepiece, tqdm, transformers and
-# pytest, but not llama.cpp's `gguf` reader. Fetch its wheel here first, into a folder git ignores,
-# and carry that folder (`.whl`) with the command:
+# That machine has torch with CUDA, safetensors, tokenizers, sentencepiece, tqdm and pytest, but not
+# llama.cpp's `gguf` reader, and its transformers (5.17) is older than the tests' oracle needs (5.23:
+# before it, tokenizers converted from GGUF left out the BOS token). Fetch both wheels here first,
+# into a folder git ignores, and carry that folder (`.whl`, about 14 MB) with the command:
 #
 #   echo /.whl/ >> .git/info/exclude
-#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf==0.19.0
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf==0.19.0 transformers==5.23.0
 #
 # Everything written goes to $OUT (what comes back from that machine), or to tools/results here.
 set -uo pipefail
