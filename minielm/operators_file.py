@@ -20,6 +20,7 @@ import json
 import math
 import mmap
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from .errors import InputError, OutputError
 
 FORMAT = "minielm-operators"
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+TARGET = re.compile(r"final|(layer|attention|mlp) [0-9]+")  # the names of linear_map.target_name
 
 
 def header(T: int, d: int, dtype: torch.dtype, metadata: dict) -> tuple[bytes, int]:
@@ -53,14 +55,32 @@ def read_header(path) -> tuple[int, dict]:
             n = int.from_bytes(f.read(8), "little")
             size = os.fstat(f.fileno()).st_size
             entries = json.loads(f.read(n)) if 0 < n <= size - 8 else None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise InputError(f"{path}: cannot read an operators file ({err})") from None
-    if not isinstance(entries, dict) or entries.get("__metadata__", {}).get("format") != FORMAT:
+    metadata = entries.get("__metadata__") if isinstance(entries, dict) else None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise InputError(f"{path}: not a minielm operators file (written by equivalent_linear_map(..., out=))")
+    if entries != layout(entries, metadata):  # a header edited by hand or damaged: its offsets are not trusted
+        raise InputError(f"{path}: damaged operators file: its header is not ids (T,) int64, operators (T, d, d), "
+                         "inputs (T, d), output (d,), bias (d,) of one float dtype, one after another, "
+                         "with a target")
     end = max(e["data_offsets"][1] for k, e in entries.items() if k != "__metadata__")
     if 8 + n + end != size:
         raise InputError(f"{path}: truncated operators file ({size} bytes, the header describes {8 + n + end})")
     return 8 + n, entries
+
+
+def layout(entries: dict, metadata: dict) -> dict | None:
+    """The header entries `header` writes for the T, d and dtype of `entries`' operators (None if
+    it has none that make sense)."""
+    operators = entries.get("operators")
+    shape = operators.get("shape") if isinstance(operators, dict) else None
+    dtype = DTYPES.get(operators.get("dtype")) if isinstance(shape, list) and len(shape) == 3 else None
+    if dtype is None or not dtype.is_floating_point or not all(type(n) is int and n > 0 for n in shape):
+        return None
+    if not all(isinstance(v, str) for v in metadata.values()) or not TARGET.fullmatch(metadata.get("target", "")):
+        return None
+    return json.loads(header(shape[0], shape[1], dtype, metadata)[0][8:])
 
 
 def create(path, T: int, d: int, dtype, metadata: dict, ids, inputs, output, bias) -> None:

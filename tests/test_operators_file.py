@@ -1,5 +1,6 @@
 """out=: the operators written block by block into one safetensors file, read back memory-mapped."""
 
+import json
 import os
 import stat
 import subprocess
@@ -108,3 +109,53 @@ def test_out_through_a_symlink_and_onto_what_is_not_a_file(checkpoints, tmp_path
         minielm.equivalent_linear_map(model, PROMPT, out=pipe)
     assert stat.S_ISFIFO(os.stat(pipe).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "pipe", "target.safetensors"]
+
+
+def with_header(path, edit, data_change=lambda data: data):
+    """The operators file at `path` rewritten with its header entries changed by edit(entries)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    entries = json.loads(raw[8:8 + n])
+    edit(entries)
+    text = json.dumps(entries).encode()
+    text += b" " * (-len(text) % 8)
+    edited = path.with_name("edited.safetensors")
+    edited.write_bytes(len(text).to_bytes(8, "little") + text + data_change(raw[8 + n:]))
+    return edited
+
+
+EDITS = {  # a header edited by hand: each once loaded wrong numbers or raised a traceback
+    "bias read from output's bytes": (lambda e: e["bias"].update(data_offsets=e["output"]["data_offsets"]),
+                                      lambda data: data[:-64 * 8]),
+    "operators said float32": (lambda e: e["operators"].update(dtype="F32"), None),
+    "operators of another shape": (lambda e: e["operators"].update(shape=[8, 128, 64]), None),
+    "an unknown dtype": (lambda e: e["operators"].update(dtype="Q9"), None),
+    "no operators": (lambda e: e.pop("operators"), None),
+    "no offsets": (lambda e: e["ids"].pop("data_offsets"), None),
+    "a target that is not a string": (lambda e: e["__metadata__"].update(target=3), None),
+    "a target that is no target": (lambda e: e["__metadata__"].update(target="bogus"), None),
+    "metadata a list": (lambda e: e.update(__metadata__=["minielm-operators"]), None),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_a_header_edited_by_hand_is_refused(edit, operators_path):
+    change, data_change = EDITS[edit]
+    edited = with_header(operators_path, change, data_change or (lambda data: data))
+    with pytest.raises(minielm.InputError, match="damaged operators file|not a minielm operators file"):
+        minielm.load_operators(edited)
+
+
+def test_a_header_nested_too_deep_is_refused(tmp_path):
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes((100_000).to_bytes(8, "little") + b"[" * 100_000)
+    with pytest.raises(minielm.InputError, match="cannot read an operators file"):
+        minielm.load_operators(path)
+
+
+@pytest.fixture(scope="module")
+def operators_path(checkpoints, tmp_path_factory):
+    path = tmp_path_factory.mktemp("operators") / "ops.safetensors"
+    minielm.equivalent_linear_map(minielm.load(checkpoints["llama"]), PROMPT, out=path)
+    assert minielm.load_operators(path).relative_error() < 1e-13  # the file as written loads
+    return path
