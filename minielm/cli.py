@@ -162,7 +162,7 @@ def model_path(value) -> str | None:
 
 def writable_output(path, what: str, reading: Path | None = None) -> Path:
     """`path` as a file that `what` (a flag) can write, checked before any computation: not empty, not
-    an existing directory, not the checkpoint being read (`reading`: see `overwrites`), in an existing
+    an existing directory, not the checkpoint being read (`reading`: see `checks.overwrites`), in an existing
     directory, and writable there (tried by opening it, which also catches read-only file systems and
     root's permissions; a file created by the try is removed)."""
     if not str(path).strip():
@@ -170,7 +170,7 @@ def writable_output(path, what: str, reading: Path | None = None) -> Path:
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{what} {path}: is a directory; expected a file name")
-    if reading is not None and overwrites(path, reading):
+    if reading is not None and checks.overwrites(path, reading):
         raise OutputError(f"{what} {path}: would overwrite the checkpoint being read ({reading}); "
                           "write it somewhere else")
     if not path.parent.is_dir():
@@ -184,21 +184,6 @@ def writable_output(path, what: str, reading: Path | None = None) -> Path:
     if not existed:
         path.unlink()
     return path
-
-
-def overwrites(path: Path, checkpoint: Path) -> bool:
-    """Whether writing `path` would change `checkpoint` (a directory, or a GGUF file): a path inside the
-    directory, or the file itself, links resolved (a symlinked folder, the Hugging Face cache's
-    snapshot links into blobs/), or one of its files under another name (a hard link)."""
-    checkpoint = checkpoint.resolve()
-    target = path.resolve()  # what a write would change (symlinks followed)
-    if checkpoint.is_dir():
-        if path.parent.resolve().is_relative_to(checkpoint) or target.is_relative_to(checkpoint):
-            return True
-        files = [f for f in checkpoint.iterdir() if f.is_file()]
-    else:
-        files = [checkpoint]
-    return target == checkpoint or (target.is_file() and any(os.path.samefile(target, f) for f in files))
 
 
 def write_text_replacing(path, text: str, flag: str) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -386,13 +387,7 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
     layer, component = checked_target(model, layer, component)
     block = checks.optional_integer("block", block, 1, why="output rows swept at a time")
     distributed = checks.boolean("distributed", distributed)
-    if out is not None and not isinstance(out, (str, os.PathLike)) or out == "":
-        raise InputError(f"out must be a file path, got {out!r}")
-    if out is not None:  # written beside as .partial, then renamed over: so a link's target, never a device
-        if os.path.exists(out) and not os.path.isfile(out):
-            raise OutputError(f"out={out}: not a regular file (a directory, a device or a pipe); "
-                              "the operators are written into a file and mapped back from it")
-        out = os.path.realpath(out)
+    out = None if out is None else checked_out(model, out)
     rank, ranks = rank_and_size(distributed)
     if distributed:
         check_same_prompt(ids, model.device)
@@ -430,6 +425,21 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
     elm = operators_file.load_operators(out)
     elm.model, elm.frozen = model, frozen
     return elm
+
+
+def checked_out(model: Model, out) -> str:
+    """`out` as the real path the operators will be written to (beside it as .partial, then renamed
+    over it: so a link's target, never a device), or an error: not a file path, not a regular file,
+    or a file of the checkpoint that `model` was loaded from."""
+    if not isinstance(out, (str, os.PathLike)) or os.fspath(out) in ("", b"") or "\0" in str(os.fspath(out)):
+        raise InputError(f"out must be a file path, got {out!r}")
+    if os.path.exists(out) and not os.path.isfile(out):
+        raise OutputError(f"out={out}: not a regular file (a directory, a device or a pipe); "
+                          "the operators are written into a file and mapped back from it")
+    if model.directory is not None and checks.overwrites(Path(out), Path(model.directory)):
+        raise OutputError(f"out={out}: would overwrite the checkpoint being read ({model.directory}); "
+                          "write it somewhere else")
+    return os.path.realpath(out)
 
 
 def sweep_in_blocks(model: Model, frozen: Frozen, seed, layer: int, component: str, block: int | None,

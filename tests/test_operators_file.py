@@ -159,3 +159,24 @@ def operators_path(checkpoints, tmp_path_factory):
     minielm.equivalent_linear_map(minielm.load(checkpoints["llama"]), PROMPT, out=path)
     assert minielm.load_operators(path).relative_error() < 1e-13  # the file as written loads
     return path
+
+
+def test_out_never_overwrites_the_checkpoint_being_read(checkpoints, tmp_path):
+    """out= onto the weights the model was loaded from (or anywhere in its directory) is refused, as the
+    command line's --out is: renamed over them, the operators had replaced the checkpoint."""
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    for file in checkpoints["llama"].iterdir():
+        (checkpoint / file.name).write_bytes(file.read_bytes())
+    before = {file.name: file.read_bytes() for file in checkpoint.iterdir()}
+    model = minielm.load(checkpoint)
+    (tmp_path / "link").symlink_to(checkpoint)
+    for out in (checkpoint / "model.safetensors", tmp_path / "link" / "config.json", checkpoint / "new.safetensors"):
+        with pytest.raises(minielm.OutputError, match="would overwrite the checkpoint being read"):
+            minielm.equivalent_linear_map(model, PROMPT, out=out)
+    assert {file.name: file.read_bytes() for file in checkpoint.iterdir()} == before
+
+
+def test_out_with_a_null_byte_is_an_input_error(checkpoints, tmp_path):
+    with pytest.raises(minielm.InputError, match="out must be a file path"):
+        minielm.equivalent_linear_map(minielm.load(checkpoints["llama"]), PROMPT, out=f"{tmp_path}/a\0b")
