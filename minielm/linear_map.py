@@ -390,7 +390,9 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
     out = None if out is None else checked_out(model, out)
     rank, ranks = rank_and_size(distributed)
     if distributed:
-        check_same_prompt(ids, model.device)
+        c = model.config
+        check_same_prompt(ids, (layer, ("output", "attention", "mlp").index(component), c.hidden_size,
+                                c.num_hidden_layers, c.vocab_size, model.dtype.itemsize), model.device)
     x, frozen, states, states0 = traced(model, ids)
     y, bias, final_scale = target_values(model, states, states0, layer, component)
     (T, d), name = x.shape, target_name(model, layer, component)

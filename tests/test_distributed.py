@@ -52,3 +52,38 @@ def test_distributed_needs_a_process_group(checkpoints):
     model = minielm.load(checkpoints["llama"])
     with pytest.raises(minielm.InputError, match="init_process_group"):
         minielm.equivalent_linear_map(model, PROMPT, distributed=True)
+
+
+MISMATCH_SCRIPT = """
+import sys, torch, minielm
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+model = minielm.load(sys.argv[1])
+ids = {ids}
+for label, kwargs in (("prompt", dict(ids=ids if rank == 0 else ids[:-1] + [ids[-1] + 1])),
+                      ("layer", dict(ids=ids, layer=None if rank == 0 else 0)),
+                      ("component", dict(ids=ids, layer=1, component="mlp" if rank == 0 else "attention")),
+                      ("layer, out=", dict(ids=ids, layer=None if rank == 0 else 0, out=sys.argv[2]))):
+    try:
+        minielm.equivalent_linear_map(model, distributed=True, **kwargs)
+        print(f"rank {{rank}} {{label}}: computed", flush=True)
+    except minielm.InputError as error:
+        print(f"rank {{rank}} {{label}}: refused: {{error}}", flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_ranks_given_different_prompts_or_targets_are_refused(checkpoints, tmp_path):
+    """Every rank refuses a prompt or a target (layer, component) that differs between the ranks: the
+    rows of different maps put together had given one map, silently wrong."""
+    script = tmp_path / "rank.py"
+    script.write_text(MISMATCH_SCRIPT.format(ids=PROMPT))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(checkpoints["llama"]), str(tmp_path / "ops.safetensors")],
+                         check=True, capture_output=True, text=True, timeout=300)
+    for rank in (0, 1):
+        assert f"rank {rank} prompt: refused: distributed=True: the ranks were given different prompts" in run.stdout
+        for label in ("layer", "component", "layer, out="):
+            assert f"rank {rank} {label}: refused: distributed=True: the ranks were given different targets" \
+                in run.stdout, run.stdout
+    assert not list(tmp_path.glob("ops.safetensors*"))
