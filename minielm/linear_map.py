@@ -404,15 +404,15 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
         operators = gather_rows(operators, d, rank, ranks) if distributed else operators
         return None if operators is None else EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, name)
     partial, failed = f"{out}.partial", None
-    if rank == 0:
-        try:
-            operators_file.create(partial, T, d, x.dtype, {"target": name, "model": str(model.directory)},
-                                  ids, x, y, bias)
-        except Exception as error:
-            failed = error
-    if not on_every_rank(distributed, failed is None, x.device):  # the other ranks stop too, rather than wait
-        raise failed or OutputError(f"{out}: rank 0 could not create the file")
     try:
+        if rank == 0:
+            try:
+                operators_file.create(partial, T, d, x.dtype, {"target": name, "model": str(model.directory)},
+                                      ids, x, y, bias)
+            except Exception as error:
+                failed = error
+        if not on_every_rank(distributed, failed is None, x.device):  # the other ranks stop too, rather than wait
+            raise failed or OutputError(f"{out}: rank 0 could not create the file")
         block = block or max(1, BLOCK_BYTES // (T * d * x.element_size()))
         sweep_in_blocks(model, frozen, seed[rows], layer, component, block,
                         write=lambda a, G: operators_file.write_rows(partial, rows.start + a, G))
@@ -420,7 +420,7 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
         if rank == 0:
             os.replace(partial, out)
     except BaseException:  # an error or an interrupt leaves no half-written file behind
-        if rank == 0 and os.path.exists(partial):
+        if rank == 0 and os.path.isfile(partial):
             os.remove(partial)
         raise
     barrier(distributed)

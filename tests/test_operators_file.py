@@ -180,3 +180,21 @@ def test_out_never_overwrites_the_checkpoint_being_read(checkpoints, tmp_path):
 def test_out_with_a_null_byte_is_an_input_error(checkpoints, tmp_path):
     with pytest.raises(minielm.InputError, match="out must be a file path"):
         minielm.equivalent_linear_map(minielm.load(checkpoints["llama"]), PROMPT, out=f"{tmp_path}/a\0b")
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_a_write_cut_short_while_creating_the_file_leaves_no_file(stop, checkpoints, tmp_path, monkeypatch):
+    """An interrupt or a full disk while the header and the small tensors are written (the file already
+    created): no .partial left behind, and an old file at the path stays."""
+    model = minielm.load(checkpoints["llama"])
+    path = tmp_path / "ops.safetensors"
+    path.write_bytes(b"an older file")
+
+    def cut_short(fd, data, offset):  # the first write of a tensor, after the header
+        assert os.fstat(fd).st_size > 0  # create() has made the file
+        raise stop
+
+    monkeypatch.setattr(os, "pwrite", cut_short)
+    with pytest.raises(KeyboardInterrupt if isinstance(stop, KeyboardInterrupt) else minielm.OutputError):
+        minielm.equivalent_linear_map(model, PROMPT, out=path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ops.safetensors"] and path.read_bytes() == b"an older file"
