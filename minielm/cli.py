@@ -102,9 +102,13 @@ def check_arguments(args) -> None:
     directory = resolve_checkpoint(model_path(args.model))
     resolve_dtype(args.dtype)
     resolve_device(args.device)
-    for flag in ("plot", "html", "out"):  # output files: writable, and not the checkpoint, before any work
+    prompt_files = [Path(f) for f in (getattr(args, "prompt_file", None), getattr(args, "concept_file", None)) if f]
+    for flag in ("plot", "html", "out"):  # output files: writable, not the checkpoint nor an input, before any work
         if getattr(args, flag, None) is not None:
-            writable_output(getattr(args, flag), f"--{flag}", reading=directory)
+            writable_output(getattr(args, flag), f"--{flag}", reading=directory, prompt_files=prompt_files)
+    if getattr(args, "out", None) is not None and Path(args.out).exists() and not Path(args.out).is_file():
+        raise OutputError(f"--out {args.out}: not a regular file (a device or a pipe); "
+                          "the operators are written into a file and mapped back from it")
     config = model_config(directory)
     if getattr(args, "plot", None) is not None:
         plot_format(args.plot, "--plot")
@@ -160,10 +164,10 @@ def model_path(value) -> str | None:
     return value
 
 
-def writable_output(path, what: str, reading: Path | None = None) -> Path:
+def writable_output(path, what: str, reading: Path | None = None, prompt_files=()) -> Path:
     """`path` as a file that `what` (a flag) can write, checked before any computation: not empty, not
-    an existing directory, not the checkpoint being read (`reading`: see `checks.overwrites`), in an existing
-    directory, and writable there (tried by opening it, which also catches read-only file systems and
+    an existing directory, not the checkpoint being read (`reading`: see `checks.overwrites`), not one of
+    the `prompt_files` read (links resolved), in an existing directory, and writable there (tried by opening it, which also catches read-only file systems and
     root's permissions; a file created by the try is removed)."""
     if not str(path).strip():
         raise OutputError(f"{what} needs a file name, got {str(path)!r}")
@@ -173,6 +177,8 @@ def writable_output(path, what: str, reading: Path | None = None) -> Path:
     if reading is not None and checks.overwrites(path, reading):
         raise OutputError(f"{what} {path}: would overwrite the checkpoint being read ({reading}); "
                           "write it somewhere else")
+    if path.exists() and any(f.exists() and os.path.samefile(path, f) for f in prompt_files):
+        raise OutputError(f"{what} {path}: is a file the prompt is read from; write it somewhere else")
     if not path.parent.is_dir():
         why = "does not exist" if not path.parent.exists() else "is not a directory"
         raise OutputError(f"{what} {path}: {path.parent} {why}")

@@ -183,6 +183,25 @@ def test_an_output_path_cannot_overwrite_the_checkpoint(tiny_with_tokenizer, tmp
     assert "would overwrite the checkpoint being read" in capsys.readouterr().err and gguf.read_bytes() == b"GGUF"
 
 
+def test_an_output_path_cannot_overwrite_the_prompt_file(tiny_with_tokenizer, tmp_path, monkeypatch, capsys):
+    """--out, --html or --plot naming the file the prompt is read from (also through a symlink) is refused
+    before the model loads (the prompt file had been replaced by the operators); so is an --out that
+    is a device, which had been refused only after the model had loaded, as out=."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("In the beginning")
+    (tmp_path / "link.txt").symlink_to(prompt)
+    monkeypatch.setattr(minielm.cli, "load", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
+    for flag in (["operators", "--out"], ["explain", "--html"], ["layers", "--plot"]):
+        for read, written in ((prompt, prompt), (tmp_path / "link.txt", tmp_path / "." / "prompt.txt")):
+            assert main([flag[0], "--prompt-file", str(read), "--model", str(tiny_with_tokenizer),
+                         flag[1], str(written)]) == 2, (flag, read, written)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "is a file the prompt is read from" in err, err
+    assert prompt.read_text() == "In the beginning"
+    assert main(["operators", "hi", "--model", str(tiny_with_tokenizer), "--out", os.devnull]) == 2
+    assert "--out /dev/null: not a regular file" in capsys.readouterr().err
+
+
 def test_html_is_written_beside_then_renamed(tiny_with_tokenizer, tmp_path, monkeypatch):
     """--html goes to a temporary file beside the target, then os.replace: a write that fails half-way
     leaves the old report as it was, and no temporary file behind."""
