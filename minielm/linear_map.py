@@ -414,9 +414,13 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
         if not on_every_rank(distributed, failed is None, x.device):  # the other ranks stop too, rather than wait
             raise failed or OutputError(f"{out}: rank 0 could not create the file")
         block = block or max(1, BLOCK_BYTES // (T * d * x.element_size()))
-        sweep_in_blocks(model, frozen, seed[rows], layer, component, block,
-                        write=lambda a, G: operators_file.write_rows(partial, rows.start + a, G))
-        barrier(distributed)
+        try:
+            sweep_in_blocks(model, frozen, seed[rows], layer, component, block,
+                            write=lambda a, G: operators_file.write_rows(partial, rows.start + a, G))
+        except Exception as error:  # a full disk on one rank: every rank stops, and rank 0 removes the file
+            failed = error
+        if not on_every_rank(distributed, failed is None, x.device):
+            raise failed or OutputError(f"{out}: another rank could not write its rows")
         if rank == 0:
             os.replace(partial, out)
     except BaseException:  # an error or an interrupt leaves no half-written file behind

@@ -87,3 +87,37 @@ def test_ranks_given_different_prompts_or_targets_are_refused(checkpoints, tmp_p
             assert f"rank {rank} {label}: refused: distributed=True: the ranks were given different targets" \
                 in run.stdout, run.stdout
     assert not list(tmp_path.glob("ops.safetensors*"))
+
+
+FULL_DISK_SCRIPT = """
+import sys, torch, minielm, minielm.operators_file
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+model = minielm.load(sys.argv[1])
+write_rows = minielm.operators_file.write_rows
+
+def full_on_rank_1(path, a, G):
+    if rank == 1:
+        raise minielm.OutputError(f"{{path}}: cannot write the operators (No space left on device)")
+    write_rows(path, a, G)
+
+minielm.operators_file.write_rows = full_on_rank_1
+try:
+    minielm.equivalent_linear_map(model, {ids}, out=sys.argv[2], block=5, distributed=True)
+except minielm.MinielmError as error:
+    print(f"rank {{rank}} stopped: {{type(error).__name__}}: {{error}}", flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_a_rank_that_cannot_write_stops_every_rank(checkpoints, tmp_path):
+    """A full disk on rank 1: every rank stops with a one-line error (rank 0 had waited at a barrier
+    for rank 1, then failed with gloo's 'Connection reset by peer'), and no .partial file is left."""
+    script = tmp_path / "rank.py"
+    script.write_text(FULL_DISK_SCRIPT.format(ids=PROMPT))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(checkpoints["llama"]), str(tmp_path / "ops.safetensors")],
+                         check=True, capture_output=True, text=True, timeout=300)
+    assert "rank 1 stopped: OutputError" in run.stdout and "No space left on device" in run.stdout, run.stdout
+    assert "rank 0 stopped: OutputError" in run.stdout and "another rank could not write its rows" in run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank.py"]
