@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from . import checks
 from .checkpoint import SAFETENSORS_DTYPES as DTYPES
 from .errors import InputError, OutputError
+from .model import Model
 
 FORMAT = "minielm-operators"
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -127,6 +129,8 @@ def load_operators(path, model=None):
     too; a model whose embedding of the stored ids differs from the stored inputs is refused."""
     from .linear_map import EquivalentLinearMap
 
+    if model is not None:
+        checks.instance("model", model, Model, "from minielm.load")
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
         raise InputError(f"{path}: no such operators file")
     start, entries = read_header(path)

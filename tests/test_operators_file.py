@@ -198,3 +198,9 @@ def test_a_write_cut_short_while_creating_the_file_leaves_no_file(stop, checkpoi
     with pytest.raises(KeyboardInterrupt if isinstance(stop, KeyboardInterrupt) else minielm.OutputError):
         minielm.equivalent_linear_map(model, PROMPT, out=path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ops.safetensors"] and path.read_bytes() == b"an older file"
+
+
+@pytest.mark.parametrize("model", ["a checkpoint path", 3])
+def test_a_model_that_is_no_model_is_an_input_error(model, operators_path):
+    with pytest.raises(minielm.InputError, match="model must be a Model"):  # it was an AttributeError
+        minielm.load_operators(operators_path, model)
