@@ -27,7 +27,7 @@ import torch
 
 from . import checks
 from .checkpoint import SAFETENSORS_DTYPES as DTYPES
-from .errors import InputError, OutputError
+from .errors import InputError, MinielmError, OutputError
 from .model import Model
 
 FORMAT = "minielm-operators"
@@ -144,9 +144,22 @@ def load_operators(path, model=None):
                                              offset=start + begin).view(entry["shape"])
     ids = tensors["ids"].tolist()
     if model is not None:
-        if model.config.hidden_size != tensors["inputs"].shape[1] or not torch.allclose(
-                model.embed(ids).cpu().to(tensors["inputs"].dtype), tensors["inputs"], rtol=1e-12, atol=0):
-            raise InputError(f"{path}: these operators were computed with another model "
-                             f"({entries['__metadata__'].get('model', 'unknown')})")
+        check_same_model(path, entries["__metadata__"], ids, tensors["inputs"], model)
     return EquivalentLinearMap(model, ids, tensors["operators"], tensors["inputs"], tensors["output"],
                                tensors["bias"], None, entries["__metadata__"].get("target", "final"))
+
+
+def check_same_model(path, metadata: dict, ids: list, inputs, model: Model) -> None:
+    """An InputError unless `model` has the target's layer and embeds the stored `ids` as the stored
+    `inputs` (T, d): ids outside its vocabulary or past its positions are another model's too."""
+    layer, why = metadata["target"].split()[-1], ""
+    try:
+        same = (model.config.hidden_size == inputs.shape[1]
+                and (not layer.isdigit() or int(layer) < model.config.num_hidden_layers)
+                and torch.allclose(model.embed(ids).cpu().to(inputs.dtype), inputs, rtol=1e-12, atol=0))
+    except MinielmError as error:
+        same, why = False, f": {error}"
+    if not same:
+        raise InputError(f"{path}: these operators ({metadata['target']}, {str(inputs.dtype).removeprefix('torch.')}, "
+                         f"d = {inputs.shape[1]}) were computed with another model ({metadata.get('model', 'unknown')})"
+                         f" or dtype{why}")

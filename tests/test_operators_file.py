@@ -111,15 +111,15 @@ def test_out_through_a_symlink_and_onto_what_is_not_a_file(checkpoints, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "pipe", "target.safetensors"]
 
 
-def with_header(path, edit, data_change=lambda data: data):
-    """The operators file at `path` rewritten with its header entries changed by edit(entries)."""
+def with_header(path, edit, data_change=lambda data: data, name="edited.safetensors"):
+    """The operators file at `path` rewritten (as `name`) with its header entries changed by edit(entries)."""
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     entries = json.loads(raw[8:8 + n])
     edit(entries)
     text = json.dumps(entries).encode()
     text += b" " * (-len(text) % 8)
-    edited = path.with_name("edited.safetensors")
+    edited = path.with_name(name)
     edited.write_bytes(len(text).to_bytes(8, "little") + text + data_change(raw[8 + n:]))
     return edited
 
@@ -204,3 +204,17 @@ def test_a_write_cut_short_while_creating_the_file_leaves_no_file(stop, checkpoi
 def test_a_model_that_is_no_model_is_an_input_error(model, operators_path):
     with pytest.raises(minielm.InputError, match="model must be a Model"):  # it was an AttributeError
         minielm.load_operators(operators_path, model)
+
+
+def test_a_model_without_the_targets_layer_or_the_stored_ids_is_another_model(checkpoints, operators_path):
+    """The file's target layer past the model's layers, or a stored id past its vocabulary: refused as
+    another model's operators, naming the file (they had loaded, or failed naming no file)."""
+    model = minielm.load(checkpoints["llama"])
+    past_the_layers = with_header(operators_path, lambda e: e["__metadata__"].update(target="layer 99"),
+                                  name="layer 99.safetensors")
+    id_past_the_vocabulary = with_header(operators_path, lambda e: None,
+                                         lambda data: (10**9).to_bytes(8, "little") + data[8:])
+    for path in (past_the_layers, id_past_the_vocabulary):
+        minielm.load_operators(path)  # without a model there is nothing to compare with
+        with pytest.raises(minielm.InputError, match=f"{path}: these operators .* were computed with another model"):
+            minielm.load_operators(path, model)
