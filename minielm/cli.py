@@ -188,7 +188,7 @@ def writable_output(path, what: str, reading: Path | None = None, prompt_files=(
     except OSError as err:
         raise OutputError(f"{what} {path}: cannot write there ({err.strerror})") from None
     if not existed:
-        path.unlink()
+        path.unlink(missing_ok=True)  # under torchrun every rank tries the path: another may have removed it
     return path
 
 

@@ -202,6 +202,19 @@ def test_an_output_path_cannot_overwrite_the_prompt_file(tiny_with_tokenizer, tm
     assert "--out /dev/null: not a regular file" in capsys.readouterr().err
 
 
+def test_output_paths_tried_by_every_rank_at_once(tmp_path, monkeypatch):
+    """Under torchrun every rank tries --out for writing at the same moment: a rank whose try-file
+    another rank has already removed goes on (it had ended in an internal FileNotFoundError, exit 1)."""
+    out, close = tmp_path / "ops.safetensors", os.close
+
+    def close_then_another_rank_removes(fd):
+        close(fd)
+        out.unlink(missing_ok=True)
+
+    monkeypatch.setattr(minielm.cli.os, "close", close_then_another_rank_removes)
+    assert minielm.cli.writable_output(out, "--out") == out and not out.exists()
+
+
 def test_html_is_written_beside_then_renamed(tiny_with_tokenizer, tmp_path, monkeypatch):
     """--html goes to a temporary file beside the target, then os.replace: a write that fails half-way
     leaves the old report as it was, and no temporary file behind."""
