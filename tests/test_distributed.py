@@ -3,6 +3,7 @@ and written into one file, the operators equal one process's to round-off."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,8 +30,21 @@ torch.distributed.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("case, ranks", [("llama", 2), ("gemma3_text", 2), ("llama", 3)])  # d = 64: 22, 22, 20 rows
-def test_ranks_equal_one_process(case, ranks, checkpoints, tmp_path):
+@pytest.fixture(scope="module")
+def four_wide(tmp_path_factory):
+    """A random Llama-style checkpoint with d = 4: five ranks leave the last one no row."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from bench import random_checkpoint
+
+    path = tmp_path_factory.mktemp("four_wide")
+    random_checkpoint(path, d=4, layers=2, f=8, heads=2, kv_heads=1, vocab=128, seed=1)
+    return {"four_wide": path}
+
+
+@pytest.mark.parametrize("case, ranks", [("llama", 2), ("gemma3_text", 2), ("llama", 3),  # d = 64: 22, 22, 20 rows
+                                         ("four_wide", 5)])  # d = 4: 1, 1, 1, 1, 0 rows
+def test_ranks_equal_one_process(case, ranks, checkpoints, four_wide, tmp_path):
+    checkpoints = {**checkpoints, **four_wide}
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT.format(ids=PROMPT))
     out, gathered = tmp_path / "operators.safetensors", tmp_path / "gathered.pt"
