@@ -112,8 +112,9 @@ def check_arguments(args) -> None:
     config = model_config(directory)
     if getattr(args, "plot", None) is not None:
         plot_format(args.plot, "--plot")
-    if getattr(args, "distributed", False) and not {"RANK", "WORLD_SIZE"} <= os.environ.keys():
-        raise InputError("--distributed runs under torchrun (RANK and WORLD_SIZE are not set): "
+    unset = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if getattr(args, "distributed", False) and unset:  # what torchrun sets, and init_process_group reads
+        raise InputError(f"--distributed runs under torchrun ({' and '.join(unset)} not set): "
                          "torchrun --nproc-per-node N -m minielm.cli operators ... --distributed")
     if getattr(args, "block", None) is not None:
         checks.integer("--block", args.block, 1, why="output rows swept at a time")

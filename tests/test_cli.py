@@ -155,8 +155,13 @@ def test_distributed_outside_torchrun_is_one_line(tiny_with_tokenizer, tmp_path,
     out = tmp_path / "ops.safetensors"
     assert main(["operators", "hi", "--model", str(tiny_with_tokenizer), "--out", str(out), "--distributed"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--distributed runs under torchrun (RANK and WORLD_SIZE are not set)" in err
+    assert err.count("\n") == 1 and "--distributed runs under torchrun (RANK and WORLD_SIZE" in err
     assert not out.exists()
+    monkeypatch.setenv("RANK", "0")  # set by hand, without torchrun's rendezvous address: refused too (it was an
+    monkeypatch.setenv("WORLD_SIZE", "1")  # internal ValueError from init_process_group, exit 1)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert main(["operators", "hi", "--model", str(tiny_with_tokenizer), "--out", str(out), "--distributed"]) == 2
+    assert "--distributed runs under torchrun (MASTER_ADDR" in capsys.readouterr().err and not out.exists()
 
 
 def test_an_output_path_cannot_overwrite_the_checkpoint(tiny_with_tokenizer, tmp_path, capsys):
