@@ -135,3 +135,17 @@ def test_a_rank_that_cannot_write_stops_every_rank(checkpoints, tmp_path):
     assert "rank 1 stopped: OutputError" in run.stdout and "No space left on device" in run.stdout, run.stdout
     assert "rank 0 stopped: OutputError" in run.stdout and "another rank could not write its rows" in run.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank.py"]
+
+
+def test_the_command_under_torchrun(tiny_with_tokenizer, tmp_path):
+    """`minielm operators --distributed` under torchrun: one report line (rank 0's), and the file holds
+    one process's operators."""
+    out = tmp_path / "ops.safetensors"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "minielm.cli", "operators", "In the beginning", "--model", str(tiny_with_tokenizer),
+                          "--out", str(out), "--block", "10", "--distributed", "--quiet"],
+                         check=True, capture_output=True, text=True, timeout=300)
+    assert run.stdout.count("reconstruction error") == 1, run.stdout
+    model = minielm.load(tiny_with_tokenizer)
+    one = minielm.equivalent_linear_map(model, model.tokenizer.encode("In the beginning")).operators
+    assert float((minielm.load_operators(out, model).operators - one).abs().max()) <= 1e-14 * float(one.abs().max())
