@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -132,6 +134,21 @@ def matrices(name: str, value) -> torch.Tensor:
                 else show(value, 40))
         raise InputError(f"{name} must be a floating-point tensor of matrices (..., m, n), got {what}")
     return value
+
+
+def overwrites(path: Path, checkpoint: Path) -> bool:
+    """Whether writing `path` would change `checkpoint` (a directory, or a GGUF file): a path inside the
+    directory, or the file itself, links resolved (a symlinked folder, the Hugging Face cache's
+    snapshot links into blobs/), or one of its files under another name (a hard link)."""
+    checkpoint = checkpoint.resolve()
+    target = path.resolve()  # what a write would change (symlinks followed)
+    if checkpoint.is_dir():
+        if path.parent.resolve().is_relative_to(checkpoint) or target.is_relative_to(checkpoint):
+            return True
+        files = [f for f in checkpoint.iterdir() if f.is_file()]
+    else:
+        files = [checkpoint]
+    return target == checkpoint or (target.is_file() and any(os.path.samefile(target, f) for f in files))
 
 
 def instance(name: str, value, kind: type, hint: str) -> None:

@@ -102,14 +102,19 @@ def check_arguments(args) -> None:
     directory = resolve_checkpoint(model_path(args.model))
     resolve_dtype(args.dtype)
     resolve_device(args.device)
-    for flag in ("plot", "html", "out"):  # output files: writable, and not the checkpoint, before any work
+    prompt_files = [Path(f) for f in (getattr(args, "prompt_file", None), getattr(args, "concept_file", None)) if f]
+    for flag in ("plot", "html", "out"):  # output files: writable, not the checkpoint nor an input, before any work
         if getattr(args, flag, None) is not None:
-            writable_output(getattr(args, flag), f"--{flag}", reading=directory)
+            writable_output(getattr(args, flag), f"--{flag}", reading=directory, prompt_files=prompt_files)
+    if getattr(args, "out", None) is not None and Path(args.out).exists() and not Path(args.out).is_file():
+        raise OutputError(f"--out {args.out}: not a regular file (a device or a pipe); "
+                          "the operators are written into a file and mapped back from it")
     config = model_config(directory)
     if getattr(args, "plot", None) is not None:
         plot_format(args.plot, "--plot")
-    if getattr(args, "distributed", False) and not {"RANK", "WORLD_SIZE"} <= os.environ.keys():
-        raise InputError("--distributed runs under torchrun (RANK and WORLD_SIZE are not set): "
+    unset = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if getattr(args, "distributed", False) and unset:  # what torchrun sets, and init_process_group reads
+        raise InputError(f"--distributed runs under torchrun ({' and '.join(unset)} not set): "
                          "torchrun --nproc-per-node N -m minielm.cli operators ... --distributed")
     if getattr(args, "block", None) is not None:
         checks.integer("--block", args.block, 1, why="output rows swept at a time")
@@ -160,19 +165,21 @@ def model_path(value) -> str | None:
     return value
 
 
-def writable_output(path, what: str, reading: Path | None = None) -> Path:
+def writable_output(path, what: str, reading: Path | None = None, prompt_files=()) -> Path:
     """`path` as a file that `what` (a flag) can write, checked before any computation: not empty, not
-    an existing directory, not the checkpoint being read (`reading`: see `overwrites`), in an existing
-    directory, and writable there (tried by opening it, which also catches read-only file systems and
+    an existing directory, not the checkpoint being read (`reading`: see `checks.overwrites`), not one of
+    the `prompt_files` read (links resolved), in an existing directory, and writable there (tried by opening it, which also catches read-only file systems and
     root's permissions; a file created by the try is removed)."""
     if not str(path).strip():
         raise OutputError(f"{what} needs a file name, got {str(path)!r}")
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{what} {path}: is a directory; expected a file name")
-    if reading is not None and overwrites(path, reading):
+    if reading is not None and checks.overwrites(path, reading):
         raise OutputError(f"{what} {path}: would overwrite the checkpoint being read ({reading}); "
                           "write it somewhere else")
+    if path.exists() and any(f.exists() and os.path.samefile(path, f) for f in prompt_files):
+        raise OutputError(f"{what} {path}: is a file the prompt is read from; write it somewhere else")
     if not path.parent.is_dir():
         why = "does not exist" if not path.parent.exists() else "is not a directory"
         raise OutputError(f"{what} {path}: {path.parent} {why}")
@@ -182,23 +189,8 @@ def writable_output(path, what: str, reading: Path | None = None) -> Path:
     except OSError as err:
         raise OutputError(f"{what} {path}: cannot write there ({err.strerror})") from None
     if not existed:
-        path.unlink()
+        path.unlink(missing_ok=True)  # under torchrun every rank tries the path: another may have removed it
     return path
-
-
-def overwrites(path: Path, checkpoint: Path) -> bool:
-    """Whether writing `path` would change `checkpoint` (a directory, or a GGUF file): a path inside the
-    directory, or the file itself, links resolved (a symlinked folder, the Hugging Face cache's
-    snapshot links into blobs/), or one of its files under another name (a hard link)."""
-    checkpoint = checkpoint.resolve()
-    target = path.resolve()  # what a write would change (symlinks followed)
-    if checkpoint.is_dir():
-        if path.parent.resolve().is_relative_to(checkpoint) or target.is_relative_to(checkpoint):
-            return True
-        files = [f for f in checkpoint.iterdir() if f.is_file()]
-    else:
-        files = [checkpoint]
-    return target == checkpoint or (target.is_file() and any(os.path.samefile(target, f) for f in files))
 
 
 def write_text_replacing(path, text: str, flag: str) -> None:

@@ -11,7 +11,7 @@ fit (the others return None); with `out=`, every rank writes its own rows into t
 file and all return it: the way for a map larger than one device.
 Opting in with `distributed=True`, rather than splitting whenever a process group
 exists, keeps a data-parallel job (each rank its own prompt) from being split by
-accident; the prompt is checked to be the same on every rank.
+accident; the prompt and the target are checked to be the same on every rank.
 """
 
 from __future__ import annotations
@@ -36,14 +36,18 @@ def rows_of(rank: int, ranks: int, d: int) -> slice:
     return slice(min(rank * n, d), min((rank + 1) * n, d))
 
 
-def check_same_prompt(ids: list, device) -> None:
-    """An InputError on every rank unless all ranks were given the same token ids."""
-    fingerprint = torch.tensor([len(ids), hash(tuple(ids))], dtype=torch.int64, device=device)
+def check_same_prompt(ids: list, target: tuple, device) -> None:
+    """An InputError on every rank unless all ranks were given the same token ids and the same
+    `target` (integers: the layer, the component, the model's shape and dtype)."""
+    fingerprint = torch.tensor([len(ids), hash(tuple(ids)), *target], dtype=torch.int64, device=device)
     low, high = fingerprint.clone(), fingerprint.clone()
     torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
     torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
-    if not torch.equal(low, high):
+    if not torch.equal(low[:2], high[:2]):
         raise InputError("distributed=True: the ranks were given different prompts; every rank needs the same ids")
+    if not torch.equal(low, high):  # rows of different maps would be put together as one
+        raise InputError("distributed=True: the ranks were given different targets (layer, component) or models "
+                         "of another shape or dtype; every rank needs the same")
 
 
 def gather_rows(G, d: int, rank: int, ranks: int):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -386,16 +387,12 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
     layer, component = checked_target(model, layer, component)
     block = checks.optional_integer("block", block, 1, why="output rows swept at a time")
     distributed = checks.boolean("distributed", distributed)
-    if out is not None and not isinstance(out, (str, os.PathLike)) or out == "":
-        raise InputError(f"out must be a file path, got {out!r}")
-    if out is not None:  # written beside as .partial, then renamed over: so a link's target, never a device
-        if os.path.exists(out) and not os.path.isfile(out):
-            raise OutputError(f"out={out}: not a regular file (a directory, a device or a pipe); "
-                              "the operators are written into a file and mapped back from it")
-        out = os.path.realpath(out)
+    out = None if out is None else checked_out(model, out)
     rank, ranks = rank_and_size(distributed)
     if distributed:
-        check_same_prompt(ids, model.device)
+        c = model.config
+        check_same_prompt(ids, (layer, ("output", "attention", "mlp").index(component), c.hidden_size,
+                                c.num_hidden_layers, c.vocab_size, model.dtype.itemsize), model.device)
     x, frozen, states, states0 = traced(model, ids)
     y, bias, final_scale = target_values(model, states, states0, layer, component)
     (T, d), name = x.shape, target_name(model, layer, component)
@@ -407,29 +404,48 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
         operators = gather_rows(operators, d, rank, ranks) if distributed else operators
         return None if operators is None else EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, name)
     partial, failed = f"{out}.partial", None
-    if rank == 0:
-        try:
-            operators_file.create(partial, T, d, x.dtype, {"target": name, "model": str(model.directory)},
-                                  ids, x, y, bias)
-        except Exception as error:
-            failed = error
-    if not on_every_rank(distributed, failed is None, x.device):  # the other ranks stop too, rather than wait
-        raise failed or OutputError(f"{out}: rank 0 could not create the file")
     try:
+        if rank == 0:
+            try:
+                operators_file.create(partial, T, d, x.dtype, {"target": name, "model": str(model.directory)},
+                                      ids, x, y, bias)
+            except Exception as error:
+                failed = error
+        if not on_every_rank(distributed, failed is None, x.device):  # the other ranks stop too, rather than wait
+            raise failed or OutputError(f"{out}: rank 0 could not create the file")
         block = block or max(1, BLOCK_BYTES // (T * d * x.element_size()))
-        sweep_in_blocks(model, frozen, seed[rows], layer, component, block,
-                        write=lambda a, G: operators_file.write_rows(partial, rows.start + a, G))
-        barrier(distributed)
+        try:
+            sweep_in_blocks(model, frozen, seed[rows], layer, component, block,
+                            write=lambda a, G: operators_file.write_rows(partial, rows.start + a, G))
+        except Exception as error:  # a full disk on one rank: every rank stops, and rank 0 removes the file
+            failed = error
+        if not on_every_rank(distributed, failed is None, x.device):
+            raise failed or OutputError(f"{out}: another rank could not write its rows")
         if rank == 0:
             os.replace(partial, out)
     except BaseException:  # an error or an interrupt leaves no half-written file behind
-        if rank == 0 and os.path.exists(partial):
+        if rank == 0 and os.path.isfile(partial):
             os.remove(partial)
         raise
     barrier(distributed)
     elm = operators_file.load_operators(out)
     elm.model, elm.frozen = model, frozen
     return elm
+
+
+def checked_out(model: Model, out) -> str:
+    """`out` as the real path the operators will be written to (beside it as .partial, then renamed
+    over it: so a link's target, never a device), or an error: not a file path, not a regular file,
+    or a file of the checkpoint that `model` was loaded from."""
+    if not isinstance(out, (str, os.PathLike)) or os.fspath(out) in ("", b"") or "\0" in str(os.fspath(out)):
+        raise InputError(f"out must be a file path, got {out!r}")
+    if os.path.exists(out) and not os.path.isfile(out):
+        raise OutputError(f"out={out}: not a regular file (a directory, a device or a pipe); "
+                          "the operators are written into a file and mapped back from it")
+    if model.directory is not None and checks.overwrites(Path(out), Path(model.directory)):
+        raise OutputError(f"out={out}: would overwrite the checkpoint being read ({model.directory}); "
+                          "write it somewhere else")
+    return os.path.realpath(out)
 
 
 def sweep_in_blocks(model: Model, frozen: Frozen, seed, layer: int, component: str, block: int | None,

@@ -20,15 +20,19 @@ import json
 import math
 import mmap
 import os
+import re
 from pathlib import Path
 
 import torch
 
+from . import checks
 from .checkpoint import SAFETENSORS_DTYPES as DTYPES
-from .errors import InputError, OutputError
+from .errors import InputError, MinielmError, OutputError
+from .model import Model
 
 FORMAT = "minielm-operators"
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+TARGET = re.compile(r"final|(layer|attention|mlp) [0-9]+")  # the names of linear_map.target_name
 
 
 def header(T: int, d: int, dtype: torch.dtype, metadata: dict) -> tuple[bytes, int]:
@@ -53,14 +57,32 @@ def read_header(path) -> tuple[int, dict]:
             n = int.from_bytes(f.read(8), "little")
             size = os.fstat(f.fileno()).st_size
             entries = json.loads(f.read(n)) if 0 < n <= size - 8 else None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise InputError(f"{path}: cannot read an operators file ({err})") from None
-    if not isinstance(entries, dict) or entries.get("__metadata__", {}).get("format") != FORMAT:
+    metadata = entries.get("__metadata__") if isinstance(entries, dict) else None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise InputError(f"{path}: not a minielm operators file (written by equivalent_linear_map(..., out=))")
+    if entries != layout(entries, metadata):  # a header edited by hand or damaged: its offsets are not trusted
+        raise InputError(f"{path}: damaged operators file: its header is not ids (T,) int64, operators (T, d, d), "
+                         "inputs (T, d), output (d,), bias (d,) of one float dtype, one after another, "
+                         "with a target")
     end = max(e["data_offsets"][1] for k, e in entries.items() if k != "__metadata__")
     if 8 + n + end != size:
         raise InputError(f"{path}: truncated operators file ({size} bytes, the header describes {8 + n + end})")
     return 8 + n, entries
+
+
+def layout(entries: dict, metadata: dict) -> dict | None:
+    """The header entries `header` writes for the T, d and dtype of `entries`' operators (None if
+    it has none that make sense)."""
+    operators = entries.get("operators")
+    shape = operators.get("shape") if isinstance(operators, dict) else None
+    dtype = DTYPES.get(operators.get("dtype")) if isinstance(shape, list) and len(shape) == 3 else None
+    if dtype is None or not dtype.is_floating_point or not all(type(n) is int and n > 0 for n in shape):
+        return None
+    if not all(isinstance(v, str) for v in metadata.values()) or not TARGET.fullmatch(metadata.get("target", "")):
+        return None
+    return json.loads(header(shape[0], shape[1], dtype, metadata)[0][8:])
 
 
 def create(path, T: int, d: int, dtype, metadata: dict, ids, inputs, output, bias) -> None:
@@ -107,6 +129,8 @@ def load_operators(path, model=None):
     too; a model whose embedding of the stored ids differs from the stored inputs is refused."""
     from .linear_map import EquivalentLinearMap
 
+    if model is not None:
+        checks.instance("model", model, Model, "from minielm.load")
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
         raise InputError(f"{path}: no such operators file")
     start, entries = read_header(path)
@@ -120,9 +144,22 @@ def load_operators(path, model=None):
                                              offset=start + begin).view(entry["shape"])
     ids = tensors["ids"].tolist()
     if model is not None:
-        if model.config.hidden_size != tensors["inputs"].shape[1] or not torch.allclose(
-                model.embed(ids).cpu().to(tensors["inputs"].dtype), tensors["inputs"], rtol=1e-12, atol=0):
-            raise InputError(f"{path}: these operators were computed with another model "
-                             f"({entries['__metadata__'].get('model', 'unknown')})")
+        check_same_model(path, entries["__metadata__"], ids, tensors["inputs"], model)
     return EquivalentLinearMap(model, ids, tensors["operators"], tensors["inputs"], tensors["output"],
                                tensors["bias"], None, entries["__metadata__"].get("target", "final"))
+
+
+def check_same_model(path, metadata: dict, ids: list, inputs, model: Model) -> None:
+    """An InputError unless `model` has the target's layer and embeds the stored `ids` as the stored
+    `inputs` (T, d): ids outside its vocabulary or past its positions are another model's too."""
+    layer, why = metadata["target"].split()[-1], ""
+    try:
+        same = (model.config.hidden_size == inputs.shape[1]
+                and (not layer.isdigit() or int(layer) < model.config.num_hidden_layers)
+                and torch.allclose(model.embed(ids).cpu().to(inputs.dtype), inputs, rtol=1e-12, atol=0))
+    except MinielmError as error:
+        same, why = False, f": {error}"
+    if not same:
+        raise InputError(f"{path}: these operators ({metadata['target']}, {str(inputs.dtype).removeprefix('torch.')}, "
+                         f"d = {inputs.shape[1]}) were computed with another model ({metadata.get('model', 'unknown')})"
+                         f" or dtype{why}")

@@ -155,8 +155,13 @@ def test_distributed_outside_torchrun_is_one_line(tiny_with_tokenizer, tmp_path,
     out = tmp_path / "ops.safetensors"
     assert main(["operators", "hi", "--model", str(tiny_with_tokenizer), "--out", str(out), "--distributed"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--distributed runs under torchrun (RANK and WORLD_SIZE are not set)" in err
+    assert err.count("\n") == 1 and "--distributed runs under torchrun (RANK and WORLD_SIZE" in err
     assert not out.exists()
+    monkeypatch.setenv("RANK", "0")  # set by hand, without torchrun's rendezvous address: refused too (it was an
+    monkeypatch.setenv("WORLD_SIZE", "1")  # internal ValueError from init_process_group, exit 1)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert main(["operators", "hi", "--model", str(tiny_with_tokenizer), "--out", str(out), "--distributed"]) == 2
+    assert "--distributed runs under torchrun (MASTER_ADDR" in capsys.readouterr().err and not out.exists()
 
 
 def test_an_output_path_cannot_overwrite_the_checkpoint(tiny_with_tokenizer, tmp_path, capsys):
@@ -181,6 +186,38 @@ def test_an_output_path_cannot_overwrite_the_checkpoint(tiny_with_tokenizer, tmp
     gguf.write_bytes(b"GGUF")  # refused before it is read
     assert main(["operators", "hi", "--model", str(gguf), "--out", str(tmp_path / "." / "model.gguf")]) == 2
     assert "would overwrite the checkpoint being read" in capsys.readouterr().err and gguf.read_bytes() == b"GGUF"
+
+
+def test_an_output_path_cannot_overwrite_the_prompt_file(tiny_with_tokenizer, tmp_path, monkeypatch, capsys):
+    """--out, --html or --plot naming the file the prompt is read from (also through a symlink) is refused
+    before the model loads (the prompt file had been replaced by the operators); so is an --out that
+    is a device, which had been refused only after the model had loaded, as out=."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("In the beginning")
+    (tmp_path / "link.txt").symlink_to(prompt)
+    monkeypatch.setattr(minielm.cli, "load", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
+    for flag in (["operators", "--out"], ["explain", "--html"], ["layers", "--plot"]):
+        for read, written in ((prompt, prompt), (tmp_path / "link.txt", tmp_path / "." / "prompt.txt")):
+            assert main([flag[0], "--prompt-file", str(read), "--model", str(tiny_with_tokenizer),
+                         flag[1], str(written)]) == 2, (flag, read, written)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "is a file the prompt is read from" in err, err
+    assert prompt.read_text() == "In the beginning"
+    assert main(["operators", "hi", "--model", str(tiny_with_tokenizer), "--out", os.devnull]) == 2
+    assert "--out /dev/null: not a regular file" in capsys.readouterr().err
+
+
+def test_output_paths_tried_by_every_rank_at_once(tmp_path, monkeypatch):
+    """Under torchrun every rank tries --out for writing at the same moment: a rank whose try-file
+    another rank has already removed goes on (it had ended in an internal FileNotFoundError, exit 1)."""
+    out, close = tmp_path / "ops.safetensors", os.close
+
+    def close_then_another_rank_removes(fd):
+        close(fd)
+        out.unlink(missing_ok=True)
+
+    monkeypatch.setattr(minielm.cli.os, "close", close_then_another_rank_removes)
+    assert minielm.cli.writable_output(out, "--out") == out and not out.exists()
 
 
 def test_html_is_written_beside_then_renamed(tiny_with_tokenizer, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """out=: the operators written block by block into one safetensors file, read back memory-mapped."""
 
+import json
 import os
 import stat
 import subprocess
@@ -108,3 +109,112 @@ def test_out_through_a_symlink_and_onto_what_is_not_a_file(checkpoints, tmp_path
         minielm.equivalent_linear_map(model, PROMPT, out=pipe)
     assert stat.S_ISFIFO(os.stat(pipe).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "pipe", "target.safetensors"]
+
+
+def with_header(path, edit, data_change=lambda data: data, name="edited.safetensors"):
+    """The operators file at `path` rewritten (as `name`) with its header entries changed by edit(entries)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    entries = json.loads(raw[8:8 + n])
+    edit(entries)
+    text = json.dumps(entries).encode()
+    text += b" " * (-len(text) % 8)
+    edited = path.with_name(name)
+    edited.write_bytes(len(text).to_bytes(8, "little") + text + data_change(raw[8 + n:]))
+    return edited
+
+
+EDITS = {  # a header edited by hand: each once loaded wrong numbers or raised a traceback
+    "bias read from output's bytes": (lambda e: e["bias"].update(data_offsets=e["output"]["data_offsets"]),
+                                      lambda data: data[:-64 * 8]),
+    "operators said float32": (lambda e: e["operators"].update(dtype="F32"), None),
+    "operators of another shape": (lambda e: e["operators"].update(shape=[8, 128, 64]), None),
+    "an unknown dtype": (lambda e: e["operators"].update(dtype="Q9"), None),
+    "no operators": (lambda e: e.pop("operators"), None),
+    "no offsets": (lambda e: e["ids"].pop("data_offsets"), None),
+    "a target that is not a string": (lambda e: e["__metadata__"].update(target=3), None),
+    "a target that is no target": (lambda e: e["__metadata__"].update(target="bogus"), None),
+    "metadata a list": (lambda e: e.update(__metadata__=["minielm-operators"]), None),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_a_header_edited_by_hand_is_refused(edit, operators_path):
+    change, data_change = EDITS[edit]
+    edited = with_header(operators_path, change, data_change or (lambda data: data))
+    with pytest.raises(minielm.InputError, match="damaged operators file|not a minielm operators file"):
+        minielm.load_operators(edited)
+
+
+def test_a_header_nested_too_deep_is_refused(tmp_path):
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes((100_000).to_bytes(8, "little") + b"[" * 100_000)
+    with pytest.raises(minielm.InputError, match="cannot read an operators file"):
+        minielm.load_operators(path)
+
+
+@pytest.fixture(scope="module")
+def operators_path(checkpoints, tmp_path_factory):
+    path = tmp_path_factory.mktemp("operators") / "ops.safetensors"
+    minielm.equivalent_linear_map(minielm.load(checkpoints["llama"]), PROMPT, out=path)
+    assert minielm.load_operators(path).relative_error() < 1e-13  # the file as written loads
+    return path
+
+
+def test_out_never_overwrites_the_checkpoint_being_read(checkpoints, tmp_path):
+    """out= onto the weights the model was loaded from (or anywhere in its directory) is refused, as the
+    command line's --out is: renamed over them, the operators had replaced the checkpoint."""
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    for file in checkpoints["llama"].iterdir():
+        (checkpoint / file.name).write_bytes(file.read_bytes())
+    before = {file.name: file.read_bytes() for file in checkpoint.iterdir()}
+    model = minielm.load(checkpoint)
+    (tmp_path / "link").symlink_to(checkpoint)
+    for out in (checkpoint / "model.safetensors", tmp_path / "link" / "config.json", checkpoint / "new.safetensors"):
+        with pytest.raises(minielm.OutputError, match="would overwrite the checkpoint being read"):
+            minielm.equivalent_linear_map(model, PROMPT, out=out)
+    assert {file.name: file.read_bytes() for file in checkpoint.iterdir()} == before
+
+
+def test_out_with_a_null_byte_is_an_input_error(checkpoints, tmp_path):
+    with pytest.raises(minielm.InputError, match="out must be a file path"):
+        minielm.equivalent_linear_map(minielm.load(checkpoints["llama"]), PROMPT, out=f"{tmp_path}/a\0b")
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_a_write_cut_short_while_creating_the_file_leaves_no_file(stop, checkpoints, tmp_path, monkeypatch):
+    """An interrupt or a full disk while the header and the small tensors are written (the file already
+    created): no .partial left behind, and an old file at the path stays."""
+    model = minielm.load(checkpoints["llama"])
+    path = tmp_path / "ops.safetensors"
+    path.write_bytes(b"an older file")
+
+    def cut_short(fd, data, offset):  # the first write of a tensor, after the header
+        assert os.fstat(fd).st_size > 0  # create() has made the file
+        raise stop
+
+    monkeypatch.setattr(os, "pwrite", cut_short)
+    with pytest.raises(KeyboardInterrupt if isinstance(stop, KeyboardInterrupt) else minielm.OutputError):
+        minielm.equivalent_linear_map(model, PROMPT, out=path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ops.safetensors"] and path.read_bytes() == b"an older file"
+
+
+@pytest.mark.parametrize("model", ["a checkpoint path", 3])
+def test_a_model_that_is_no_model_is_an_input_error(model, operators_path):
+    with pytest.raises(minielm.InputError, match="model must be a Model"):  # it was an AttributeError
+        minielm.load_operators(operators_path, model)
+
+
+def test_a_model_without_the_targets_layer_or_the_stored_ids_is_another_model(checkpoints, operators_path):
+    """The file's target layer past the model's layers, or a stored id past its vocabulary: refused as
+    another model's operators, naming the file (they had loaded, or failed naming no file)."""
+    model = minielm.load(checkpoints["llama"])
+    past_the_layers = with_header(operators_path, lambda e: e["__metadata__"].update(target="layer 99"),
+                                  name="layer 99.safetensors")
+    id_past_the_vocabulary = with_header(operators_path, lambda e: None,
+                                         lambda data: (10**9).to_bytes(8, "little") + data[8:])
+    for path in (past_the_layers, id_past_the_vocabulary):
+        minielm.load_operators(path)  # without a model there is nothing to compare with
+        with pytest.raises(minielm.InputError, match=f"{path}: these operators .* were computed with another model"):
+            minielm.load_operators(path, model)
