@@ -479,9 +479,13 @@ def test_ctrl_c_while_torch_is_imported_is_one_line(monkeypatch, capsys):
 
 
 def test_ctrl_c_in_a_real_process(ckpt):
-    """SIGINT 0.2 s after the start, while torch is still loading (about 1.5 s here): one line, exit 130."""
+    """SIGINT 0.2 s after the start, while torch is still loading (about 1.5 s here): one line, exit 130.
+
+    The child gets SIGINT's default disposition back: a suite started in the background by a
+    shell without job control inherits SIGINT ignored, and the child then never sees it."""
     child = subprocess.Popen([sys.executable, "-m", "minielm", "generate", PROMPT, "--model", str(ckpt)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.2)
     child.send_signal(signal.SIGINT)
     _, stderr = child.communicate(timeout=300)
