@@ -7,7 +7,8 @@
 Each method runs in its own child process, which loads the model, notes its
 peak resident memory, runs the method `--repeats` times after a warm-up and
 reports the median and fastest times and the extra peak memory over the loaded
-model. The analytic path's flop count (from the shapes; see minielm/cost.py)
+model, with the kernel's share of its CPU time and its page faults per run (minor ones: pages
+taken fresh from the system, which is what that share mostly is). The analytic path's flop count (from the shapes; see minielm/cost.py)
 divided by its time is compared with the float64 matmul rate (2048² GEMMs)
 measured in the same child right after each timed run, since these machines
 are shared and their speed drifts: the median run against the median rate, and
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -80,20 +82,21 @@ def child(args):
     else:
         def run():
             return minielm.detached_jacobian(model, ids)
-    times, rates, user, system = [], [], 0.0, 0.0
+    times, rates, user, system, faults = [], [], 0.0, 0.0, 0
     for k in range(args.repeats + 1):  # the first run is a warm-up
-        cpu, start = os.times(), time.perf_counter()
+        cpu, paged, start = os.times(), minor_faults(), time.perf_counter()
         J = run()
         seconds, used = time.perf_counter() - start, os.times()
         if k > 0:
             times.append(seconds)
             user, system = user + used.user - cpu.user, system + used.system - cpu.system
+            faults += minor_faults() - paged
             rates.append(matmul_rate(args.threads, repeats=3))  # beside each run: the machine's speed drifts
     d = model.config.hidden_size  # the sweep's per-position products G_t (I + M_t) are d × d × d GEMMs
     print(json.dumps({"method": args.method, "seconds": statistics.median(times), "fastest": min(times),
                       "matmul_rate": statistics.median(rates), "fastest_matmul_rate": max(rates),
                       "d_cubed_rate": matmul_rate(args.threads, n=d, repeats=50),
-                      "kernel_share": system / max(user + system, 1e-9),
+                      "kernel_share": system / max(user + system, 1e-9), "faults": faults / args.repeats,
                       "extra_peak_mb": status_mb("VmHWM") - before, "checksum": float(J.abs().sum())}))
 
 
@@ -112,6 +115,11 @@ def matmul_rate(threads, n=2048, repeats=10) -> float:
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * n ** 3 / best
+
+
+def minor_faults() -> int:
+    """Page faults of this process so far that needed no disk: pages taken fresh from the system."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _timed(fn) -> float:
@@ -169,10 +177,11 @@ def compare(model_dir, tokens, args):
     print(f"model: {config.model_type}, d={config.hidden_size}, L={config.num_hidden_layers}, "
           f"f={config.intermediate_size}, H={config.num_attention_heads}, Hkv={config.num_key_value_heads}, "
           f"hd={config.head_dim}; T={tokens}")
-    print(f"{'method':<34} {'time (s)':>9} {'extra peak MB':>14} {'kernel share of CPU':>20}")
-    print(f"{'analytic reverse sweep':<34} {a['seconds']:>9.3f} {a['extra_peak_mb']:>14.0f} {a['kernel_share']:>20.1%}")
+    print(f"{'method':<34} {'time (s)':>9} {'extra peak MB':>14} {'kernel share of CPU':>20} {'page faults':>12}")
+    print(f"{'analytic reverse sweep':<34} {a['seconds']:>9.3f} {a['extra_peak_mb']:>14.0f} {a['kernel_share']:>20.1%}"
+          f" {a['faults']:>12.0f}")
     print(f"{'autograd jacobian (vectorize)':<34} {g['seconds']:>9.3f} {g['extra_peak_mb']:>14.0f} "
-          f"{g['kernel_share']:>20.1%}")
+          f"{g['kernel_share']:>20.1%} {g['faults']:>12.0f}")
     print(f"speed-up {g['seconds'] / a['seconds']:.2f}x; analytic {flops / 1e9:.1f} GFLOP at "
           f"{flops / a['seconds'] / 1e9:.1f} GFLOP/s = {flops / a['seconds'] / rate:.0%} of the matmul rate "
           f"(medians); fastest run {flops / a['fastest'] / 1e9:.1f} GFLOP/s = "

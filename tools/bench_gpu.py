@@ -2,6 +2,7 @@
 
     python tools/bench_gpu.py --models llama3-8b --tokens 32 128      # one model per run (~5 min on an H100)
     python tools/bench_gpu.py --tiny                                   # small shapes on the CPU, end to end
+    python tools/bench_gpu.py --models llama3-8b gemma3-12b --deadline 400   # what fits in 400 s, in that order
 
 For each model shape (Llama 3 8B, Qwen 3 14B, Gemma 3 12B), in one run on one device:
 
@@ -164,21 +165,51 @@ def out_of_memory(error: Exception) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def bench_model(name: str, config_json: dict, args, device, workdir: Path, rate: float, record: dict, save):
+class Deadline:
+    """What still fits before a fixed time: a lent GPU comes with minutes of device time, and a run
+    cut off by the command's limit returns only what it had saved. Each step is predicted from the
+    cost model at the measured matmul rate, times a margin; a step that would not finish is skipped
+    and says so in the results, so that the cheaper steps after it still run."""
+
+    MARGIN = 2.0  # predicted seconds × this must fit: GEMMs below the peak rate, streaming, small launches
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return math.inf if self.end is None else self.end - time.monotonic()
+
+    def allows(self, seconds: float) -> bool:
+        return self.MARGIN * seconds <= self.left()
+
+    def skipped(self, seconds: float) -> dict:
+        return {"skipped": f"predicted {seconds:.1f} s (× {self.MARGIN:g}) does not fit in the {max(0.0, self.left()):.1f} s left"}
+
+
+def bench_model(name: str, config_json: dict, args, device, workdir: Path, rate: float, record: dict, save,
+                deadline: Deadline):
     """Fill `record` with one run per prompt length, calling save() after each (a run cut off by a
-    time limit keeps what it measured)."""
+    time limit keeps what it measured). Steps that `deadline` rules out are recorded as skipped."""
     directory, k, methods = workdir / name, args.k, set(args.methods)
+    shape = Shape.of(Config.from_dict(config_json))
+    record.update({"model": name, "config": config_json, "params": shape.params, "runs": []})
+    first = shape.params * 2 / args.write_rate + assembly_flops(shape, min(args.tokens)) / rate  # write, then a map
+    if not deadline.allows(first):
+        record.update(deadline.skipped(first))
+        save()
+        return
     _, write_s, _ = timed(lambda: write_random_checkpoint(directory, config_json, device), device)
+    record["checkpoint_write_s"] = write_s
     model = minielm.load(directory, dtype=torch.float64, device=device, stream=True)
-    shape = Shape.of(model.config)
-    record.update({"model": name, "config": config_json, "params": shape.params, "checkpoint_write_s": write_s,
-                   "runs": []})
     gen = torch.Generator().manual_seed(1)
     for T in args.tokens:
         ids = torch.randint(0, shape.V, (T,), generator=gen).tolist()
         run = {"T": T, "operators_gb": T * shape.d ** 2 * 8 / 1e9}
         last, sigma_dense = None, None
-        if "operators" in methods:
+        predicted = assembly_flops(shape, T) / rate
+        if "operators" in methods and not deadline.allows(predicted):
+            run["operators"] = deadline.skipped(predicted)
+        elif "operators" in methods:
             try:
                 elm, seconds, peak = timed(lambda: minielm.equivalent_linear_map(model, ids), device)
                 flops = assembly_flops(shape, T)
@@ -194,7 +225,10 @@ def bench_model(name: str, config_json: dict, args, device, workdir: Path, rate:
                 if not out_of_memory(error):
                     raise
                 run["operators"] = {"does_not_fit": str(error).splitlines()[0]}
-        if "autograd" in methods:
+        analytic_s = run.get("operators", {}).get("seconds", predicted)
+        if "autograd" in methods and not deadline.allows(3 * analytic_s):  # measured 1.9–3.3× the analytic time on a CPU
+            run["autograd"] = deadline.skipped(3 * analytic_s)
+        elif "autograd" in methods:
             try:
                 J, seconds, peak = timed(lambda: minielm.detached_jacobian(model, ids), device)
                 run["autograd"] = {"seconds": seconds, "peak_gb": peak}
@@ -208,6 +242,10 @@ def bench_model(name: str, config_json: dict, args, device, workdir: Path, rate:
         del last
         if "spectra" in methods:
             for block in args.blocks or [k + 4, 1]:
+                guess = lanczos_flops(shape, T, 40, block) / rate  # 40 steps: the flat spectra seen so far took 24–36
+                if not deadline.allows(guess):
+                    run[f"spectra_b{block}"] = deadline.skipped(guess)
+                    continue
                 found, seconds, peak = timed(lambda: block_lanczos(FrozenProducts(model, ids), k, block, 1e-12),
                                              device)
                 flops = lanczos_flops(shape, T, found.steps, block)
@@ -235,14 +273,17 @@ def table(results: dict) -> str:
              f"({results['matmul_n']}² GEMM); torch {results['torch']}",
              f"{'model':<11} {'T':>4} {'what':<22} {'time (s)':>9} {'of rate':>8} {'peak GB':>8}  notes"]
     for record in results["models"]:
+        if "skipped" in record:
+            lines.append(f"{record['model']:<11} {'':>4} {'(the whole model)':<22} {'skipped':>9}  {record['skipped']}")
         for run in record.get("runs", []):
             head = f"{record['model']:<11} {run['T']:>4}"
             for key, label in (("operators", "operators (analytic)"), ("autograd", "autograd (vectorized)")):
                 entry = run.get(key)
                 if entry is None:
                     continue
-                if "does_not_fit" in entry:
-                    lines.append(f"{head} {label:<22} {'does not fit':>9}")
+                if "does_not_fit" in entry or "skipped" in entry:
+                    lines.append(f"{head} {label:<22} {'does not fit' if 'does_not_fit' in entry else 'skipped':>9}"
+                                 f"  {entry.get('skipped', '')}")
                     continue
                 share = f"{entry['fraction_of_matmul_rate']:7.0%}" if "fraction_of_matmul_rate" in entry else ""
                 note = (f"reconstruction {entry['relative_error']:.1e}" if key == "operators"
@@ -251,6 +292,9 @@ def table(results: dict) -> str:
                 lines.append(f"{head} {label:<22} {entry['seconds']:>9.2f} {share:>8} {gb(entry['peak_gb']):>8}  {note}")
             for key in sorted(k for k in run if k.startswith("spectra_b")):
                 entry = run[key]
+                if "skipped" in entry:
+                    lines.append(f"{head} {'top-k, b = ' + key[9:]:<22} {'skipped':>9}  {entry['skipped']}")
+                    continue
                 check = (f", σ vs dense {entry['max_relative_sigma_difference']:.1e}"
                          if "max_relative_sigma_difference" in entry else "")
                 lines.append(f"{head} {'top-k, b = ' + key[9:]:<22} {entry['seconds']:>9.2f} "
@@ -270,7 +314,12 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="toy shapes, on the CPU: to test this script")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--workdir", default=None, help="where the random checkpoints are written (a temp dir)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds from the start: steps predicted not to finish by then are skipped")
+    parser.add_argument("--write-rate", type=float, default=1e9,
+                        help="bytes/s assumed for writing a checkpoint, for --deadline's prediction")
     args = parser.parse_args()
+    deadline = Deadline(args.deadline)
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
@@ -293,7 +342,8 @@ def main():
         for model_name in args.models:
             config_json = tiny(SHAPES[model_name]) if args.tiny else SHAPES[model_name]
             results["models"].append({})
-            bench_model(model_name, config_json, args, device, Path(workdir), rate, results["models"][-1], save)
+            bench_model(model_name, config_json, args, device, Path(workdir), rate, results["models"][-1], save,
+                        deadline)
     save()
     print(table(results))
     print(f"wrote {stem}.json and .txt")

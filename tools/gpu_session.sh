@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
-# One step of the GPU run, on a lent GPU machine with no network (each step inside a 10-minute command):
+# The GPU run, on a lent GPU machine with no network:
 #
-#   bash tools/gpu_session.sh tests        # the test suite, CUDA cases included, then the read-ahead benchmark
-#   bash tools/gpu_session.sh llama3-8b    # tools/bench_gpu.py for one model shape (or qwen3-14b, gemma3-12b)
+#   bash tools/gpu_session.sh              # "all": what fits one command of GPU_BUDGET seconds (default 540),
+#                                          # most important first; give the device call a timeout of 590 s
+#   bash tools/gpu_session.sh tests        # or one step per command, for a longer lease: the CUDA tests
+#   bash tools/gpu_session.sh llama3-8b    #   and the read-ahead benchmark, or tools/bench_gpu.py for one
+#                                          #   model shape (qwen3-14b, gemma3-12b), T = 32 and 128
+#
+# A lent machine comes with about 15 minutes of device time in all, its start included, so "all" is
+# planned for one call of 9 minutes:
+#   1. the tests with a CUDA parametrization (31; `pytest -k cuda`), at most 150 s;
+#   2. tools/bench_read_ahead.py --device cuda, at most 90 s;
+#   3. Llama 3 8B's shape at T = 32 and 128: operators, autograd, spectra (cost model: 0.8 and
+#      3.1 PFLOP for the operators, 15 and 62 s at 50 TFLOP/s), leaving 200 s for
+#   4. Gemma 3 12B's and Qwen 3 14B's shapes at T = 32 (1.1 and 1.9 PFLOP, 26 and 30 GB of bf16 to write).
+# tools/bench_gpu.py skips, and records as skipped, each step its cost model says will not finish in
+# the time left; everything measured is saved as it comes, so a cut-off run still returns it.
 #
 # That machine has torch with CUDA, safetensors, tokenizers, sentencepiece, tqdm and pytest, but not
 # llama.cpp's `gguf` reader, and its transformers (5.17) is older than the tests' oracle needs (5.23:
@@ -14,9 +27,10 @@
 #
 # Everything written goes to $OUT (what comes back from that machine), or to tools/results here.
 set -uo pipefail
-case "${1:-}" in
-    tests | llama3-8b | qwen3-14b | gemma3-12b) ;;
-    *) echo "usage: bash tools/gpu_session.sh tests|llama3-8b|qwen3-14b|gemma3-12b" >&2; exit 2 ;;
+step=${1:-all}
+case "$step" in
+    all | tests | llama3-8b | qwen3-14b | gemma3-12b) ;;
+    *) echo "usage: bash tools/gpu_session.sh [all|tests|llama3-8b|qwen3-14b|gemma3-12b]" >&2; exit 2 ;;
 esac
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-tools/results}
@@ -30,9 +44,22 @@ if ! gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv)
     exit 1
 fi
 echo "$gpu" | tee "$OUT/gpu.txt"
-if [ "$1" = tests ]; then
-    python3 -m pytest -q -rs --durations=20 tests 2>&1 | tee "$OUT/pytest_cuda.log"
-    python3 tools/bench_read_ahead.py --device cuda 2>&1 | tee "$OUT/bench_read_ahead_cuda.txt"
-else
-    python3 tools/bench_gpu.py --models "$1" --tokens 32 128 --out "$OUT" 2>&1 | tee "$OUT/bench_gpu_$1.log"
-fi
+budget=${GPU_BUDGET:-540}
+left() { echo $((budget - SECONDS)); }  # seconds left of the budget (SECONDS: since this script started)
+
+tests() {  # $1: pytest's selection, $2: seconds at most
+    timeout "$2" python3 -m pytest -q -rs --durations=20 tests $1 2>&1 | tee "$OUT/pytest_cuda.log"
+    timeout 90 python3 tools/bench_read_ahead.py --device cuda 2>&1 | tee "$OUT/bench_read_ahead_cuda.txt"
+}
+
+case "$step" in
+    tests) tests "" 600 ;;
+    all)
+        tests "-k cuda" 150
+        python3 tools/bench_gpu.py --models llama3-8b --tokens 32 128 --deadline $(($(left) - 200)) --out "$OUT" \
+            2>&1 | tee "$OUT/bench_gpu_llama3-8b.log"
+        python3 tools/bench_gpu.py --models gemma3-12b qwen3-14b --tokens 32 --deadline "$(left)" --out "$OUT" \
+            2>&1 | tee "$OUT/bench_gpu_gemma3-12b_qwen3-14b.log"
+        ;;
+    *) python3 tools/bench_gpu.py --models "$step" --tokens 32 128 --out "$OUT" 2>&1 | tee "$OUT/bench_gpu_$step.log" ;;
+esac
