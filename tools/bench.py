@@ -8,8 +8,8 @@ Each method runs in its own child process, which loads the model, notes its
 peak resident memory, runs the method `--repeats` times after a warm-up and
 reports the median and fastest times and the extra peak memory over the loaded
 model, with the kernel's share of its CPU time and its page faults per run (minor ones: pages
-taken fresh from the system, which is what that share mostly is). The analytic path's flop count (from the shapes; see minielm/cost.py)
-divided by its time is compared with the float64 matmul rate (2048² GEMMs)
+taken fresh from the system, which is what that share mostly is). The analytic path's flop
+count (from the shapes; see minielm/cost.py) divided by its time is compared with the float64 matmul rate (2048² GEMMs)
 measured in the same child right after each timed run, since these machines
 are shared and their speed drifts: the median run against the median rate, and
 the fastest run against the fastest rate (like with like; the fastest is the

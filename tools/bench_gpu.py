@@ -179,11 +179,12 @@ class Deadline:
     def left(self) -> float:
         return math.inf if self.end is None else self.end - time.monotonic()
 
-    def allows(self, seconds: float) -> bool:
-        return self.MARGIN * seconds <= self.left()
-
-    def skipped(self, seconds: float) -> dict:
-        return {"skipped": f"predicted {seconds:.1f} s (× {self.MARGIN:g}) does not fit in the {max(0.0, self.left()):.1f} s left"}
+    def rules_out(self, seconds: float) -> dict | None:
+        """None if a step predicted to take `seconds` fits, else the record of its skipping."""
+        if self.MARGIN * seconds <= self.left():
+            return None
+        return {"skipped": f"predicted {seconds:.1f} s (× {self.MARGIN:g}) does not fit in the "
+                           f"{max(0.0, self.left()):.1f} s left"}
 
 
 def bench_model(name: str, config_json: dict, args, device, workdir: Path, rate: float, record: dict, save,
@@ -193,9 +194,10 @@ def bench_model(name: str, config_json: dict, args, device, workdir: Path, rate:
     directory, k, methods = workdir / name, args.k, set(args.methods)
     shape = Shape.of(Config.from_dict(config_json))
     record.update({"model": name, "config": config_json, "params": shape.params, "runs": []})
-    first = shape.params * 2 / args.write_rate + assembly_flops(shape, min(args.tokens)) / rate  # write, then a map
-    if not deadline.allows(first):
-        record.update(deadline.skipped(first))
+    skip = deadline.rules_out(shape.params * 2 / args.write_rate  # write the bf16 checkpoint, then one map
+                              + assembly_flops(shape, min(args.tokens)) / rate)
+    if skip:
+        record.update(skip)
         save()
         return
     _, write_s, _ = timed(lambda: write_random_checkpoint(directory, config_json, device), device)
@@ -206,13 +208,12 @@ def bench_model(name: str, config_json: dict, args, device, workdir: Path, rate:
         ids = torch.randint(0, shape.V, (T,), generator=gen).tolist()
         run = {"T": T, "operators_gb": T * shape.d ** 2 * 8 / 1e9}
         last, sigma_dense = None, None
-        predicted = assembly_flops(shape, T) / rate
-        if "operators" in methods and not deadline.allows(predicted):
-            run["operators"] = deadline.skipped(predicted)
+        flops = assembly_flops(shape, T)
+        if "operators" in methods and (skip := deadline.rules_out(flops / rate)):
+            run["operators"] = skip
         elif "operators" in methods:
             try:
                 elm, seconds, peak = timed(lambda: minielm.equivalent_linear_map(model, ids), device)
-                flops = assembly_flops(shape, T)
                 J = elm.operators  # (T, d, d)
                 gram = torch.einsum("tij,tkj->ik", J, J)  # Σ_t J_t J_tᵀ = A Aᵀ (d × d)
                 sigma_dense = torch.linalg.eigvalsh(gram).flip(0)[:k].clamp_min(0).sqrt().cpu()
@@ -225,9 +226,9 @@ def bench_model(name: str, config_json: dict, args, device, workdir: Path, rate:
                 if not out_of_memory(error):
                     raise
                 run["operators"] = {"does_not_fit": str(error).splitlines()[0]}
-        analytic_s = run.get("operators", {}).get("seconds", predicted)
-        if "autograd" in methods and not deadline.allows(3 * analytic_s):  # measured 1.9–3.3× the analytic time on a CPU
-            run["autograd"] = deadline.skipped(3 * analytic_s)
+        autograd_s = 3 * run.get("operators", {}).get("seconds", flops / rate)  # 1.9–3.3× the analytic time on a CPU
+        if "autograd" in methods and (skip := deadline.rules_out(autograd_s)):
+            run["autograd"] = skip
         elif "autograd" in methods:
             try:
                 J, seconds, peak = timed(lambda: minielm.detached_jacobian(model, ids), device)
@@ -242,9 +243,9 @@ def bench_model(name: str, config_json: dict, args, device, workdir: Path, rate:
         del last
         if "spectra" in methods:
             for block in args.blocks or [k + 4, 1]:
-                guess = lanczos_flops(shape, T, 40, block) / rate  # 40 steps: the flat spectra seen so far took 24–36
-                if not deadline.allows(guess):
-                    run[f"spectra_b{block}"] = deadline.skipped(guess)
+                skip = deadline.rules_out(lanczos_flops(shape, T, 40, block) / rate)  # the spectra so far took 24–36 steps
+                if skip:
+                    run[f"spectra_b{block}"] = skip
                     continue
                 found, seconds, peak = timed(lambda: block_lanczos(FrozenProducts(model, ids), k, block, 1e-12),
                                              device)
@@ -265,6 +266,13 @@ def bench_model(name: str, config_json: dict, args, device, workdir: Path, rate:
 
 
 # ---- the report ----------------------------------------------------------------------------------------
+def not_run(entry: dict) -> str:
+    """Why a step has no figures ('does not fit', or skipped with the deadline's reason), or ''."""
+    if "does_not_fit" in entry:
+        return f"{'does not fit':>9}"
+    return f"{'skipped':>9}  {entry['skipped']}" if "skipped" in entry else ""
+
+
 def table(results: dict) -> str:
     def gb(x):
         return "  n/a" if x is None else f"{x:5.1f}"
@@ -273,17 +281,16 @@ def table(results: dict) -> str:
              f"({results['matmul_n']}² GEMM); torch {results['torch']}",
              f"{'model':<11} {'T':>4} {'what':<22} {'time (s)':>9} {'of rate':>8} {'peak GB':>8}  notes"]
     for record in results["models"]:
-        if "skipped" in record:
-            lines.append(f"{record['model']:<11} {'':>4} {'(the whole model)':<22} {'skipped':>9}  {record['skipped']}")
+        if not_run(record):
+            lines.append(f"{record['model']:<11} {'':>4} {'(the whole model)':<22} {not_run(record)}")
         for run in record.get("runs", []):
             head = f"{record['model']:<11} {run['T']:>4}"
             for key, label in (("operators", "operators (analytic)"), ("autograd", "autograd (vectorized)")):
                 entry = run.get(key)
                 if entry is None:
                     continue
-                if "does_not_fit" in entry or "skipped" in entry:
-                    lines.append(f"{head} {label:<22} {'does not fit' if 'does_not_fit' in entry else 'skipped':>9}"
-                                 f"  {entry.get('skipped', '')}")
+                if not_run(entry):
+                    lines.append(f"{head} {label:<22} {not_run(entry)}")
                     continue
                 share = f"{entry['fraction_of_matmul_rate']:7.0%}" if "fraction_of_matmul_rate" in entry else ""
                 note = (f"reconstruction {entry['relative_error']:.1e}" if key == "operators"
@@ -292,8 +299,8 @@ def table(results: dict) -> str:
                 lines.append(f"{head} {label:<22} {entry['seconds']:>9.2f} {share:>8} {gb(entry['peak_gb']):>8}  {note}")
             for key in sorted(k for k in run if k.startswith("spectra_b")):
                 entry = run[key]
-                if "skipped" in entry:
-                    lines.append(f"{head} {'top-k, b = ' + key[9:]:<22} {'skipped':>9}  {entry['skipped']}")
+                if not_run(entry):
+                    lines.append(f"{head} {'top-k, b = ' + key[9:]:<22} {not_run(entry)}")
                     continue
                 check = (f", σ vs dense {entry['max_relative_sigma_difference']:.1e}"
                          if "max_relative_sigma_difference" in entry else "")
