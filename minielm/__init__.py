@@ -14,8 +14,8 @@ import importlib
 
 WHERE = {
     "load": "loader", "Model": "model",
-    "equivalent_linear_map": "linear_map", "EquivalentLinearMap": "linear_map", "load_operators": "operators_file",
-    "detached_jacobian": "linear_map", "attribution": "linear_map", "Attribution": "linear_map",
+    "equivalent_linear_map": "linear_map", "EquivalentLinearMap": "linear_map", "load_operators": "linear_map",
+    "detached_jacobian": "linear_map", "attribution": "exact_attribution", "Attribution": "exact_attribution",
     "singular_vectors": "spectra",
     "MinielmError": "errors", "CheckpointError": "errors", "ConfigError": "errors", "TokenizerError": "errors",
     "InputError": "errors", "NumericalError": "errors", "OutputError": "errors",
@@ -26,7 +26,10 @@ __all__ = list(WHERE)
 def __getattr__(name):
     if name not in WHERE:
         raise AttributeError(f"module 'minielm' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{WHERE[name]}", __name__), name)
+    value = getattr(importlib.import_module(f".{WHERE[name]}", __name__), name)
+    if WHERE[name] in ("linear_map", "exact_attribution"):  # their Jupyter views live in the report, above them
+        importlib.import_module(".report", __name__).attach_notebook_views()
+    return value
 
 
 def __dir__():

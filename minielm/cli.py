@@ -28,10 +28,11 @@ from .config import Config
 from .errors import InputError, MinielmError, OutputError
 from .interpret import (decode_input, decode_output, forward_order, layer_table, model_token, stable_rank,
                         stacked_svd, svd_ready, token_shares)
-from .linear_map import all_layer_maps, detached_jacobian, equivalent_linear_map
+from .layer_maps import all_layer_maps
+from .linear_map import detached_jacobian, equivalent_linear_map
 from .loader import load, resolve_checkpoint, resolve_device, resolve_dtype, shipped_model
 from .progress import step as Progress
-from .report import LEGENDS, SCHEMA_VERSION, plot_format, pyplot, replacing, save_figure
+from .report import LEGENDS, SCHEMA_VERSION, explain_page, plot_format, plot_tradeoff, pyplot, replacing, save_figure
 from .steering import DEFAULT_DEPTH, DEFAULT_METHOD, DEFAULT_SCALE, METHODS, NEUTRAL
 
 DEFAULT_MODEL = shipped_model()
@@ -258,7 +259,6 @@ def explain(args) -> int:
         with Progress(f"plotting to {args.plot}"):
             plot_explanation(args.plot, report, elm)
     if args.html:
-        from .report import explain_page
 
         with Progress(f"layer maps, attribution and the report {args.html}"):
             page = explain_page(model, elm, report)
@@ -460,7 +460,7 @@ def steer_command(args) -> int:
 
 
 def steer_eval_command(args) -> int:
-    from .steering import evaluate, format_table, plot_tradeoff
+    from .steering import evaluate, format_table
 
     layers, scales, methods = args.layers, args.scales, args.methods  # lists, checked before loading
     model = load_model(args)

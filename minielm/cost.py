@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .fast_sweep import (ATTENTION, ATTENTION_FROM_LAST, MLP, MLP_AT_LAST, Step, explicit_mlp_pays, low_rank_pays,
+                         plan)
+
 
 @dataclass
 class Shape:
@@ -60,44 +63,36 @@ def frozen_product_flops(s: Shape, T: int) -> int:
     return forward_flops(replace(s, L=s.L - 1), T, frozen=True) + top
 
 
-def explicit_mlp_pays(d: int, f: int, r: int) -> bool:
-    """Whether r rows go through an MLP faster as G_t M_t, with M_t = W_D diag(φ_t) W_U built
-    once (2·d²·f flops, then 2·r·d²), than factored through the f-wide hidden layer (4·r·d·f).
-    The sweep (minielm.linear_map) chooses by it."""
-    return d * f + r * d < 2 * r * f
-
-
-def low_rank_pays(s: Shape, r: int) -> bool:
-    """Whether carrying a source's rows as C_s W_V' (rank Hkv·hd) through an MLP beats the full
-    d-column form: 2·kv·f·d flops a position against min(explicit, factored). The sweep chooses by it."""
-    kv = s.Hkv * s.hd
-    return kv * s.f < min(s.d * s.f + r * s.d, 2 * r * s.f)
-
-
 def mlp_sweep_flops(s: Shape, positions: int, r: int) -> int:
-    """One MLP sublayer of the sweep: explicit W_D diag(φ_t) W_U or factored, as linear_map chooses."""
+    """One MLP sublayer of the sweep: explicit W_D diag(φ_t) W_U or factored, as the fast sweep chooses."""
     if explicit_mlp_pays(s.d, s.f, r):
         return positions * (2 * s.d * s.f * s.d + 2 * r * s.d * s.d)
     return positions * 4 * r * s.d * s.f
 
 
-def sweep_flops(s: Shape, T: int, r: int) -> int:
-    """The reverse sweep carrying r rows (r = d: all operators J_t; r = 1: one uᵀJ_t)."""
+def step_flops(s: Shape, T: int, r: int, step: Step) -> int:
+    """One step of the fast sweep's plan, carrying r rows (see minielm.fast_sweep)."""
     kv = s.Hkv * s.hd
-    low_rank = T > 1 and s.L > 1 and low_rank_pays(s, r)
-    flops = mlp_sweep_flops(s, 1, r)  # the top MLP: the last position only
-    flops += 2 * r * s.d * s.H * s.hd + 2 * s.H * T * r * s.hd  # top attention: G_T W_O, then mixing by P
-    if low_rank:  # sources s < T carried as C_s W_V' through the MLP below (attention_and_mlp_from_last)
-        flops += 2 * r * kv * s.d  # the last position's C_T W_V'
-        flops += mlp_sweep_flops(s, 1, r)  # the last position through the MLP below, in full
-        flops += 2 * kv * s.d * s.f + (T - 1) * (2 * kv * s.f * s.d + 2 * r * kv * s.d)  # W_V'W_D; R_s; C_s R_s
-    else:
-        flops += 2 * T * r * kv * s.d  # W_V for every source
-        flops += mlp_sweep_flops(s, T, r) if s.L > 1 else 0
-    for layer in range(s.L - 1):  # the attention of each lower layer, and the MLP below it
-        flops += 2 * T * r * s.d * s.H * s.hd + 2 * s.H * T * T * r * s.hd + 2 * T * r * kv * s.d
-        flops += mlp_sweep_flops(s, T, r) if layer < s.L - 2 else 0
-    return flops
+    if step.form == MLP_AT_LAST:
+        return mlp_sweep_flops(s, 1, r)
+    if step.form == MLP:
+        return mlp_sweep_flops(s, T, r)
+    heads_from_last = 2 * r * s.d * s.H * s.hd + 2 * s.H * T * r * s.hd  # G_T W_O, then mixing by P
+    if step.form == ATTENTION_FROM_LAST:
+        return heads_from_last + 2 * T * r * kv * s.d  # W_V for every source
+    if step.form == ATTENTION:
+        return 2 * T * r * s.d * s.H * s.hd + 2 * s.H * T * T * r * s.hd + 2 * T * r * kv * s.d
+    # ATTENTION_FROM_LAST_AND_LOW_RANK_MLP: the last position in full, the sources s < T as C_s R_s
+    return (heads_from_last + 2 * r * kv * s.d + mlp_sweep_flops(s, 1, r)
+            + 2 * kv * s.d * s.f + (T - 1) * (2 * kv * s.f * s.d + 2 * r * kv * s.d))  # W_V'W_D; R_s; C_s R_s
+
+
+def sweep_flops(s: Shape, T: int, r: int, layer: int | None = None, component: str = "output") -> int:
+    """The reverse sweep carrying r rows (r = d: all operators J_t; r = 1: one uᵀJ_t), from the
+    target (default: the model's output), by the same plan the fast sweep runs."""
+    low_rank = low_rank_pays(s.d, s.f, s.Hkv * s.hd, r)
+    steps = plan(T, s.L - 1 if layer is None else layer, component, low_rank)
+    return sum(step_flops(s, T, r, step) for step in steps)
 
 
 def assembly_flops(s: Shape, T: int) -> int:
@@ -108,14 +103,15 @@ def assembly_flops(s: Shape, T: int) -> int:
 def lanczos_flops(s: Shape, T: int, steps: int, block: int = 1) -> int:
     """`steps` block Golub–Kahan steps of b = `block` rows (minielm.spectra.block_lanczos).
 
-    Each step: a frozen pass to the last position over b inputs (A V) and a b-row sweep (Aᵀ U), and the
-    new blocks made orthogonal to the bases so far, projected twice (8·b·rows·n flops against
+    Each step: a frozen pass to the last position over b inputs (A V) and a b-row sweep (Aᵀ U) from the
+    final norm's Jacobian, and the new blocks made orthogonal to the bases so far, projected twice (8·b·rows·n flops against
     a basis of `rows` vectors of length n), then reduced to b new rows (2·b²·n). At step j the
     left basis holds (j − 1)·b rows of length d and the right one j·b rows of length n = T·d.
     The small SVDs, the residuals and the final Ritz vectors are left out.
     """
     b, m, n = block, steps, T * s.d
-    products = m * (b * frozen_product_flops(s, T) + sweep_flops(s, T, b))
+    seeds = 2 * b * s.d * s.d  # the b rows uᵀ ∂y/∂h^L_T through the final norm's Jacobian (d × d)
+    products = m * (b * frozen_product_flops(s, T) + seeds + sweep_flops(s, T, b))
     left = 4 * b * b * s.d * m * (m - 1) + 2 * b * b * s.d * m  # 8·b·d·Σ_j (j − 1)·b, and 2·b²·d a step
     right = 4 * b * b * n * m * (m + 1) + 2 * b * b * n * (m + 1)  # 8·b·n·Σ_j j·b, 2·b²·n a step and the start
     return products + left + right
@@ -124,7 +120,7 @@ def lanczos_flops(s: Shape, T: int, steps: int, block: int = 1) -> int:
 def assembly_bytes(s: Shape, T: int, b: int = 8, rows: int | None = None) -> dict:
     """Memory of the analytic assembly of `rows` of the d output rows (default all; a rank's share
     under torchrun): the operators held, one layer's weights, the sweep's scratch (64 MiB or an
-    eighth of the block, see linear_map.Scratch), and the frozen factors (P and the gates of
+    eighth of the block, see fast_sweep.Scratch), and the frozen factors (P and the gates of
     every layer) with the traced states (each layer's three outputs at x, and at 0 with biases)."""
     rows = s.d if rows is None else rows
     operators = T * rows * s.d * b

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from . import checks
-from .linear_map import EquivalentLinearMap
+from .layer_maps import all_layer_maps
+from .linear_map import EquivalentLinearMap, checked_ids
 from .model import Model, times_transposed
 from .progress import progress
 
@@ -139,8 +140,6 @@ def layer_table(model, ids, k: int = 3) -> list:
     """For every layer output (final norm applied) and every attention and MLP module, in
     forward order: the stacked operator's top singular values, stable rank, reconstruction
     error, and the top output-side vector decoded through the unembedding. One pass for the maps."""
-    from .linear_map import all_layer_maps, checked_ids
-
     checked_ids(model, ids)
     k = checks.integer("k", k, 1, model.config.hidden_size, closed=True, why="at most hidden_size singular values")
     rows = []

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import checks
+from . import checks, generation
 from .config import Config
 from .errors import InputError, NumericalError, TokenizerError
 from .progress import progress
-from .rope import apply_rotary, rotation, rotation_switches
+from .generation import KVCache
+from .rope import apply_rotary, rotation
 
 ACTIVATIONS = {
     "silu": F.silu,  # φ(g) = g·σ(g)
@@ -71,6 +72,20 @@ class Frozen:
         return Frozen(self.layers[:-1] + [self.layers[-1].at_last_query()], self.final_norm[-1:])
 
 
+@dataclass
+class States:
+    """Every intermediate state of a forward pass, each (T, d) per layer, by component: the
+    residual stream after each layer ('output'), and what each layer's attention and MLP
+    added to it ('attention', 'mlp')."""
+
+    output: list = field(default_factory=list)
+    attention: list = field(default_factory=list)
+    mlp: list = field(default_factory=list)
+
+    def __getitem__(self, component: str) -> list:
+        return getattr(self, component)
+
+
 # ---- the operations --------------------------------------------------------------------
 def rms_norm(h, weight, offset, eps, inv_rho=None):
     """N(h) = (offset + w) ⊙ h / ρ(h),  ρ(h) = sqrt(mean(h²) + eps).
@@ -107,23 +122,6 @@ def causal_mask(query_pos, key_pos, window=None):
     if window is not None:
         allowed &= query_pos[:, None] - key_pos[None, :] < window
     return allowed
-
-
-class KVCache:
-    """Keys (after RoPE) and values of every layer, for generation one token at a time."""
-
-    def __init__(self, num_layers):
-        self.keys = [None] * num_layers  # each (S, Hkv, hd)
-        self.values = [None] * num_layers
-        self.length = 0  # S: the positions already cached
-
-    def extend(self, store, layer, rows):
-        """Append this call's rows (T, Hkv, hd) to `store` ("keys" or "values"); return all (S, Hkv, hd)."""
-        cached = getattr(self, store)
-        if cached[layer] is not None:
-            rows = torch.cat([cached[layer], rows])
-        cached[layer] = rows
-        return rows
 
 
 def attention_probabilities(u, w, config, layer_type, positions, cache=None, layer=None):
@@ -246,26 +244,47 @@ class Model:
         check_finite(h, i, "MLP")
         return h, out, (a, m)
 
-    def forward(self, x, frozen: Frozen | None = None, cache: KVCache | None = None, edit=None):
+    def forward(self, x, frozen: Frozen | None = None, cache: KVCache | None = None, edit=None,
+                states: States | None = None):
         """Input vectors x (T, d) -> final-normed hidden states y (T, d), and the factors used.
 
         With `frozen` given, every factor is taken from it: the pass is then linear in x,
         and x may be a batch of inputs (..., T, d), all run through the same frozen factors.
         `edit(i, h, x) -> h`, if given, may change the residual stream after each layer i,
         and with i = -1 the stream entering layer 0 (steering uses it).
+        `states`, if given, receives every intermediate state (see States).
         """
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + x.shape[-2], device=x.device)  # (T,)
         h, layers = (x if edit is None else edit(-1, x, x)), []
         for i in progress(range(self.config.num_hidden_layers), "forward", show=False if cache else None):
-            h, factors, _ = self.block(i, h, positions, frozen.layers[i] if frozen else None, cache)
+            h, factors, (a, m) = self.block(i, h, positions, frozen.layers[i] if frozen else None, cache)
             h = h if edit is None else edit(i, h, x)
             layers.append(factors)
+            if states is not None:
+                states.output.append(h)
+                states.attention.append(a)
+                states.mlp.append(m)
         if cache is not None:
             cache.length += x.shape[0]
         y, inv_rho = self.norm(h, self.weights["final_norm"], frozen.final_norm if frozen else None)
         check_finite(y, None, "final norm")
         return y, Frozen(layers, inv_rho)
+
+    def final_norm_jacobian(self, inv_rho) -> torch.Tensor:
+        """∂y/∂h at one position with the final norm's factor frozen: diag(w̃_f)/ρ, (d, d).
+
+        The one place that knows the final norm's frozen form: every target of a residual
+        stream, and every row vector uᵀ pulled back from y (uᵀ ∂y/∂h), starts here.
+        inv_rho: (1,) or (1, 1), the frozen 1/ρ of that position."""
+        return torch.diag(self.norm_scale(self.weights["final_norm"], inv_rho).reshape(-1))
+
+    def norm_scale(self, weight, inv_rho):
+        """The frozen RMSNorm's Jacobian diag(w̃)/ρ_t as rows of its diagonal: (T, d), or None where
+        the layer has no such norm (the identity)."""
+        if weight is None:
+            return None
+        return (self.config.norm_offset + weight) * inv_rho
 
     def unembed(self, y) -> torch.Tensor:
         """Logits W_U y (soft-capped where the config says so): (..., d) -> (..., V)."""
@@ -279,60 +298,18 @@ class Model:
         y, _ = self.forward(self.embed(ids))
         return self.unembed(y)
 
-    # -- generation ----------------------------------------------------------------------------
+    # -- generation (minielm/generation.py) ---------------------------------------------------
     def generate(self, prompt, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> str:
-        """The continuation of `prompt` (text, or a list of token ids), as text: greedy at temperature 0,
-        else sampled from softmax(logits / temperature), over the top k if given: from a generator seeded
-        with `seed`, or without one from torch's global generator (each call then draws afresh)."""
-        prompt = checks.prompt("prompt", prompt)  # bytes would iterate as token ids: refused
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt)
-        new = self.generate_ids(ids, max_new_tokens, temperature, top_k, seed, edit)
-        before, after = self.tokenizer.decode(ids), self.tokenizer.decode(ids + new)
-        # decoding the whole sequence keeps the space between prompt and continuation
-        return after[len(before):] if after.startswith(before) else self.tokenizer.decode(new)
+        """The continuation of `prompt` as text (see minielm.generation.generate)."""
+        return generation.generate(self, prompt, max_new_tokens, temperature, top_k, seed, edit)
 
     def generate_ids(self, ids, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> list:
-        """The new token ids, computed with a KV cache: the prompt once, then one token per step.
-
-        With `longrope` (Phi-3) every position rotates with the short factors while the sequence fits
-        original_max_position_embeddings, and with the long ones beyond: keys cached before that length
-        are stale after it. The step that crosses it recomputes the cache over the whole sequence, as
-        Hugging Face's Phi-3 generate does, so every token is the one a full forward pass predicts."""
-        max_new_tokens, temperature, top_k, seed = self.check_sampling(max_new_tokens, temperature, top_k, seed, edit)
-        ids = self.check_ids(ids)
-        room = self.config.max_position_embeddings - len(ids)  # the whole sequence must fit the positions
-        if max_new_tokens > room:
-            raise InputError(f"max_new_tokens={max_new_tokens} after a {len(ids)}-token prompt: "
-                             f"{len(ids) + max_new_tokens} tokens exceed max_position_embeddings="
-                             f"{self.config.max_position_embeddings} (at most {room} new tokens)")
-        generator = None  # no seed: torch's global generator, so that each call draws afresh (torch.manual_seed fixes it)
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        cache, new = KVCache(self.config.num_hidden_layers), []
-        step_input = list(ids)
-        eos = set(self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id])
-        switches = rotation_switches(self.config)  # lengths past which every cached key rotates differently
-        with torch.no_grad():
-            for _ in progress(range(max_new_tokens), "generating", unit="token"):
-                if cache.length and any(cache.length <= s < cache.length + len(step_input) for s in switches):
-                    cache, step_input = KVCache(self.config.num_hidden_layers), ids + new  # stale keys: start over
-                y, _ = self.forward(self.embed(step_input), cache=cache, edit=edit)
-                next_id = sample(self.unembed(y[-1]), temperature, top_k, generator)
-                new.append(next_id)
-                if next_id in eos:
-                    break
-                step_input = [next_id]
-        return new
+        """The new token ids, with a KV cache (see minielm.generation.generate_ids)."""
+        return generation.generate_ids(self, ids, max_new_tokens, temperature, top_k, seed, edit)
 
     def check_sampling(self, max_new_tokens, temperature, top_k, seed, edit=None):
         """The generation settings, checked: (max_new_tokens, temperature, top_k, seed) as plain numbers."""
-        if edit is not None and not callable(edit):
-            raise InputError(f"edit must be None or a function edit(i, h, x) -> h, got {type(edit).__name__}")
-        return (checks.integer("max_new_tokens", max_new_tokens, 0, self.config.max_position_embeddings, closed=True,
-                               why="max_position_embeddings"),
-                checks.real("temperature", temperature, 0),
-                checks.optional_integer("top_k", top_k, 1),
-                checks.seed("seed", seed))
+        return generation.check_sampling(self.config, max_new_tokens, temperature, top_k, seed, edit)
 
     def check_ids(self, ids) -> list:
         """Token ids as a list of ints, each in the vocabulary; at least one, at most the positions.
@@ -356,20 +333,6 @@ def times_transposed(y, W, chunk=16384):
     if W.dtype == y.dtype and W.device == y.device:
         return y @ W.T
     return torch.cat([y @ W[i:i + chunk].to(y.device, y.dtype).T for i in range(0, W.shape[0], chunk)], dim=-1)
-
-
-def sample(logits, temperature, top_k, generator) -> int:
-    """Greedy at temperature 0; otherwise softmax(logits / temperature) over the top k."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = nan;
-    # and the largest stays 0 where the temperature rounds to 0 in a low-precision dtype (0 / 0 would be nan)
-    shifted = logits - logits.max()  # (V,), ≤ 0
-    probs = torch.softmax(torch.where(shifted == 0, shifted, shifted / temperature), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def check_finite(h, layer, operation):

@@ -3,6 +3,8 @@
     elm = minielm.equivalent_linear_map(model, ids, out="ops.safetensors")  # never all in memory at once
     elm = minielm.load_operators("ops.safetensors", model)                 # later: memory-mapped
 
+This module is the file format alone: minielm.linear_map writes and reads maps through it.
+
 The file is a plain safetensors file (`safetensors.safe_open` reads it):
 
     ids (T,) int64 | operators (T, d, d): J_t | inputs (T, d): x_t | output (d,): y | bias (d,): b
@@ -27,6 +29,7 @@ import torch
 
 from . import checks
 from .checkpoint import SAFETENSORS_DTYPES as DTYPES
+from .distributed import barrier, on_every_rank, rank_and_size
 from .errors import InputError, MinielmError, OutputError
 from .model import Model
 
@@ -123,12 +126,10 @@ def as_bytes(tensor) -> memoryview:
     return memoryview(tensor.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
-def load_operators(path, model=None):
-    """The EquivalentLinearMap stored at `path`, its tensors memory-mapped (copy-on-write: changing
-    them changes nothing on disk). With the model that computed it, logits and probabilities work
-    too; a model whose embedding of the stored ids differs from the stored inputs is refused."""
-    from .linear_map import EquivalentLinearMap
-
+def read(path, model=None) -> tuple[dict, dict]:
+    """The tensors stored at `path` by name, memory-mapped (copy-on-write: changing them changes
+    nothing on disk), and the file's metadata. With a model: a model whose embedding of the stored
+    ids differs from the stored inputs is refused (minielm.load_operators makes the map of them)."""
     if model is not None:
         checks.instance("model", model, Model, "from minielm.load")
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
@@ -142,11 +143,42 @@ def load_operators(path, model=None):
             dtype, (begin, end) = DTYPES[entry["dtype"]], entry["data_offsets"]
             tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize,
                                              offset=start + begin).view(entry["shape"])
-    ids = tensors["ids"].tolist()
     if model is not None:
-        check_same_model(path, entries["__metadata__"], ids, tensors["inputs"], model)
-    return EquivalentLinearMap(model, ids, tensors["operators"], tensors["inputs"], tensors["output"],
-                               tensors["bias"], None, entries["__metadata__"].get("target", "final"))
+        check_same_model(path, entries["__metadata__"], tensors["ids"].tolist(), tensors["inputs"], model)
+    return tensors, entries["__metadata__"]
+
+
+def write(out, T: int, d: int, dtype, metadata: dict, ids, inputs, output, bias, first_row: int, sweep,
+          distributed: bool) -> None:
+    """Create the operators file `out`, and have `sweep(write_block)` fill in this process's rows,
+    calling write_block(a, G) with rows first_row + a .. of every J_t in G (T, b, d).
+
+    The file is made as out.partial (by rank 0, under torchrun) and renamed over `out` once every
+    rank has written its rows: a file at `out` is whole. An error or an interrupt on any rank
+    stops every rank and leaves no .partial behind."""
+    rank, _ = rank_and_size(distributed)
+    partial, failed = f"{out}.partial", None
+    try:
+        if rank == 0:
+            try:
+                create(partial, T, d, dtype, metadata, ids, inputs, output, bias)
+            except Exception as error:
+                failed = error
+        if not on_every_rank(distributed, failed is None, inputs.device):  # the other ranks stop too, rather than wait
+            raise failed or OutputError(f"{out}: rank 0 could not create the file")
+        try:
+            sweep(lambda a, G: write_rows(partial, first_row + a, G))
+        except Exception as error:  # a full disk on one rank: every rank stops, and rank 0 removes the file
+            failed = error
+        if not on_every_rank(distributed, failed is None, inputs.device):
+            raise failed or OutputError(f"{out}: another rank could not write its rows")
+        if rank == 0:
+            os.replace(partial, out)
+    except BaseException:  # an error or an interrupt leaves no half-written file behind
+        if rank == 0 and os.path.isfile(partial):
+            os.remove(partial)
+        raise
+    barrier(distributed)
 
 
 def check_same_model(path, metadata: dict, ids: list, inputs, model: Model) -> None:

@@ -16,7 +16,8 @@ the script only switches which token's view is shown when a token is clicked.
     exactness     how closely the linear map reproduces the model
 
 `page(...)` is the whole document; `fragment(...)` the same body for Jupyter, which
-`EquivalentLinearMap._repr_html_` and `Attribution._repr_html_` return.
+`EquivalentLinearMap._repr_html_` and `Attribution._repr_html_` return. Those two are attached
+here (`attach_notebook_views`), from above: the maps themselves know nothing of HTML.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ from pathlib import Path
 
 import torch
 
+from .exact_attribution import Attribution, attribution
 from .errors import InputError
-from .interpret import COMPONENTS, align_signs, decode_input, decode_output, forward_order, model_token, svd_ready
+from .interpret import (COMPONENTS, align_signs, decode_input, decode_output, forward_order, model_token, svd_ready,
+                        token_shares)
+from .layer_maps import all_layer_maps
+from .linear_map import EquivalentLinearMap
 
 SCHEMA_VERSION = 1  # of the --json output of explain, layers and check (README: "The --json output")
 
@@ -373,8 +378,6 @@ def map_sections(model, elm, figures: dict) -> list:
 def explain_page(model, elm, figures: dict) -> str:
     """The `explain --html` report. `figures`: explain's JSON (tokens, per_token shares, exactness);
     with every layer's and module's map (emergence) and the attribution table added here."""
-    from .linear_map import all_layer_maps, attribution
-
     tokens = figures["tokens"]
     figures = dict(figures, shares=[row["share"] for row in figures["per_token"]])
     sections = map_sections(model, elm, figures)
@@ -396,9 +399,11 @@ def explain_page(model, elm, figures: dict) -> str:
 
 
 def map_html(elm) -> str:
-    """EquivalentLinearMap._repr_html_: the tokens, each J_t's view, and the reconstruction error."""
-    from .interpret import token_shares
-
+    """EquivalentLinearMap._repr_html_: the tokens, each J_t's view, and the reconstruction error; None
+    for a map loaded from a file without its model (nothing to decode tokens with: Jupyter then falls
+    back to the plain repr)."""
+    if elm.model is None:
+        return None
     figures = {"shares": [float(s) for s in token_shares(elm)], "relative_error": elm.relative_error()}
     title = f"EquivalentLinearMap ({elm.target}): {len(elm.ids)} operators J_t of {elm.operators.shape[1]}²"
     return fragment(title, map_sections(elm.model, elm, figures)
@@ -410,3 +415,42 @@ def attribution_html(attr, tokens: list | None = None) -> str:
     return fragment(f"Attribution of the logit of token id {attr.token}",
                     [section("source token × layer × module", LEGENDS["attribution"],
                              f'<div class="scroll">{attribution_view(attr, tokens)}</div>')])
+
+
+def attach_notebook_views() -> None:
+    """Give the maps and attributions their Jupyter view (`_repr_html_`). Called by the package's front
+    (minielm/__init__.py) when a public name is first used, so that the core never imports the report."""
+    EquivalentLinearMap._repr_html_ = map_html
+    Attribution._repr_html_ = attribution_html
+
+
+# ---- steering's trade-off plot (minielm steer-eval --plot) ---------------------------------
+def plot_tradeoff(results: list, path) -> None:
+    """Lift against fluency cost, one panel per (concept, prompt): colour = recipe, marker = layer,
+    size = λ; the unsteered continuation is the black star (matplotlib). Written to exactly `path`, in
+    the format of its suffix (png without one; matplotlib itself would add '.png' to the name)."""
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+    colours = {"minielm": "tab:blue", "paper": "tab:orange", "actadd": "tab:green"}
+    layers = sorted({r["layer"] for result in results for r in result["rows"]})
+    markers = dict(zip(layers, "osD^vP*Xh<>p" * 4))
+    fig, axes = plt.subplots(1, len(results), figsize=(5.4 * len(results), 4.8), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        rows = result["rows"]
+        ranks = {scale: k for k, scale in enumerate(sorted({r["scale"] for r in rows}))}
+        for r in rows:
+            ax.scatter(r["nll"], r["continuation_lift"], s=18 + 28 * ranks[r["scale"]], marker=markers[r["layer"]],
+                       c=colours.get(r["method"], "grey"), alpha=0.7, edgecolors="none")
+        ax.scatter([result["baseline"]["nll"]], [0.0], marker="*", s=200, c="black", zorder=3)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_yscale("symlog", linthresh=1.0)  # a few runs collapse far below zero
+        ax.set_xlabel("fluency cost: NLL of the steered text under the unsteered model (nats/token)", fontsize=8)
+        ax.set_ylabel("lift: concept log-mass, steered − unsteered (nats, symlog)", fontsize=8)
+        ax.set_title(f"{result['concept']!r}\n← {result['prompt']!r}", fontsize=9)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], ls="", marker="o", color=c, label=m) for m, c in colours.items()]
+    handles += [Line2D([], [], ls="", marker=markers[layer], color="grey", label=f"layer {layer}") for layer in layers]
+    handles += [Line2D([], [], ls="", marker="*", color="black", markersize=10, label="unsteered")]
+    fig.legend(handles=handles, fontsize=8, loc="center right", title="size: λ", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 0.9 / fig.get_figwidth(), 1))
+    save_figure(fig, path)

@@ -29,7 +29,8 @@ import torch
 from . import checks
 from .errors import InputError, NumericalError
 from .interpret import align_signs
-from .linear_map import checked_ids, pull_back, target_values, traced
+from .fast_sweep import fast_sweep
+from .linear_map import checked_ids, target_values, traced
 from .model import Model
 from .progress import progress
 
@@ -49,8 +50,8 @@ class FrozenProducts:
         self.x, self.frozen, states, states0 = traced(model, ids)  # x (T, d)
         self.frozen_to_last = self.frozen.at_last_position()  # A V needs y_T only
         self.d = self.x.shape[1]
-        # y (d,), the affine part b (d,), and ∂y/∂h^L_T = diag(w̃_f)/ρ_f as a vector (d,)
-        self.y, self.bias, self.out_scale = target_values(model, states, states0, L - 1, "output")
+        # y (d,), the affine part b (d,), and ∂y/∂h^L_T (d, d): the frozen final norm
+        self.y, self.bias, self.out_jacobian = target_values(model, states, states0, L - 1, "output")
         self.n = T * self.d if token is None else self.d
 
     def apply(self, V):
@@ -64,9 +65,9 @@ class FrozenProducts:
         return self.model.forward(x, self.frozen_to_last)[0][:, -1] - self.bias  # (b, d): Σ_t J_t v_t
 
     def apply_transposed(self, U):
-        """Aᵀ on each row of U (b, d) -> (b, n): one reverse sweep carrying the b rows uᵀ diag(w̃_f)/ρ_f."""
+        """Aᵀ on each row of U (b, d) -> (b, n): one reverse sweep carrying the b rows uᵀ ∂y/∂h^L_T."""
         L = self.model.config.num_hidden_layers
-        G = pull_back(self.model, self.frozen, U * self.out_scale, L - 1, "output")  # (T, b, d): uᵀ J_t
+        G = fast_sweep(self.model, self.frozen, U @ self.out_jacobian, L - 1, "output")  # (T, b, d): uᵀ J_t
         G = G.transpose(0, 1)  # (b, T, d)
         return G.reshape(U.shape[0], -1) if self.token is None else G[:, self.token]
 

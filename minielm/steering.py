@@ -321,36 +321,3 @@ def format_table(result: dict) -> str:
                      f"| {r['next_token_lift']:+.2f} | {r['continuation_lift']:+.2f} | {r['concept_hits']} "
                      f"| {r['nll']:.2f} | {r['repetition']:.2f} | {text} |")
     return "\n".join(lines)
-
-
-def plot_tradeoff(results: list, path) -> None:
-    """Lift against fluency cost, one panel per (concept, prompt): colour = recipe, marker = layer,
-    size = λ; the unsteered continuation is the black star (matplotlib). Written to exactly `path`, in
-    the format of its suffix (png without one; matplotlib itself would add '.png' to the name)."""
-    from .report import pyplot, save_figure
-
-    plt = pyplot()
-    from matplotlib.lines import Line2D
-    colours = {"minielm": "tab:blue", "paper": "tab:orange", "actadd": "tab:green"}
-    layers = sorted({r["layer"] for result in results for r in result["rows"]})
-    markers = dict(zip(layers, "osD^vP*Xh<>p" * 4))
-    fig, axes = plt.subplots(1, len(results), figsize=(5.4 * len(results), 4.8), squeeze=False)
-    for ax, result in zip(axes[0], results):
-        rows = result["rows"]
-        ranks = {scale: k for k, scale in enumerate(sorted({r["scale"] for r in rows}))}
-        for r in rows:
-            ax.scatter(r["nll"], r["continuation_lift"], s=18 + 28 * ranks[r["scale"]], marker=markers[r["layer"]],
-                       c=colours.get(r["method"], "grey"), alpha=0.7, edgecolors="none")
-        ax.scatter([result["baseline"]["nll"]], [0.0], marker="*", s=200, c="black", zorder=3)
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set_yscale("symlog", linthresh=1.0)  # a few runs collapse far below zero
-        ax.set_xlabel("fluency cost: NLL of the steered text under the unsteered model (nats/token)", fontsize=8)
-        ax.set_ylabel("lift: concept log-mass, steered − unsteered (nats, symlog)", fontsize=8)
-        ax.set_title(f"{result['concept']!r}\n← {result['prompt']!r}", fontsize=9)
-        ax.grid(alpha=0.3)
-    handles = [Line2D([], [], ls="", marker="o", color=c, label=m) for m, c in colours.items()]
-    handles += [Line2D([], [], ls="", marker=markers[layer], color="grey", label=f"layer {layer}") for layer in layers]
-    handles += [Line2D([], [], ls="", marker="*", color="black", markersize=10, label="unsteered")]
-    fig.legend(handles=handles, fontsize=8, loc="center right", title="size: λ", title_fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1 - 0.9 / fig.get_figwidth(), 1))
-    save_figure(fig, path)

@@ -34,7 +34,7 @@ import minielm
 import minielm.cli
 from minielm.errors import InputError, NumericalError, OutputError, TokenizerError
 from minielm.interpret import decode_input, decode_output, layer_table, stable_rank, stacked_svd, token_shares
-from minielm.linear_map import all_layer_maps
+from minielm.layer_maps import all_layer_maps
 from minielm.steering import steer, steering_edit, steering_operator
 from minielm.tokenizer import load_tokenizer
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import minielm
+import minielm.fast_sweep
 import minielm.linear_map
 import minielm.report
 from minielm.checkpoint import StreamedLayers
@@ -88,13 +89,13 @@ def test_check_fails_above_the_float64_bound(tiny_with_tokenizer, monkeypatch, c
     of about 1e-12: above float64's 1e-13, far below float32's bound)."""
     assert main(["check", "--model", str(tiny_with_tokenizer)]) == 0
     assert "within 1e-13 for float64" in capsys.readouterr().out
-    exact = minielm.linear_map.folded_mlp
+    exact = minielm.fast_sweep.folded_mlp
 
     def slightly_wrong(*args):  # the MLP gate φ_t, off by a relative 1e-12 in the sweep only
         W_D, gate, W_U = exact(*args)
         return W_D, gate * (1 + 1e-12), W_U
 
-    monkeypatch.setattr(minielm.linear_map, "folded_mlp", slightly_wrong)
+    monkeypatch.setattr(minielm.fast_sweep, "folded_mlp", slightly_wrong)
     assert main(["check", "--model", str(tiny_with_tokenizer)]) == 1
     out = capsys.readouterr().out
     errors = reconstruction_column(out)

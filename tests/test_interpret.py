@@ -10,7 +10,7 @@ import minielm
 from minielm.checkpoint import save_checkpoint
 from minielm.interpret import (decode_input, decode_output, layer_table, stable_rank, stacked, stacked_svd,
                                token_shares)
-from minielm.linear_map import all_layer_maps
+from minielm.layer_maps import all_layer_maps
 from minielm.spectra import FrozenProducts, block_lanczos, singular_vectors
 from minielm.steering import steer
 

@@ -12,7 +12,8 @@ from hf_reference import EDGE_CASES, FAMILIES, hf_float64_logits
 
 import minielm
 from minielm.interpret import stacked_svd
-from minielm.linear_map import all_layer_maps, trace
+from minielm.layer_maps import all_layer_maps
+from minielm.linear_map import trace
 from minielm.spectra import singular_vectors
 
 
@@ -313,6 +314,6 @@ def test_sweeps_in_small_pieces_give_the_same_operators(case, checkpoints, edge_
                 + [minielm.attribution(model, prompt, token=5).table])
 
     whole = everything()
-    monkeypatch.setattr(minielm.linear_map, "SCRATCH_BYTES", 1)
+    monkeypatch.setattr(minielm.fast_sweep, "SCRATCH_BYTES", 1)
     for a, b in zip(everything(), whole, strict=True):
         assert relative(a, b) < 1e-13

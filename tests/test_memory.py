@@ -23,7 +23,7 @@ T = 512
 CHILD = CHILD_PRELUDE + """
 import json, sys, torch, minielm, minielm.linear_map
 directory, T, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-minielm.linear_map.SCRATCH_BYTES = 16 * 2**20
+minielm.fast_sweep.SCRATCH_BYTES = 16 * 2**20
 model = minielm.load(directory)
 with torch.inference_mode():
     minielm.equivalent_linear_map(model, [1, 2, 3, 4])  # the runtime's one-time buffers, before measuring,

@@ -152,7 +152,8 @@ def test_a_sweep_reads_ahead_only_what_it_uses(five_layers):
     """The reverse sweep never uses the query, key and gate weights, and the read-ahead does not read them: each
     layer reads ahead what the layer before was asked for. Right after the forward pass at x, which used every
     weight, the first two layers below the top follow that use; after a frozen pass (Lanczos' A V), none do."""
-    from minielm.linear_map import pull_back, traced
+    from minielm.fast_sweep import fast_sweep
+    from minielm.linear_map import traced
 
     model = minielm.load(five_layers, stream=True)
     reads = recorded(model)
@@ -160,7 +161,7 @@ def test_a_sweep_reads_ahead_only_what_it_uses(five_layers):
     def sweep_reads_ahead():  # layer -> the kinds of weight the sweep read ahead
         reader_idle()
         del reads.reads[:]
-        pull_back(model, frozen, torch.eye(32, dtype=torch.float64), 4, "output")
+        fast_sweep(model, frozen, torch.eye(32, dtype=torch.float64), 4, "output")
         reader_idle()
         ahead = {}
         for name, thread in reads.reads:
@@ -182,7 +183,8 @@ def test_lanczos_turns_find_the_next_layer_read_ahead(five_layers):
     """Lanczos alternates a frozen pass up the layers (A V) and a sweep down them (Aᵀ U). At both turns
     the next layer is already on its way: in a pass after a sweep, only layer 0, where it turns, is read
     where it is used, and in a sweep after a pass only the top layer."""
-    from minielm.linear_map import pull_back, traced
+    from minielm.fast_sweep import fast_sweep
+    from minielm.linear_map import traced
 
     model = minielm.load(five_layers, stream=True)
     reads = recorded(model)
@@ -197,7 +199,7 @@ def test_lanczos_turns_find_the_next_layer_read_ahead(five_layers):
         return {name.split(".")[2] for name, thread in reads.reads if thread == "MainThread"}
 
     for _ in range(2):
-        assert read_in_use(lambda: pull_back(model, frozen, seed, 4, "output")) == {"4"}
+        assert read_in_use(lambda: fast_sweep(model, frozen, seed, 4, "output")) == {"4"}
         assert read_in_use(lambda: model.forward(x[None], frozen)) == {"0"}
 
 

@@ -126,7 +126,8 @@ def gather(out: str, case: int) -> dict:
 
 
 def combine(out: str) -> None:
-    from minielm.steering import format_table, plot_tradeoff
+    from minielm.report import plot_tradeoff
+    from minielm.steering import format_table
 
     results = [gather(out, k) for k in range(len(CASES))]
     results = [r for r in results if r["rows"]]

@@ -1,0 +1,81 @@
+"""Exact attribution: a logit split by (source token, layer, module), summing to it to round-off.
+
+Each module's output is linear in the inputs once the factors are frozen, so its share of
+the logit is one row-vector sweep (minielm/fast_sweep.py) from that module: gradient-times-
+input made exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import checks
+from .fast_sweep import fast_sweep
+from .linear_map import checked_ids, target_values, traced
+from .model import Model, times_transposed
+from .progress import progress
+
+
+@dataclass
+class Attribution:
+    """A logit split exactly by (source token, layer, component).
+
+    The sum identity: `attr.total()` equals `attr.logit` to round-off, and
+        total() = table.sum() + embedding.sum() + bias.sum();
+    `table.sum()` alone is NOT the logit: it leaves out the direct path of the last
+    token's own embedding (`embedding`) and the modules' constant parts (`bias`).
+
+    z = u_c · y, with y = N_f(h^L_T) and h^L_T = x_T + Σ_ℓ (attention_ℓ + mlp_ℓ)_T.
+    Each module output is itself linear in the inputs, so
+        z = embedding[T] + Σ_{s,ℓ,k} table[s, ℓ, k] + Σ_{ℓ,k} bias[ℓ, k]
+    to round-off. `z` is the logit before any final soft-capping.
+    """
+
+    token: int
+    logit: float  # z, from the model's own forward pass
+    table: torch.Tensor  # (T, L, 2): source s, layer ℓ, component (0 attention, 1 MLP)
+    embedding: torch.Tensor  # (T,): the direct path x_s -> y (only the last position is nonzero)
+    bias: torch.Tensor  # (L, 2): the affine parts of the modules (zero without biases)
+
+    def total(self) -> float:
+        """table.sum() + embedding.sum() + bias.sum(): the logit, to round-off."""
+        return float(self.table.sum() + self.embedding.sum() + self.bias.sum())
+
+    def __repr__(self) -> str:
+        T, L, _ = self.table.shape
+        return (f"Attribution(token={self.token}, logit={self.logit:.6g}, table=({T}, {L}, 2), "
+                f"total()={self.total():.6g} = table.sum() {float(self.table.sum()):.6g} "
+                f"+ embedding.sum() {float(self.embedding.sum()):.6g} + bias.sum() {float(self.bias.sum()):.6g})")
+
+
+def attribution(model: Model, ids, token: int | None = None) -> Attribution:
+    """Split the logit of `token` (default: the top next token) over sources, layers and modules.
+
+    One row-vector reverse sweep per module (r = 1): 2L sweeps, the one from layer ℓ
+    costing about (ℓ + 1)/L of a forward pass, so this is cheap even where the full
+    operators are not.
+    """
+    ids = checked_ids(model, ids)
+    token = checks.optional_integer("token", token, 0, model.config.vocab_size, why="the vocabulary")
+    x, frozen, states, states0 = traced(model, ids)
+    T, L = x.shape[0], model.config.num_hidden_layers
+    y, _, seed = target_values(model, states, states0, L - 1, "output")
+    logits = times_transposed(y, model.weights["lm_head"])  # (V,), before soft-capping
+    token = int(logits.argmax()) if token is None else token
+    # u = ∂z/∂h^L_T: the unembedding row through the frozen final norm.
+    w_token = model.weights["lm_head"][token].to(x.device, x.dtype)  # (d,)
+    u = w_token @ seed  # (d,)
+    table = x.new_zeros(T, L, 2)
+    bias = x.new_zeros(L, 2)
+    for layer in progress(range(L), "attribution"):
+        for k, component in enumerate(("attention", "mlp")):
+            G = fast_sweep(model, frozen, u[None, :], layer, component)  # (T, 1, d)
+            table[:, layer, k] = torch.einsum("tj,tj->t", G[:, 0, :], x)
+            bias[layer, k] = u @ states0[component][layer][-1]
+    embedding = x.new_zeros(T)
+    embedding[-1] = u @ x[-1]
+    return Attribution(token, float(logits[token]), table, embedding, bias)
+
+
