@@ -48,10 +48,9 @@ def test_analytic_operators_match_autograd(case, checkpoints):
     assert relative(analytic, minielm.detached_jacobian(model, PROMPT)) < 1e-12
 
 
-def test_no_autograd_on_the_analytic_path(checkpoints, monkeypatch):
-    """Under inference_mode, with every autograd entry point booby-trapped, the map still assembles."""
-    model = minielm.load(checkpoints["gemma3_text"])
-
+def trap_autograd(monkeypatch) -> None:
+    """Booby-trap every autograd entry point (torch.autograd.grad and .backward, which Tensor.backward
+    calls, torch.autograd.functional.jacobian, torch.func.jacrev and vjp): each raises AssertionError."""
     def trap(*args, **kwargs):
         raise AssertionError("autograd was called")
 
@@ -60,9 +59,37 @@ def test_no_autograd_on_the_analytic_path(checkpoints, monkeypatch):
     monkeypatch.setattr(torch.autograd.functional, "jacobian", trap)
     monkeypatch.setattr(torch.func, "jacrev", trap)
     monkeypatch.setattr(torch.func, "vjp", trap)
+
+
+def test_no_autograd_on_the_analytic_path(checkpoints, monkeypatch):
+    """Under inference_mode, with every autograd entry point booby-trapped, the map still assembles."""
+    model = minielm.load(checkpoints["gemma3_text"])
+    trap_autograd(monkeypatch)
     with torch.inference_mode():
         elm = minielm.equivalent_linear_map(model, PROMPT)
     assert elm.relative_error() < 1e-13
+
+
+def test_the_autograd_trap_fires(checkpoints, monkeypatch):
+    """The trap of test_no_autograd_on_the_analytic_path, shown firing: under it each way of asking
+    autograd for a derivative raises, minielm's own autograd Jacobian (detached_jacobian, which the
+    CLI's cross-check uses) included, so an analytic path that took one of them would fail there."""
+    model = minielm.load(checkpoints["llama"])
+    trap_autograd(monkeypatch)
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64, requires_grad=True)
+    offending = {
+        "jacobian": lambda: torch.autograd.functional.jacobian(torch.sin, x),
+        "grad": lambda: torch.autograd.grad(x.sin().sum(), x),
+        "Tensor.backward": lambda: x.sin().sum().backward(),
+        "jacrev": lambda: torch.func.jacrev(torch.sin)(x),
+        "vjp": lambda: torch.func.vjp(torch.sin, x),
+        "detached_jacobian": lambda: minielm.detached_jacobian(model, PROMPT[:3]),
+    }
+    for name, call in offending.items():
+        with pytest.raises(AssertionError, match="autograd was called"):
+            call()
+            pytest.fail(f"{name} ran under the trap")
+    assert x.grad is None
 
 
 @pytest.mark.parametrize("case", ["llama", "gemma3_text", "olmo2", "qwen2"])
@@ -275,6 +302,38 @@ def test_float64_is_float64_throughout(case, checkpoints):
         minielm.attribution(model, prompt)
         stacked_svd(elm, k=2), singular_vectors(model, prompt, k=2), singular_vectors(model, prompt, k=2, token=0)
     assert set(dtypes.seen) == {torch.float64}, dtypes.seen
+
+
+def test_the_float64_traps_fire(checkpoints, monkeypatch):
+    """The two float64 traps, shown firing. FloatDtypes (test_float64_is_float64_throughout) sees a
+    float32 tensor made on the map's path, even an exact round trip: here `x.float().double()` of the
+    MLP gate inside the sweep. The Hugging Face oracle's aten-level check (hf_float64_logits) raises
+    when transformers' own float32 casts are left in: its TorchFunctionMode made a pass-through for
+    the forward pass (the model loaded as usual, its buffers in float64)."""
+    import hf_reference
+
+    with FloatDtypes() as dtypes:
+        torch.ones(3, dtype=torch.float64).float()
+    assert dtypes.seen.get(torch.float32) == "aten._to_copy.default"
+
+    model = minielm.load(checkpoints["qwen2"])
+    exact = minielm.linear_map.folded_mlp
+
+    def via_float32(*args):  # the gate φ_t through float32 and back: exact here, still a float32 tensor
+        W_D, gate, W_U = exact(*args)
+        return W_D, gate.float().double(), W_U
+
+    monkeypatch.setattr(minielm.linear_map, "folded_mlp", via_float32)
+    with FloatDtypes() as dtypes:
+        minielm.equivalent_linear_map(model, PROMPT[:4])
+    assert torch.float32 in dtypes.seen
+
+    hf = hf_reference.load_hf_float64(checkpoints["llama"])
+    monkeypatch.setattr(hf_reference, "load_hf_float64", lambda directory: hf)
+    monkeypatch.setattr(hf_reference._Float32RequestsToFloat64, "__torch_function__",
+                        lambda self, func, types, args=(), kwargs=None: func(*args, **(kwargs or {})))
+    with pytest.raises(AssertionError, match="low-precision tensors in the float64 reference"):
+        hf_reference.hf_float64_logits(checkpoints["llama"], PROMPT[:4])
 
 
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-4), (torch.bfloat16, 1e-1), (torch.float16, 1e-2)])
