@@ -5,10 +5,12 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from conftest import DEVICES, PROMPT
-from hf_reference import EDGE_CASES, FAMILIES, hf_float64_logits
+from hf_reference import EDGE_CASES, FAMILIES, float64_everywhere, hf_float64_logits, load_hf_float64
+from torch.overrides import TorchFunctionMode
 
 import minielm
 from minielm.interpret import stacked_svd
@@ -34,11 +36,62 @@ def test_reconstruction_is_exact(case, device, checkpoints):
     probs = torch.softmax(model.logits(PROMPT)[-1], dim=-1)
     assert torch.allclose(elm.probabilities(), probs, rtol=0, atol=1e-14)
     assert torch.allclose(elm.model_probabilities(), probs, rtol=0, atol=1e-15)  # the model's own, from y
+    # the affine part b is Hugging Face's frozen forward at zero input (test_bias_is_hugging_faces_frozen_pass_at_zero)
     assert elm.bias.abs().max() > 0 if case == "qwen2" else torch.all(elm.bias == 0)
-    # the affine part is the frozen pass at x = 0, which the map runs only for checkpoints with biases
-    states0 = trace(model, torch.zeros_like(elm.inputs), elm.frozen)[0]
-    assert torch.equal(model.norm(states0[-1][-1], model.weights["final_norm"], elm.frozen.final_norm[-1])[0],
-                       elm.bias)
+
+
+class FrozenFactors(TorchFunctionMode):
+    """Record, then replay, the factors that minielm freezes, where Hugging Face computes them (as in
+    test_hf_autograd): the outputs of `torch.rsqrt` in its RMSNorms (1/ρ), of the softmax in its attention
+    (P) and of the MLP's activation (the gate φ(W_G u)). Recording keeps each output in call order;
+    replaying returns the recorded one in its place, call for call."""
+
+    FUNCTIONS = {torch.rsqrt, torch.Tensor.rsqrt, F.softmax, torch.softmax, torch.Tensor.softmax, F.silu, F.gelu}
+
+    def __init__(self, recorded=None):
+        super().__init__()
+        self.replaying = recorded is not None
+        self.factors = [] if recorded is None else list(recorded)
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func not in self.FUNCTIONS:
+            return out
+        self.calls += 1
+        if not self.replaying:
+            self.factors.append(out)
+            return out
+        frozen = self.factors[self.calls - 1]
+        assert frozen.shape == out.shape, (func, frozen.shape, out.shape)
+        return frozen
+
+
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_bias_is_hugging_faces_frozen_pass_at_zero(case, checkpoints):
+    """The affine part b of y = Σ_t J_t x_t + b, against Hugging Face's own modelling code: its float64
+    model runs on the prompt, recording the factors (1/ρ, P, the gate); then on zero input embeddings
+    with those factors held fixed. Its final-normed last hidden state there is b: nonzero for qwen2 (the
+    q/k/v biases; only v's reaches b once P is frozen), zero for the families without biases."""
+    model = minielm.load(checkpoints[case])
+    elm = minielm.equivalent_linear_map(model, PROMPT)
+    hf = load_hf_float64(checkpoints[case])
+
+    def last_hidden(**inputs):
+        return hf.model(**inputs, use_cache=False).last_hidden_state[0, -1]
+
+    with torch.no_grad(), float64_everywhere():
+        with FrozenFactors() as record:
+            y = last_hidden(input_ids=torch.tensor([PROMPT]))
+        with FrozenFactors(record.factors) as replay:
+            b = last_hidden(inputs_embeds=torch.zeros(1, len(PROMPT), model.config.hidden_size))
+    L = model.config.num_hidden_layers
+    assert replay.calls == len(record.factors) >= 2 * L + 1 + L + L  # norms, softmaxes, gates: all replayed
+    if case == "qwen2":
+        assert b.abs().max() > 1e-2 and relative(elm.bias, b) < 1e-12
+    else:
+        assert torch.all(b == 0) and torch.all(elm.bias == 0)
+    assert relative(elm.output, y) < 1e-12  # and the recorded pass is the map's
 
 
 @pytest.mark.parametrize("case", list(FAMILIES))
