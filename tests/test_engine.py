@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICES, PROMPT
@@ -134,16 +135,41 @@ def test_tiny_temperature_is_greedy_in_low_precision(dtype, checkpoints):
     assert model.generate_ids(PROMPT[:3], 8, temperature=1e-50, seed=0) == greedy
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def closed_form_rotary(theta: float, dim: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Default RoPE's cos and sin tables (T, dim) in numpy float64, rotate_half layout: the angle of
+    position p in pair i (and i + dim/2) is p θ^(-2i/dim)."""
+    inv_freq = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]
+    angles = np.concatenate([angles, angles], axis=1)
+    return np.cos(angles), np.sin(angles)
+
+
+def rounded_once(table: torch.Tensor, exact: torch.Tensor) -> bool:
+    """Whether each entry of `table` (any float dtype) is within half a unit in its last place of the
+    float64 `exact` (+ 1e-12 for the last bits of two float64 computations): `exact` rounded once."""
+    info = torch.finfo(table.dtype)
+    ulp = info.eps * torch.exp2(torch.floor(torch.log2(table.double().abs().clamp(min=info.tiny))))
+    return bool(((table.double() - exact).abs() <= ulp / 2 + 1e-12).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_rotary_tables_are_float64_rounded_once(dtype, checkpoints):
     """In bfloat16, positions above 256 are not integers and the angles would lose whole radians: the cos and
-    sin tables of a low-precision model are the float64 ones, rounded once."""
+    sin tables of a low-precision model are the float64 ones, rounded once. The float64 table is numpy's
+    closed form, from the config's rope_theta and head_dim (a default-RoPE family: no scaling). The
+    control: angles computed in float32 give tables that are not within that rounding of it."""
     from minielm.rope import rotation
 
-    config = minielm.load(checkpoints["llama"]).config
+    config = minielm.load(checkpoints["llama_tied"]).config
     params = config.rope_parameters[config.layer_types[0]]
+    assert params["rope_type"] == "default" and params["partial_rotary_factor"] == 1.0
     positions = torch.arange(0, 4000, 7)
+    cos64, sin64 = map(torch.from_numpy, closed_form_rotary(params["rope_theta"], config.head_dim, positions.numpy()))
     cos, sin = rotation(config, params, positions, dtype)
-    cos64, sin64 = rotation(config, params, positions, torch.float64)
-    assert cos.dtype == sin.dtype == dtype
-    assert torch.equal(cos, cos64.to(dtype)) and torch.equal(sin, sin64.to(dtype))
+    assert cos.dtype == sin.dtype == dtype and cos.shape == sin.shape == cos64.shape
+    assert rounded_once(cos, cos64) and rounded_once(sin, sin64)
+    # the control: float32 angles (positions and frequencies in float32), then rounded to dtype
+    inv_freq32 = params["rope_theta"] ** (-torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim)
+    angles32 = positions.float()[:, None] * inv_freq32[None, :]
+    angles32 = torch.cat([angles32, angles32], dim=-1)
+    assert not rounded_once(angles32.cos().to(dtype), cos64) and not rounded_once(angles32.sin().to(dtype), sin64)

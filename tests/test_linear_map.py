@@ -5,10 +5,12 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from conftest import DEVICES, PROMPT
-from hf_reference import EDGE_CASES, FAMILIES, hf_float64_logits
+from hf_reference import EDGE_CASES, FAMILIES, float64_everywhere, hf_float64_logits, load_hf_float64
+from torch.overrides import TorchFunctionMode
 
 import minielm
 from minielm.interpret import stacked_svd
@@ -35,11 +37,62 @@ def test_reconstruction_is_exact(case, device, checkpoints):
     probs = torch.softmax(model.logits(PROMPT)[-1], dim=-1)
     assert torch.allclose(elm.probabilities(), probs, rtol=0, atol=1e-14)
     assert torch.allclose(elm.model_probabilities(), probs, rtol=0, atol=1e-15)  # the model's own, from y
+    # the affine part b is Hugging Face's frozen forward at zero input (test_bias_is_hugging_faces_frozen_pass_at_zero)
     assert elm.bias.abs().max() > 0 if case == "qwen2" else torch.all(elm.bias == 0)
-    # the affine part is the frozen pass at x = 0, which the map runs only for checkpoints with biases
-    states0 = trace(model, torch.zeros_like(elm.inputs), elm.frozen)[0]
-    assert torch.equal(model.norm(states0[-1][-1], model.weights["final_norm"], elm.frozen.final_norm[-1])[0],
-                       elm.bias)
+
+
+class FrozenFactors(TorchFunctionMode):
+    """Record, then replay, the factors that minielm freezes, where Hugging Face computes them (as in
+    test_hf_autograd): the outputs of `torch.rsqrt` in its RMSNorms (1/ρ), of the softmax in its attention
+    (P) and of the MLP's activation (the gate φ(W_G u)). Recording keeps each output in call order;
+    replaying returns the recorded one in its place, call for call."""
+
+    FUNCTIONS = {torch.rsqrt, torch.Tensor.rsqrt, F.softmax, torch.softmax, torch.Tensor.softmax, F.silu, F.gelu}
+
+    def __init__(self, recorded=None):
+        super().__init__()
+        self.replaying = recorded is not None
+        self.factors = [] if recorded is None else list(recorded)
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func not in self.FUNCTIONS:
+            return out
+        self.calls += 1
+        if not self.replaying:
+            self.factors.append(out)
+            return out
+        frozen = self.factors[self.calls - 1]
+        assert frozen.shape == out.shape, (func, frozen.shape, out.shape)
+        return frozen
+
+
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_bias_is_hugging_faces_frozen_pass_at_zero(case, checkpoints):
+    """The affine part b of y = Σ_t J_t x_t + b, against Hugging Face's own modelling code: its float64
+    model runs on the prompt, recording the factors (1/ρ, P, the gate); then on zero input embeddings
+    with those factors held fixed. Its final-normed last hidden state there is b: nonzero for qwen2 (the
+    q/k/v biases; only v's reaches b once P is frozen), zero for the families without biases."""
+    model = minielm.load(checkpoints[case])
+    elm = minielm.equivalent_linear_map(model, PROMPT)
+    hf = load_hf_float64(checkpoints[case])
+
+    def last_hidden(**inputs):
+        return hf.model(**inputs, use_cache=False).last_hidden_state[0, -1]
+
+    with torch.no_grad(), float64_everywhere():
+        with FrozenFactors() as record:
+            y = last_hidden(input_ids=torch.tensor([PROMPT]))
+        with FrozenFactors(record.factors) as replay:
+            b = last_hidden(inputs_embeds=torch.zeros(1, len(PROMPT), model.config.hidden_size))
+    L = model.config.num_hidden_layers
+    assert replay.calls == len(record.factors) >= 2 * L + 1 + L + L  # norms, softmaxes, gates: all replayed
+    if case == "qwen2":
+        assert b.abs().max() > 1e-2 and relative(elm.bias, b) < 1e-12
+    else:
+        assert torch.all(b == 0) and torch.all(elm.bias == 0)
+    assert relative(elm.output, y) < 1e-12  # and the recorded pass is the map's
 
 
 @pytest.mark.parametrize("case", list(FAMILIES))
@@ -49,10 +102,9 @@ def test_analytic_operators_match_autograd(case, checkpoints):
     assert relative(analytic, minielm.detached_jacobian(model, PROMPT)) < 1e-12
 
 
-def test_no_autograd_on_the_analytic_path(checkpoints, monkeypatch):
-    """Under inference_mode, with every autograd entry point booby-trapped, the map still assembles."""
-    model = minielm.load(checkpoints["gemma3_text"])
-
+def trap_autograd(monkeypatch) -> None:
+    """Booby-trap every autograd entry point (torch.autograd.grad and .backward, which Tensor.backward
+    calls, torch.autograd.functional.jacobian, torch.func.jacrev and vjp): each raises AssertionError."""
     def trap(*args, **kwargs):
         raise AssertionError("autograd was called")
 
@@ -61,9 +113,37 @@ def test_no_autograd_on_the_analytic_path(checkpoints, monkeypatch):
     monkeypatch.setattr(torch.autograd.functional, "jacobian", trap)
     monkeypatch.setattr(torch.func, "jacrev", trap)
     monkeypatch.setattr(torch.func, "vjp", trap)
+
+
+def test_no_autograd_on_the_analytic_path(checkpoints, monkeypatch):
+    """Under inference_mode, with every autograd entry point booby-trapped, the map still assembles."""
+    model = minielm.load(checkpoints["gemma3_text"])
+    trap_autograd(monkeypatch)
     with torch.inference_mode():
         elm = minielm.equivalent_linear_map(model, PROMPT)
     assert elm.relative_error() < 1e-13
+
+
+def test_the_autograd_trap_fires(checkpoints, monkeypatch):
+    """The trap of test_no_autograd_on_the_analytic_path, shown firing: under it each way of asking
+    autograd for a derivative raises, minielm's own autograd Jacobian (detached_jacobian, which the
+    CLI's cross-check uses) included, so an analytic path that took one of them would fail there."""
+    model = minielm.load(checkpoints["llama"])
+    trap_autograd(monkeypatch)
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64, requires_grad=True)
+    offending = {
+        "jacobian": lambda: torch.autograd.functional.jacobian(torch.sin, x),
+        "grad": lambda: torch.autograd.grad(x.sin().sum(), x),
+        "Tensor.backward": lambda: x.sin().sum().backward(),
+        "jacrev": lambda: torch.func.jacrev(torch.sin)(x),
+        "vjp": lambda: torch.func.vjp(torch.sin, x),
+        "detached_jacobian": lambda: minielm.detached_jacobian(model, PROMPT[:3]),
+    }
+    for name, call in offending.items():
+        with pytest.raises(AssertionError, match="autograd was called"):
+            call()
+            pytest.fail(f"{name} ran under the trap")
+    assert x.grad is None
 
 
 @pytest.mark.parametrize("case", ["llama", "gemma3_text", "olmo2", "qwen2"])
@@ -276,6 +356,38 @@ def test_float64_is_float64_throughout(case, checkpoints):
         minielm.attribution(model, prompt)
         stacked_svd(elm, k=2), singular_vectors(model, prompt, k=2), singular_vectors(model, prompt, k=2, token=0)
     assert set(dtypes.seen) == {torch.float64}, dtypes.seen
+
+
+def test_the_float64_traps_fire(checkpoints, monkeypatch):
+    """The two float64 traps, shown firing. FloatDtypes (test_float64_is_float64_throughout) sees a
+    float32 tensor made on the map's path, even an exact round trip: here `x.float().double()` of the
+    MLP gate inside the sweep. The Hugging Face oracle's aten-level check (hf_float64_logits) raises
+    when transformers' own float32 casts are left in: its TorchFunctionMode made a pass-through for
+    the forward pass (the model loaded as usual, its buffers in float64)."""
+    import hf_reference
+
+    with FloatDtypes() as dtypes:
+        torch.ones(3, dtype=torch.float64).float()
+    assert dtypes.seen.get(torch.float32) == "aten._to_copy.default"
+
+    model = minielm.load(checkpoints["qwen2"])
+    exact = minielm.linear_map.folded_mlp
+
+    def via_float32(*args):  # the gate φ_t through float32 and back: exact here, still a float32 tensor
+        W_D, gate, W_U = exact(*args)
+        return W_D, gate.float().double(), W_U
+
+    monkeypatch.setattr(minielm.linear_map, "folded_mlp", via_float32)
+    with FloatDtypes() as dtypes:
+        minielm.equivalent_linear_map(model, PROMPT[:4])
+    assert torch.float32 in dtypes.seen
+
+    hf = hf_reference.load_hf_float64(checkpoints["llama"])
+    monkeypatch.setattr(hf_reference, "load_hf_float64", lambda directory: hf)
+    monkeypatch.setattr(hf_reference._Float32RequestsToFloat64, "__torch_function__",
+                        lambda self, func, types, args=(), kwargs=None: func(*args, **(kwargs or {})))
+    with pytest.raises(AssertionError, match="low-precision tensors in the float64 reference"):
+        hf_reference.hf_float64_logits(checkpoints["llama"], PROMPT[:4])
 
 
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-4), (torch.bfloat16, 1e-1), (torch.float16, 1e-2)])
