@@ -17,7 +17,7 @@ from minielm.steering import steer
 
 # The module of all_layer_maps, which calls forward_layer_maps and reverse_layer_maps by their global
 # names: test_all_layer_maps_chooses_the_cheaper_pass wraps the two passes there.
-LAYER_PASSES = "minielm.linear_map"
+LAYER_PASSES = "minielm.layer_maps"
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from hf_reference import EDGE_CASES, FAMILIES, float64_everywhere, hf_float64_lo
 from torch.overrides import TorchFunctionMode
 
 import minielm
+import minielm.fast_sweep
 from minielm.interpret import stacked_svd
 from minielm.layer_maps import all_layer_maps
 from minielm.linear_map import trace
@@ -371,13 +372,13 @@ def test_the_float64_traps_fire(checkpoints, monkeypatch):
     assert dtypes.seen.get(torch.float32) == "aten._to_copy.default"
 
     model = minielm.load(checkpoints["qwen2"])
-    exact = minielm.linear_map.folded_mlp
+    exact = minielm.fast_sweep.folded_mlp
 
     def via_float32(*args):  # the gate φ_t through float32 and back: exact here, still a float32 tensor
         W_D, gate, W_U = exact(*args)
         return W_D, gate.float().double(), W_U
 
-    monkeypatch.setattr(minielm.linear_map, "folded_mlp", via_float32)
+    monkeypatch.setattr(minielm.fast_sweep, "folded_mlp", via_float32)
     with FloatDtypes() as dtypes:
         minielm.equivalent_linear_map(model, PROMPT[:4])
     assert torch.float32 in dtypes.seen
