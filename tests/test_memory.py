@@ -1,6 +1,7 @@
 """Bounded memory: a child process's peak during equivalent_linear_map, on a model whose H·hd exceeds
-d (as Gemma 3's), at T = 512. In memory: at most 1.5× the operators + 200 MB above the loaded model
-(the unblocked sweep needed about 7×). With out=: one block's work, well under the operators.
+d (as Gemma 3's), at T = 512, where the operators (T·d², 256 MB) dominate everything else. In memory:
+the operators, the sweep's scratch and the frozen factors, with 32 MB of slack (the unblocked sweep,
+the control, needs far more). With out=: one block's work, well under the operators.
 
 The child runs with glibc's mmap threshold fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_), so that every
 large tensor is mapped when made and unmapped when freed: the peak is then minielm's own live memory.
@@ -22,8 +23,8 @@ T = 512
 
 CHILD = CHILD_PRELUDE + """
 import json, sys, torch, minielm, minielm.linear_map
-directory, T, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-minielm.fast_sweep.SCRATCH_BYTES = 16 * 2**20
+directory, T, out, scratch = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+minielm.fast_sweep.SCRATCH_BYTES = scratch
 model = minielm.load(directory)
 with torch.inference_mode():
     minielm.equivalent_linear_map(model, [1, 2, 3, 4])  # the runtime's one-time buffers, before measuring,
@@ -41,35 +42,57 @@ print(json.dumps({"extra_mb": peak - before, "operators_mb": elm.operators.numel
 
 @pytest.fixture(scope="module")
 def gemma_like(tmp_path_factory):
-    """d = 128 with 4 heads of 64: H·hd = 256 > d, one key-value head, Gemma 3's norms."""
+    """d = 256 with 4 heads of 128: H·hd = 512 > d, one key-value head, Gemma 3's norms."""
     from bench import random_checkpoint
 
     directory = tmp_path_factory.mktemp("gemma_like")
-    random_checkpoint(directory, d=128, layers=2, f=256, heads=4, kv_heads=1, vocab=600, family="gemma3_text",
-                      head_dim=64)
+    random_checkpoint(directory, d=D, layers=2, f=512, heads=4, kv_heads=1, vocab=600, family="gemma3_text",
+                      head_dim=128)
     return directory
 
 
-def peak(directory, out="-") -> dict:
+D, SCRATCH = 256, 16 * 2**20
+
+
+def peak(directory, out="-", scratch=SCRATCH) -> dict:
     live = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20), MALLOC_TRIM_THRESHOLD_=str(2**20))
-    result = subprocess.run([sys.executable, "-c", CHILD, str(directory), str(T), str(out)],
+    result = subprocess.run([sys.executable, "-c", CHILD, str(directory), str(T), str(out), str(scratch)],
                             capture_output=True, text=True, check=True, env=live)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def in_memory_bound(operators_mb: float) -> float:
+    """The operators; the scratch (an eighth of them here, kept for about 2.5 sublayers' shapes); the
+    frozen factors P (H, T, T) of both layers, and one layer's P with the norms folded in; 32 MB of slack."""
+    factors_mb = 2 * 4 * T * T * 8 / 2**20
+    return operators_mb + 2.5 * operators_mb / 8 + 1.5 * factors_mb + 32
+
+
 def test_peak_in_memory_is_the_operators_and_a_bounded_scratch(gemma_like):
     memory = peak(gemma_like)
-    print(f"in memory: {memory['extra_mb']:.0f} MB above the model for {memory['operators_mb']:.0f} MB of operators")
+    bound = in_memory_bound(memory["operators_mb"])
+    print(f"in memory: {memory['extra_mb']:.0f} MB above the model for {memory['operators_mb']:.0f} MB of operators "
+          f"(bound {bound:.0f} MB)")
     assert memory["error"] < 1e-13
-    assert memory["extra_mb"] <= 1.5 * memory["operators_mb"] + 200
+    assert memory["operators_mb"] > 0.6 * bound  # the operators are most of what is bounded
+    assert memory["extra_mb"] <= bound
+
+
+def test_the_unbounded_sweep_exceeds_the_bound(gemma_like):
+    """The control: with a scratch budget that bounds nothing, the sweep takes every row at once and its
+    head-sized temporaries (T, d, H·hd) come on top of the operators: the bound above catches it."""
+    memory = peak(gemma_like, scratch=2**40)
+    print(f"unbounded: {memory['extra_mb']:.0f} MB above the model (bound {in_memory_bound(memory['operators_mb']):.0f})")
+    assert memory["extra_mb"] > in_memory_bound(memory["operators_mb"])
 
 
 def test_peak_with_out_is_one_block(gemma_like, tmp_path):
     memory = peak(gemma_like, tmp_path / "operators.safetensors")
-    block_mb = T * 16 * 128 * 8 / 2**20  # the block's G: 16 rows of every J_t
+    block_mb = T * 16 * D * 8 / 2**20  # the block's G: 16 rows of every J_t
     factors_mb = 2 * 4 * T * T * 8 / 2**20  # P (H, T, T) of both layers, held by the frozen factors
+    states_mb = 3 * 2 * T * D * 8 / 2**20  # each layer's residual stream, attention and MLP outputs, traced at x
     # + the scratch (2 × budget), a layer's P with the norms' 1/ρ folded in (one copy), 32 MB of slack
-    bound = block_mb + 2 * 16 + factors_mb + factors_mb / 2 + 32
+    bound = block_mb + 2 * 16 + factors_mb + factors_mb / 2 + states_mb + 32
     print(f"out=: {memory['extra_mb']:.0f} MB above the model (bound {bound:.0f}), blocks of {block_mb:.0f} MB, "
           f"operators {memory['operators_mb']:.0f} MB")
     assert memory["error"] < 1e-13

@@ -3,6 +3,7 @@
     python tools/bench.py                       # random Llama-style model, d=384, 4 layers, 32 tokens
     python tools/bench.py --model weights/kjv-tiny --tokens 32
     python tools/bench.py --suite                # the toy shape, then a Gemma-3-270M-shaped model at T = 23
+    python tools/bench.py --suite --against ../before   # this tree's analytic map against another checkout's
 
 Each method runs in its own child process, which loads the model, notes its
 peak resident memory, runs the method `--repeats` times after a warm-up and
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -100,11 +102,13 @@ def child(args):
                       "extra_peak_mb": status_mb("VmHWM") - before, "checksum": float(J.abs().sum())}))
 
 
-def measure(model_dir, method, tokens, repeats=3, threads=None) -> dict:
-    """Run one method in a child process: {'seconds': median, 'fastest', 'matmul_rate', ...} (see child)."""
+def measure(model_dir, method, tokens, repeats=3, threads=None, tree=None) -> dict:
+    """Run one method in a child process: {'seconds': median, 'fastest', 'matmul_rate', ...} (see child).
+    With `tree`, the child imports minielm from that checkout instead of this one."""
     command = [sys.executable, __file__, "--model", str(model_dir), "--tokens", str(tokens),
                "--repeats", str(repeats), "--threads", str(threads or os.cpu_count()), "--method", method]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve())) if tree else None
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -142,6 +146,9 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--suite", action="store_true",
                         help="the README's toy shape and a Gemma-3-270M-shaped model (T 32 and 23), in one run")
+    parser.add_argument("--against", metavar="DIR",
+                        help="another checkout of minielm (a git worktree of an earlier commit): time its analytic "
+                             "map and this tree's, alternately, in the same run, instead of analytic against autograd")
     parser.add_argument("--method", choices=["analytic", "autograd"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
@@ -167,6 +174,8 @@ def main():
 def compare(model_dir, tokens, args):
     """Analytic against autograd on one model, each in its own child process; one table."""
     config = minielm.load(model_dir).config
+    if args.against:
+        return compare_trees(model_dir, tokens, args, config)
     results = {method: measure(model_dir, method, tokens, args.repeats, args.threads)
                for method in ("analytic", "autograd")}
     rate = results["analytic"]["matmul_rate"]
@@ -192,6 +201,34 @@ def compare(model_dir, tokens, args):
           f"= {a['d_cubed_rate'] / rate:.0%} of the 2048² rate)\n")
     if abs(a["checksum"] - g["checksum"]) > 1e-9 * abs(g["checksum"]):
         raise SystemExit(f"the two methods disagree: {a['checksum']} vs {g['checksum']}")
+
+
+def compare_trees(model_dir, tokens, args, config, rounds=2):
+    """This tree's analytic map against the one of the checkout `args.against`, on one model: `rounds`
+    child processes each, alternating, so that a drift in the machine's speed falls on both."""
+    trees = {"this tree": None, f"--against {args.against}": args.against}
+    runs = {name: [] for name in trees}
+    for _ in range(rounds):
+        for name, tree in trees.items():
+            runs[name].append(measure(model_dir, "analytic", tokens, args.repeats, args.threads, tree))
+    flops = assembly_flops(Shape.of(config), tokens)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {args.threads} threads")
+    print(f"model: {config.model_type}, d={config.hidden_size}, L={config.num_hidden_layers}, "
+          f"f={config.intermediate_size}, H={config.num_attention_heads}, Hkv={config.num_key_value_heads}, "
+          f"hd={config.head_dim}; T={tokens}; analytic map {flops / 1e9:.1f} GFLOP")
+    print(f"{'analytic map of':<40} {'median (s)':>10} {'fastest (s)':>12} {'% of matmul rate':>17} {'extra peak MB':>14}")
+    for name, results in runs.items():
+        median = statistics.median(r["seconds"] for r in results)
+        fastest = min(r["fastest"] for r in results)
+        share = statistics.median(flops / r["seconds"] / r["matmul_rate"] for r in results)
+        peak = max(r["extra_peak_mb"] for r in results)
+        print(f"{name:<40} {median:>10.3f} {fastest:>12.3f} {share:>17.0%} {peak:>14.0f}")
+    checksums = {name: results[0]["checksum"] for name, results in runs.items()}
+    print()
+    a, b = checksums.values()
+    if abs(a - b) > 1e-9 * abs(b):
+        raise SystemExit(f"the two trees' operators disagree: {checksums}")
 
 
 if __name__ == "__main__":
