@@ -11,8 +11,8 @@ Hand a function its factor back (`frozen=`) and it skips computing it: the
 operation becomes linear in its input. Running the whole forward pass with the
 factors recorded for one input x* ("frozen") is therefore a linear map of the
 input embeddings that reproduces the model's output at x* exactly; that map is
-what `minielm.linear_map` assembles. Embedding scale, RoPE, projections and
-residual adds are linear already.
+what `minielm.sweep` assembles (read `reference_sweep` there next). Embedding
+scale, RoPE, projections and residual adds are linear already.
 
 Shapes: T tokens in this call, S = cached + T keys, d = hidden_size,
 H / Hkv query / key-value heads of size hd, f = intermediate_size, V = vocab.

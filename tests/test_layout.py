@@ -15,6 +15,19 @@ CORE_MAY_REACH = {"model", "sweep", "fast_sweep", "generation", "config", "famil
                   "progress"}
 
 
+# The README's "Layout" table, row by row: a module may import from its own row and the rows above.
+LAYERS = [
+    {"errors", "progress", "checks"},
+    {"families", "config", "rope"},
+    {"model", "generation"},
+    {"checkpoint", "gguf", "tokenizer", "loader"},
+    {"sweep", "fast_sweep"},
+    {"linear_map", "operators_file", "distributed", "cost"},
+    {"exact_attribution", "layer_maps", "interpret", "spectra", "steering"},
+    {"report", "cli", "__main__", "__init__"},
+]
+
+
 def imports_of(path: Path) -> set:
     """The minielm modules that `path` imports, anywhere in it."""
     found = set()
@@ -91,6 +104,14 @@ def test_only_the_command_line_and_the_front_import_the_report():
     Jupyter views (`_repr_html_`) to the maps; nothing below imports it."""
     importers = {module for module, imported in graph().items() if "report" in imported}
     assert importers == {"cli", "__init__"}
+
+
+def test_every_module_imports_only_from_its_layer_and_above():
+    row = {module: k for k, layer in enumerate(LAYERS) for module in layer}
+    edges = graph()
+    assert set(edges) <= set(row), f"modules missing from LAYERS (and the README's Layout): {set(edges) - set(row)}"
+    upward = [(a, b) for a, imported in edges.items() for b in imported if row[b] > row[a]]
+    assert upward == []
 
 
 def test_the_core_reaches_no_files_ranks_or_report():
