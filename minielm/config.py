@@ -145,7 +145,7 @@ class Config:
         for alias, key in family.key_aliases.items():  # the family's own spelling of a key (Gemma's hidden_activation)
             if raw.get(alias) is not None:
                 kwargs[key] = raw[alias]
-        kwargs.setdefault("hidden_act", family.hidden_act)
+        kwargs.setdefault("hidden_act", family.hidden_act)  # the family's own default (Gemma's is not silu)
         if raw.get("mlp_bias") not in (None, False):
             raise ConfigError(f"{source}: mlp_bias={show(raw['mlp_bias'])} is not supported; expected false")
         if raw.get("attn_logit_softcapping") not in (None, 0):  # Gemma 2's; Gemma 3 has QK norms instead
