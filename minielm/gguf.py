@@ -280,7 +280,8 @@ class GGUFSource:
         values = dequantize(tensor, self.path)
         check_unchanged(self.path, self.stamp, name)  # after: a rewrite meanwhile would mix old and new
         weight = torch.from_numpy(values).reshape(self.info(name)[0])  # (out, in): HF layout
-        if self.conventions.qk_rows_permuted and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+        permuted = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
+        if self.conventions.qk_rows_permuted and name.endswith(permuted):
             heads = self.config.num_attention_heads if ".q_proj" in name else self.config.num_key_value_heads
             weight = unpermute_rows(weight, heads)
         if self._norm_offset(name):  # 1 + w - 1 is exact in float64 for float32 values (and F64 ones in [0.5, 2])
@@ -403,9 +404,10 @@ def sentencepiece_bpe(tokens: list, scores: list | None, unk_id, space_prefix: b
     as explicit merges that is every split of every token into two tokens, ranked by the token's
     score. Gemma's files spell whitespace-only tokens with real spaces and rank merges by position,
     not score (both as transformers' GGUF converter and Gemma's own tokenizer.json have it), and
-    put no "▁" before the text. Phi-3 puts its "▁" before every stretch of text, the one after a special token (<|user|>) and
-    one before a leading space too, as its own tokenizer.json and transformers' GGUF converter do;
-    Llama 2 style puts one before the text only. `conventions` says which (GGUFConventions).
+    put no "▁" before the text. Phi-3 puts its "▁" before every stretch of text, the one after a
+    special token (<|user|>) and one before a leading space too, as its own tokenizer.json and
+    transformers' GGUF converter do; Llama 2 style puts one before the text only. `conventions`
+    (GGUFConventions) says which.
     """
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
@@ -420,7 +422,8 @@ def sentencepiece_bpe(tokens: list, scores: list | None, unk_id, space_prefix: b
     decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if conventions.no_space_prefix or not space_prefix:
         tok.normalizer = normalizers.Replace(" ", "\u2581")
-    elif conventions.space_prefix_before_every_stretch:  # "▁" before each stretch of text, whatever it starts with; the decoder strips the first
+    elif conventions.space_prefix_before_every_stretch:  # Phi-3: "▁" before each stretch of text, whatever it
+        # starts with; the decoder strips the first
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
         decode.append(decoders.Strip(content=" ", left=1))
     else:  # Llama 2 style: "▁" before the text, spaces as "▁"; the decoder strips the first space again
