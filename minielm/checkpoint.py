@@ -1,7 +1,8 @@
 """Reading a checkpoint's tensors: the weight-name maps, the checks, and the safetensors files.
 
-One declarative map per family names every tensor the decoder consumes, from
-the Hugging Face name to minielm's short name. Fused tensors (Phi-3's
+One declarative map per family (its `layer_tensors` in minielm/families.py)
+names every tensor the decoder consumes, from the Hugging Face name to
+minielm's short name. Fused tensors (Phi-3's
 `qkv_proj` and `gate_up_proj`) map to a tuple of short names and are split by
 rows. Loading checks that every expected tensor is present with the expected
 shape and that no tensor is left over, reads each one, checks that its values
@@ -35,53 +36,11 @@ from safetensors import SafetensorError, safe_open
 
 from .config import Config
 from .errors import CheckpointError
+from .families import O_BIAS, QKV_BIASES
 
 # ---- the weight-name maps --------------------------------------------------------
-# short names: attn_norm, attn_post_norm, mlp_norm, mlp_post_norm  (RMSNorm weights, (d,))
-#              wq (H*hd, d), wk (Hkv*hd, d), wv (Hkv*hd, d), wo (d, H*hd), bq, bk, bv, bo (biases)
-#              q_norm, k_norm  (hd,) per head or (H*hd,), (Hkv*hd,) over the whole projection
-#              w_gate (f, d), w_up (f, d), w_down (d, f)
-
-LLAMA_LAYER = {
-    "input_layernorm.weight": "attn_norm",
-    "self_attn.q_proj.weight": "wq",
-    "self_attn.k_proj.weight": "wk",
-    "self_attn.v_proj.weight": "wv",
-    "self_attn.o_proj.weight": "wo",
-    "post_attention_layernorm.weight": "mlp_norm",
-    "mlp.gate_proj.weight": "w_gate",
-    "mlp.up_proj.weight": "w_up",
-    "mlp.down_proj.weight": "w_down",
-}
-QK_NORMS = {"self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm"}
-QKV_BIASES = {"self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv"}
-O_BIAS = {"self_attn.o_proj.bias": "bo"}
-
-LAYER_MAPS = {
-    "llama": LLAMA_LAYER,
-    "mistral": LLAMA_LAYER,
-    "qwen2": LLAMA_LAYER,
-    "qwen3": {**LLAMA_LAYER, **QK_NORMS},
-    "gemma3_text": {  # four norms per layer: before and after each sublayer
-        **LLAMA_LAYER, **QK_NORMS,
-        "post_attention_layernorm.weight": "attn_post_norm",
-        "pre_feedforward_layernorm.weight": "mlp_norm",
-        "post_feedforward_layernorm.weight": "mlp_post_norm",
-    },
-    "olmo2": {  # norms only after each sublayer
-        **{k: v for k, v in LLAMA_LAYER.items() if "layernorm" not in k}, **QK_NORMS,
-        "post_attention_layernorm.weight": "attn_post_norm",
-        "post_feedforward_layernorm.weight": "mlp_post_norm",
-    },
-    "phi3": {  # fused projections, split by rows in this order
-        "input_layernorm.weight": "attn_norm",
-        "self_attn.qkv_proj.weight": ("wq", "wk", "wv"),
-        "self_attn.o_proj.weight": "wo",
-        "post_attention_layernorm.weight": "mlp_norm",
-        "mlp.gate_up_proj.weight": ("w_gate", "w_up"),
-        "mlp.down_proj.weight": "w_down",
-    },
-}
+# Each family's per-layer map is its `layer_tensors` in minielm/families.py; the top-level tensors
+# are named alike in every family.
 TOP_LEVEL = {"embed_tokens.weight": "embed", "norm.weight": "final_norm"}
 
 # Where the decoder's tensors live: "model." in text checkpoints, deeper in multimodal ones.
@@ -92,7 +51,8 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer that old checkpoints sav
 
 
 def layer_map(config: Config) -> dict:
-    names = dict(LAYER_MAPS[config.family])
+    """Hugging Face per-layer tensor name -> short name(s), for one layer of this config's decoder."""
+    names = dict(config.family_spec.layer_tensors)
     if config.qkv_bias:
         names.update(QKV_BIASES)
     if config.o_bias:

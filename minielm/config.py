@@ -6,9 +6,10 @@ files spell the rotary settings (`rope_theta` + `rope_scaling`, Gemma 3's
 `rope_local_base_freq`, transformers 5's `rope_parameters`, flat or keyed by
 layer type) into one `rope_parameters` dict keyed by layer type.
 
-The derived switches at the bottom (`norm_offset`, `qk_norm`, ...) are the
-only places where the families differ; the model code reads them, never
-`model_type`.
+What each family is (its defaults, its norms, its biases, ...) is data in
+`minielm/families.py`; `Config.family_spec` is this config's entry there, and
+the derived switches below (`norm_offset`, `qk_norm`, ...) read it. The model
+code reads those switches, never `model_type`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, show
+from .families import ACTIVATIONS, FAMILIES, Family
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "phi3", "olmo2")
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
-SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+SUPPORTED_ACTIVATIONS = tuple(ACTIVATIONS)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_SIZE = 2**31 - 1  # no dimension, count or position of a real model comes near this
 MAX_LAYERS = 10_000  # a sanity bound: the per-layer lists are built when the config is read
@@ -53,43 +55,53 @@ class Config:
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
 
-    # ---- derived: the switches the families need -------------------------------
+    # ---- derived: the switches the families need, read from the family's entry -------------
+    @property
+    def family_spec(self) -> Family:
+        """What this model's family is (minielm/families.py); the multimodal gemma3 is its gemma3_text decoder."""
+        return FAMILIES[self.model_type]
+
     @property
     def family(self) -> str:
-        return "gemma3_text" if self.model_type == "gemma3" else self.model_type
+        """The decoder's model_type: "gemma3_text" for a multimodal "gemma3" checkpoint."""
+        return self.family_spec.model_type
 
     @property
     def norm_offset(self) -> float:
         """RMSNorm scales by (offset + w): Gemma stores w - 1."""
-        return 1.0 if self.family == "gemma3_text" else 0.0
+        return self.family_spec.norm_offset
 
     @property
     def embed_scale(self) -> float:
         """Gemma multiplies the embedding rows by sqrt(d)."""
-        return math.sqrt(self.hidden_size) if self.family == "gemma3_text" else 1.0
+        return math.sqrt(self.hidden_size) if self.family_spec.scale_embeddings else 1.0
 
     @property
     def qk_norm(self) -> str | None:
         """RMSNorm on queries and keys: per head (Qwen 3, Gemma 3), over the whole projection (OLMo 2)."""
-        return {"qwen3": "head", "gemma3_text": "head", "olmo2": "full"}.get(self.family)
+        return self.family_spec.qk_norm
 
     @property
     def pre_norms(self) -> bool:
         """Norm before each sublayer (every family but OLMo 2)."""
-        return self.family != "olmo2"
+        return self.family_spec.pre_norms
 
     @property
     def post_norms(self) -> bool:
         """Norm on each sublayer's output before the residual add (Gemma 3, OLMo 2)."""
-        return self.family in ("gemma3_text", "olmo2")
+        return self.family_spec.post_norms
 
     @property
     def qkv_bias(self) -> bool:
-        return self.attention_bias or self.family == "qwen2"
+        """Biases on the q, k and v projections: Qwen 2 always has them, the others as attention_bias says."""
+        always = self.family_spec.qkv_bias
+        return self.attention_bias if always is None else always
 
     @property
     def o_bias(self) -> bool:
-        return self.attention_bias and self.family != "qwen2"
+        """A bias on the output projection: Qwen 2 never has one, the others as attention_bias says."""
+        always = self.family_spec.o_bias
+        return self.attention_bias if always is None else always
 
     @property
     def affine(self) -> bool:
@@ -116,13 +128,13 @@ class Config:
         if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"{source}: unsupported model_type {show(model_type)}; "
                               f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        if model_type == "gemma3":  # the multimodal checkpoint: the decoder lives in text_config
+        family = FAMILIES[model_type]
+        if model_type == family.multimodal_model_type:  # an image-text checkpoint: the decoder is its text_config
             text = raw.get("text_config")
             if not isinstance(text, dict):
-                raise ConfigError(f"{source}: model_type 'gemma3' needs a 'text_config' object, got {show(text)}")
-            raw = {**GEMMA3_DEFAULTS, **_given(text), "model_type": "gemma3"}
-        elif model_type == "gemma3_text":
-            raw = {**GEMMA3_DEFAULTS, **_given(raw)}
+                raise ConfigError(f"{source}: model_type {model_type!r} needs a 'text_config' object, got {show(text)}")
+            raw = {**_given(text), "model_type": model_type}
+        raw = _with_defaults(raw, family.config_defaults)
 
         fields = {f.name: f for f in dataclasses.fields(cls)}
         # a null for a key with a non-null default means "not given": the default applies
@@ -130,8 +142,10 @@ class Config:
         for key in REQUIRED_KEYS:
             if key not in kwargs:
                 raise ConfigError(f"{source}: required key {key!r} is missing")
-        if raw.get("hidden_activation") is not None:  # Gemma's name for it
-            kwargs["hidden_act"] = raw["hidden_activation"]
+        for alias, key in family.key_aliases.items():  # the family's own spelling of a key (Gemma's hidden_activation)
+            if raw.get(alias) is not None:
+                kwargs[key] = raw[alias]
+        kwargs.setdefault("hidden_act", family.hidden_act)  # the family's own default (Gemma's is not silu)
         if raw.get("mlp_bias") not in (None, False):
             raise ConfigError(f"{source}: mlp_bias={show(raw['mlp_bias'])} is not supported; expected false")
         if raw.get("attn_logit_softcapping") not in (None, 0):  # Gemma 2's; Gemma 3 has QK norms instead
@@ -147,7 +161,7 @@ class Config:
         config.num_key_value_heads = config.num_key_value_heads or config.num_attention_heads
         config.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
         config.rope_parameters = _rope_parameters(raw, source)
-        config.layer_types = _layer_types(raw, config.num_hidden_layers, source)
+        config.layer_types = _layer_types(raw, family, config.num_hidden_layers, source)
         config._check(source)
         return config
 
@@ -161,10 +175,10 @@ class Config:
     def to_dict(self) -> dict:
         """A config.json object that `from_dict` reads back to an equal Config."""
         out = dataclasses.asdict(self)
-        if self.family in ("qwen2", "qwen3") and "sliding_attention" in self.layer_types:
+        if self.family_spec.sliding_layers == "use_sliding_window" and "sliding_attention" in self.layer_types:
             out["use_sliding_window"] = True  # else Qwen's layer_types are read as all full attention
-        if self.model_type == "gemma3":
-            out = {"model_type": "gemma3", "text_config": out}
+        if self.model_type == self.family_spec.multimodal_model_type:
+            out = {"model_type": self.model_type, "text_config": out}
         return out
 
     def _check(self, source: str) -> None:
@@ -201,12 +215,6 @@ class Config:
 
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
-GEMMA3_DEFAULTS = dict(  # transformers' Gemma3TextConfig defaults that real config.json files omit
-    vocab_size=262208, hidden_act="gelu_pytorch_tanh", head_dim=256, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-    rope_local_base_freq=10_000.0, query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
-    tie_word_embeddings=True, max_position_embeddings=131072, bos_token_id=2, eos_token_id=1,
-)
-
 
 # ---- checking values ------------------------------------------------------------------
 def read_json(path: Path):
@@ -242,6 +250,15 @@ def _token_ids(value) -> bool:
 def _given(raw: dict) -> dict:
     """The keys of a config object that are not null."""
     return {k: v for k, v in raw.items() if v is not None}
+
+
+def _with_defaults(raw: dict, defaults: dict) -> dict:
+    """A config object with a family's defaults (Family.config_defaults) for the keys it leaves out or
+    sets to null. A family with none keeps the object as it is: there a null is read as "not given"
+    key by key (a null required key is then reported as null, not as missing)."""
+    if not defaults:
+        return raw
+    return {**defaults, **_given(raw)}
 
 
 def _has_default(f: dataclasses.Field) -> bool:
@@ -384,8 +401,9 @@ def _check_rope(params: dict, layer_type: str, source: str) -> None:
             params[key] = [float(v) if _number(v) is not None else v for v in value]
 
 
-def _layer_types(raw: dict, n: int, source: str) -> list:
-    """'full_attention' or 'sliding_attention' for every one of the n layers."""
+def _layer_types(raw: dict, family: Family, n: int, source: str) -> list:
+    """'full_attention' or 'sliding_attention' for every one of the n layers: the file's layer_types,
+    or, where it has none, as the family's `sliding_layers` key says."""
     given = raw.get("layer_types")
     use_sliding = raw.get("use_sliding_window")
     if use_sliding is not None and not isinstance(use_sliding, bool):
@@ -397,17 +415,19 @@ def _layer_types(raw: dict, n: int, source: str) -> list:
         if bad:
             raise ConfigError(f"{source}: unknown layer type {show(bad[0])} in layer_types; "
                               f"expected one of {', '.join(LAYER_TYPES)}")
-        if raw["model_type"] in ("qwen2", "qwen3") and not use_sliding:
-            return ["full_attention"] * n  # Qwen writes sliding layer types but uses them only when asked to
+    switch = family.sliding_layers
+    if switch == "use_sliding_window" and not use_sliding:
+        return ["full_attention"] * n  # Qwen writes sliding layer types but uses them only when asked to
+    if given is not None:
         return list(given)
-    if raw["model_type"] in ("gemma3", "gemma3_text"):  # older files: every `pattern`-th layer is global
+    if switch == "sliding_window_pattern":  # Gemma 3's older files: every `pattern`-th layer is global
         pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6
         if not _is_int(pattern) or pattern < 1:
             raise ConfigError(f"{source}: sliding_window_pattern must be a positive integer, got {show(pattern)}")
         return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
-    if raw["model_type"] in ("mistral", "phi3") and raw.get("sliding_window"):
+    if switch == "sliding_window" and raw.get("sliding_window"):  # Mistral, Phi-3: every layer slides
         return ["sliding_attention"] * n
-    if raw["model_type"] in ("qwen2", "qwen3") and use_sliding:
+    if switch == "use_sliding_window":  # Qwen, asked to slide: the layers from max_window_layers on
         first = _get(raw, "max_window_layers", n)
         if not _is_int(first):
             raise ConfigError(f"{source}: max_window_layers must be an integer, got {show(first)}")

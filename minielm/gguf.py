@@ -17,6 +17,9 @@ and dequantizes the blocks; this module only translates:
                                            in float64, where w - 1 is exact
     no `output.weight`                     tied embeddings
 
+  Which architecture does what is data: each family's `gguf` conventions in
+  minielm/families.py (`GGUF_ARCHITECTURES`).
+
 The dequantized values are the model's weights by definition: a model loaded
 from a quantized file is exactly equivalent to its linear maps, as any other,
 but it is the dequantized model, not the original one.
@@ -33,11 +36,9 @@ import torch
 from .checkpoint import TOP_LEVEL, check_unchanged, file_stamp, layer_map
 from .config import Config
 from .errors import CheckpointError, ConfigError, TokenizerError, show
+from .families import GGUF_ARCHITECTURES, GGUFConventions
 from .tokenizer import Tokenizer
 
-# llama.cpp's architecture name -> minielm's model_type
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3",
-                 "olmo2": "olmo2"}
 # Tensors a GGUF file may hold that are not weights of a Hugging Face checkpoint: RoPE frequency
 # factors (read into the config instead).
 ROPE_FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
@@ -76,9 +77,11 @@ def config_dict(reader, path: Path) -> dict:
     """The GGUF metadata as config.json keys, per architecture, with llama.cpp's built-in defaults."""
     meta = metadata(reader)
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if arch not in GGUF_ARCHITECTURES:
         raise ConfigError(f"{path}: GGUF architecture {show(arch)} is not supported; "
-                          f"supported: {', '.join(ARCHITECTURES)}")
+                          f"supported: {', '.join(GGUF_ARCHITECTURES)}")
+    family = GGUF_ARCHITECTURES[arch]
+    conventions = family.gguf
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path}: tensor 'token_embd.weight' is missing")
@@ -108,7 +111,7 @@ def config_dict(reader, path: Path) -> dict:
     head_dim = hidden // heads if key_length is None else positive("attention.key_length", key_length)
     layers = required("block_count")
     raw = {
-        "model_type": ARCHITECTURES[arch],
+        "model_type": family.model_type,
         "vocab_size": int(tensors["token_embd.weight"].shape[1]),  # GGUF shapes list the fastest axis first
         "hidden_size": hidden,
         "intermediate_size": required("feed_forward_length"),
@@ -129,23 +132,21 @@ def config_dict(reader, path: Path) -> dict:
     rotary = get("rope.dimension_count")
     if rotary and head_dim and rotary != head_dim:
         raw["partial_rotary_factor"] = rotary / head_dim
-    scaling = _rope_scaling(meta, arch, tensors, raw, path)
-    if arch == "gemma3":
-        # llama.cpp's built-ins for Gemma 3 (llama-model.cpp): every 6th layer global, local RoPE base
-        # 10000 without scaling, scores scaled by key_length^-1/2 (d/heads for the 27B, 62 layers).
-        pattern = get("attention.sliding_window_pattern", 6)
+    raw["rope_scaling"] = _rope_scaling(meta, arch, tensors, raw, path)
+    # llama.cpp's built-ins (Gemma 3: every 6th layer global, local RoPE base 10000 without scaling,
+    # its own rule for the score scale), where the metadata does not state them; None: not set
+    if conventions.sliding_window_pattern is not None:
+        pattern = get("attention.sliding_window_pattern", conventions.sliding_window_pattern)
         if isinstance(pattern, list):  # one flag per layer: True where the layer slides
             raw["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
         else:
             raw["sliding_window_pattern"] = pattern
-        raw["rope_local_base_freq"] = 10_000.0
-        raw["query_pre_attn_scalar"] = hidden // heads if layers == 62 else head_dim
-        raw["rope_scaling"] = scaling
-    elif scaling:
-        raw["rope_scaling"] = scaling
-    if arch == "llama" and raw["sliding_window"]:
-        raw["model_type"] = "mistral"  # llama with a sliding window is minielm's (and HF's) mistral
-    if arch in ("qwen2", "qwen3") and raw["sliding_window"]:
+    raw["rope_local_base_freq"] = conventions.rope_local_base_freq
+    if conventions.query_pre_attn_scalar is not None:
+        raw["query_pre_attn_scalar"] = conventions.query_pre_attn_scalar(raw)
+    if conventions.sliding_window_model_type is not None and raw["sliding_window"]:
+        raw["model_type"] = conventions.sliding_window_model_type  # llama with a sliding window: HF's mistral
+    if conventions.sliding_window_unused:
         raw["sliding_window"] = None  # Qwen files carry one but do not use it (use_sliding_window false)
     return {k: v for k, v in raw.items() if v is not None}
 
@@ -252,6 +253,7 @@ class GGUFSource:
     def __init__(self, path: Path, reader, config: Config, stamp: tuple):
         self.path, self.reader, self.config, self.stamp = Path(path), reader, config, stamp
         self.arch = self.reader.fields["general.architecture"].contents()
+        self.conventions = GGUF_ARCHITECTURES[self.arch].gguf
         self.tensors = {t.name: t for t in self.reader.tensors if t.name not in ROPE_FACTOR_TENSORS}
         to_hf = hf_names(self.arch, self.config)
         # a tensor minielm does not know keeps its GGUF name: checked_plan then reports it as unexpected
@@ -278,11 +280,12 @@ class GGUFSource:
         values = dequantize(tensor, self.path)
         check_unchanged(self.path, self.stamp, name)  # after: a rewrite meanwhile would mix old and new
         weight = torch.from_numpy(values).reshape(self.info(name)[0])  # (out, in): HF layout
-        if self.arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+        permuted = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
+        if self.conventions.qk_rows_permuted and name.endswith(permuted):
             heads = self.config.num_attention_heads if ".q_proj" in name else self.config.num_key_value_heads
             weight = unpermute_rows(weight, heads)
-        if self._norm_offset(name):
-            weight = weight.to(torch.float64) - 1.0  # exact for float32 values (and F64 ones in [0.5, 2])
+        if self._norm_offset(name):  # 1 + w - 1 is exact in float64 for float32 values (and F64 ones in [0.5, 2])
+            weight = weight.to(torch.float64) - self.config.norm_offset
         return weight
 
     def quantized_types(self) -> list:
@@ -291,8 +294,9 @@ class GGUFSource:
         return sorted({t.tensor_type.name for t in self.tensors.values()} - set(exact))
 
     def _norm_offset(self, name: str) -> bool:
-        """Gemma's norms scale by (1 + w), and the converter stored 1 + w."""
-        return self.arch == "gemma3" and name.endswith("norm.weight")
+        """Whether the tensor is a norm weight stored with the family's norm offset added: llama.cpp's
+        norms multiply by the stored weight, so the converter stored Gemma's 1 + w (GGUFConventions)."""
+        return self.config.norm_offset != 0.0 and name.endswith("norm.weight")
 
 
 def hf_names(arch: str, config: Config) -> dict:
@@ -329,6 +333,9 @@ def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 # ---- tokenizer --------------------------------------------------------------------------
 UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4  # llama.cpp's token types (tokenizer.ggml.token_type)
+# llama.cpp's tokenizer models (tokenizer.ggml.model), named after the first model that used each
+SENTENCEPIECE = "llama"  # a SentencePiece vocabulary with scores (Llama 2, Gemma, Phi-3)
+BYTE_LEVEL_BPE = "gpt2"  # a byte-level BPE vocabulary with merges (Llama 3, Qwen)
 
 # How a byte-level vocabulary splits text before its merges apply, by tokenizer.ggml.pre
 # (the regexes of transformers' GGUF tokenizer converter, which follow llama.cpp's).
@@ -352,16 +359,18 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer | None:
         return None
     kind = fields["tokenizer.ggml.model"].contents()
     arch = fields["general.architecture"].contents()
+    family = GGUF_ARCHITECTURES.get(arch)
+    conventions = family.gguf if family is not None else GGUFConventions(arch)  # else: Llama 2's ways
     try:
         tokens = fields["tokenizer.ggml.tokens"].contents()
         types = fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in fields else []
-        if kind == "llama":
+        if kind == SENTENCEPIECE:
             scores = fields["tokenizer.ggml.scores"].contents() if "tokenizer.ggml.scores" in fields else None
             space_prefix = _field(fields, "tokenizer.ggml.add_space_prefix", True)
             tok = sentencepiece_bpe(tokens, scores, _field(fields, "tokenizer.ggml.unknown_token_id", None),
-                                    space_prefix, arch)
+                                    space_prefix, conventions)
             add_bos = _field(fields, "tokenizer.ggml.add_bos_token", True)
-        elif kind == "gpt2":
+        elif kind == BYTE_LEVEL_BPE:
             merges = fields["tokenizer.ggml.merges"].contents()
             tok = byte_level_bpe(tokens, merges, _field(fields, "tokenizer.ggml.pre", None))
             add_bos = _field(fields, "tokenizer.ggml.add_bos_token", False)
@@ -388,33 +397,33 @@ def _field(fields, key, default):
     return fields[key].contents() if key in fields else default
 
 
-def sentencepiece_bpe(tokens: list, scores: list | None, unk_id, space_prefix: bool, arch: str):
+def sentencepiece_bpe(tokens: list, scores: list | None, unk_id, space_prefix: bool, conventions: GGUFConventions):
     """A SentencePiece-style BPE tokenizer from a vocabulary with scores.
 
     SentencePiece BPE merges the adjacent pair whose union is the best-scoring vocabulary entry;
     as explicit merges that is every split of every token into two tokens, ranked by the token's
     score. Gemma's files spell whitespace-only tokens with real spaces and rank merges by position,
-    not score (both as transformers' GGUF converter and Gemma's own tokenizer.json have it).
-    Phi-3 puts its "▁" before every stretch of text, the one after a special token (<|user|>) and
-    one before a leading space too, as its own tokenizer.json and transformers' GGUF converter do;
-    Llama 2 style puts one before the text only.
+    not score (both as transformers' GGUF converter and Gemma's own tokenizer.json have it), and
+    put no "▁" before the text. Phi-3 puts its "▁" before every stretch of text, the one after a
+    special token (<|user|>) and one before a leading space too, as its own tokenizer.json and
+    transformers' GGUF converter do; Llama 2 style puts one before the text only. `conventions`
+    (GGUFConventions) says which.
     """
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
-    gemma = arch == "gemma3"
-    if gemma:
+    if conventions.whitespace_tokens_spelled_with_spaces:
         tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
-        scores = [-i for i in range(len(tokens))]
-    elif scores is None:
+    if conventions.merges_ranked_by_position or scores is None:
         scores = [-i for i in range(len(tokens))]
     vocab = {t: i for i, t in enumerate(tokens)}
     unk = tokens[unk_id] if unk_id is not None else None
     tok = HFTokenizer(models.BPE(vocab, merges_from_scores(tokens, scores, vocab), unk_token=unk, fuse_unk=True,
                                  byte_fallback=True))
     decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if gemma or not space_prefix:
+    if conventions.no_space_prefix or not space_prefix:
         tok.normalizer = normalizers.Replace(" ", "\u2581")
-    elif arch == "phi3":  # "▁" before each stretch of text, whatever it starts with; the decoder strips the first
+    elif conventions.space_prefix_before_every_stretch:  # Phi-3: "▁" before each stretch of text, whatever it
+        # starts with; the decoder strips the first
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
         decode.append(decoders.Strip(content=" ", left=1))
     else:  # Llama 2 style: "▁" before the text, spaces as "▁"; the decoder strips the first space again

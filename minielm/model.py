@@ -28,15 +28,10 @@ import torch.nn.functional as F
 from . import checks, generation
 from .config import Config
 from .errors import InputError, NumericalError, TokenizerError
+from .families import ACTIVATIONS
 from .progress import progress
 from .generation import KVCache
 from .rope import apply_rotary, rotation
-
-ACTIVATIONS = {
-    "silu": F.silu,  # φ(g) = g·σ(g)
-    "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh"),  # φ(g) = g·Φ̃(g), tanh approximation
-}
-
 
 # ---- the frozen factors ----------------------------------------------------------------
 @dataclass

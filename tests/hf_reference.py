@@ -4,7 +4,8 @@ Three things live here:
 
 * ``FAMILIES``: tiny random configs, one per architecture feature set that real
   checkpoints use (GQA, llama3/linear/longrope RoPE, partial rotary, q/k norms,
-  post-norms, biases, sliding windows, soft-capping, tied embeddings...).
+  post-norms, biases, sliding windows, soft-capping, tied embeddings...); at
+  least one for every family in minielm/families.py (tests/test_families.py).
 * ``save_tiny_checkpoint``: builds such a model with transformers, fills every
   parameter with seeded random values and saves it exactly like a real
   checkpoint (``config.json`` + ``model.safetensors``, optionally sharded).

@@ -27,7 +27,8 @@ COMMON = dict(vocab_size=128, rms_norm_eps=EPS, max_position_embeddings=128, bos
               pad_token_id=0)
 DEFAULT_ROPE = dict(rope_type="default", rope_theta=10000.0)
 
-# (transformers config, GGUF architecture): what a GGUF file can express of each family
+# (transformers config, GGUF architecture): what a GGUF file can express of each family; every
+# architecture in minielm.families.GGUF_ARCHITECTURES is run here (tests/test_families.py checks)
 FAMILIES = {
     # d = 256 so that the K types' 256-wide super-blocks fit the rows
     "llama": (lambda: LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,

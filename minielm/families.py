@@ -1,0 +1,198 @@
+"""The model families minielm reads, as data: one `Family` entry per decoder, keyed by config.json's `model_type`.
+
+Everything that differs between Llama, Mistral, Qwen 2 and 3, Gemma 3, Phi-3 and OLMo 2 is stated
+here and nowhere else: the tensors a layer holds and what minielm calls them, which norms sit
+where, how the embeddings are scaled, which biases exist, the defaults and key spellings of the
+family's config.json, how its layers' attention types follow from that file, and what llama.cpp
+did to it on the way into a GGUF file. `config.py`, `checkpoint.py` and `gguf.py` read these
+fields; no module compares a model_type with a family's name (tests/test_families.py checks).
+
+Adding a family whose operations minielm already has (an RMSNorm, with or without an offset; q/k
+norms; a gated MLP with an activation in ACTIVATIONS; RoPE) is one new entry in FAMILIES plus its
+tests: a tiny Hugging Face config in tests/hf_reference.py (test_families.py asks for one), and a
+case in tests/test_gguf.py if it names a GGUF architecture. A family that needs an operation
+minielm does not have needs model.py too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+
+# The MLP activations φ, by config.json's hidden_act: the one list of those minielm supports.
+ACTIVATIONS = {
+    "silu": F.silu,  # φ(g) = g·σ(g)
+    "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh"),  # φ(g) = g·Φ̃(g), tanh approximation
+}
+
+
+# ---- Hugging Face's per-layer tensor names ---------------------------------------------
+# Hugging Face name (below "model.layers.{i}.") -> minielm's short name (see checkpoint.expected_shapes):
+#   attn_norm, attn_post_norm, mlp_norm, mlp_post_norm  (RMSNorm weights)
+#   wq, wk, wv, wo, bq, bk, bv, bo  (attention projections and their biases)
+#   q_norm, k_norm  (RMSNorm weights on queries and keys)
+#   w_gate, w_up, w_down  (the gated MLP)
+# A fused tensor maps to a tuple of short names, and is split by rows in that order.
+LLAMA_LAYER = {
+    "input_layernorm.weight": "attn_norm",
+    "self_attn.q_proj.weight": "wq",
+    "self_attn.k_proj.weight": "wk",
+    "self_attn.v_proj.weight": "wv",
+    "self_attn.o_proj.weight": "wo",
+    "post_attention_layernorm.weight": "mlp_norm",  # Llama's name for the norm before the MLP
+    "mlp.gate_proj.weight": "w_gate",
+    "mlp.up_proj.weight": "w_up",
+    "mlp.down_proj.weight": "w_down",
+}
+QK_NORMS = {"self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm"}
+# The biases, present where a config asks for them (Config.qkv_bias, Config.o_bias).
+QKV_BIASES = {"self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv"}
+O_BIAS = {"self_attn.o_proj.bias": "bo"}
+
+
+# ---- what a family is ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class GGUFConventions:
+    """How a family is stored in a GGUF file: its architecture name, and what llama.cpp's converter
+    (convert_hf_to_gguf.py) changed or left out that a reader must undo or supply.
+
+    One convention holds for every family and is not a field: llama.cpp's RMSNorm multiplies by
+    the stored weight, so a family with a norm offset (Gemma's 1 + w) is stored with the offset
+    added, and the reader subtracts `Family.norm_offset` again.
+    """
+
+    architecture: str  # general.architecture
+    qk_rows_permuted: bool = False  # q/k rows reordered for llama.cpp's interleaved RoPE (llama)
+    sliding_window_model_type: str | None = None  # a file with a sliding window is this model_type
+    sliding_window_unused: bool = False  # the file carries a sliding_window that the model does not use
+    # llama.cpp's built-ins (llama-model.cpp), which the metadata may not state:
+    sliding_window_pattern: int | None = None  # every n-th layer is global, unless the file lists one flag a layer
+    rope_local_base_freq: float | None = None  # the sliding layers' RoPE base
+    query_pre_attn_scalar: Callable[[dict], float] | None = None  # from the config.json dict read so far
+    # the SentencePiece tokenizer (tokenizer.ggml.model "llama"), where it differs from Llama 2's:
+    whitespace_tokens_spelled_with_spaces: bool = False  # not with "▁", as in the vocabulary proper
+    merges_ranked_by_position: bool = False  # not by the file's scores
+    no_space_prefix: bool = False  # no "▁" before the text, whatever tokenizer.ggml.add_space_prefix says
+    space_prefix_before_every_stretch: bool = False  # "▁" before each stretch of text, even after a special token
+
+
+@dataclass(frozen=True)
+class Family:
+    """One decoder family: what its checkpoints hold and how its layers compute.
+
+    The operation fields name what model.py implements: norm "rms", mlp "gated", position
+    "rope", hidden_act one of ACTIVATIONS, qk_norm None, "head" or "full".
+    """
+
+    model_type: str  # config.json's model_type
+    layer_tensors: dict  # Hugging Face per-layer tensor name -> short name(s), as above
+    # -- the decoder's operations
+    norm: str = "rms"
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): Gemma stores w - 1
+    scale_embeddings: bool = False  # embedding rows multiplied by sqrt(hidden_size) (Gemma)
+    qk_norm: str | None = None  # RMSNorm on queries and keys: per "head", or over the "full" projection
+    pre_norms: bool = True  # a norm before each sublayer
+    post_norms: bool = False  # a norm on each sublayer's output, before the residual add
+    mlp: str = "gated"
+    hidden_act: str = "silu"  # the activation when config.json names none
+    position: str = "rope"
+    qkv_bias: bool | None = None  # q, k, v biases: always (True), never (False), or None: as attention_bias says
+    o_bias: bool | None = None  # the output projection's bias, likewise
+    # -- reading config.json
+    config_defaults: dict = field(default_factory=dict)  # for keys the file leaves out or sets to null
+    key_aliases: dict = field(default_factory=dict)  # the family's spelling of a key -> minielm's (Config's) name
+    # Which key decides the sliding-window layers when the file lists no layer_types:
+    #   None: none slide.  "sliding_window": all slide when it is set.
+    #   "sliding_window_pattern": every pattern-th layer is global, the others slide.
+    #   "use_sliding_window": only when it is true, the layers from max_window_layers on slide; and
+    #                         the file's own layer_types are read only then too.
+    sliding_layers: str | None = None
+    multimodal_model_type: str | None = None  # an image-text checkpoint whose text_config holds this decoder
+    # -- reading GGUF
+    gguf: GGUFConventions | None = None
+
+
+def llama_cpp_gemma3_query_scalar(raw: dict) -> int:
+    """llama.cpp's Gemma 3 scales the scores by key_length^-1/2, except for the 27B (62 layers),
+    by (hidden_size / heads)^-1/2, as the 27B's own config.json (query_pre_attn_scalar 168) says."""
+    if raw["num_hidden_layers"] == 62:
+        return raw["hidden_size"] // raw["num_attention_heads"]
+    return raw["head_dim"]
+
+
+LLAMA = Family(
+    "llama", LLAMA_LAYER,
+    gguf=GGUFConventions("llama", qk_rows_permuted=True, sliding_window_model_type="mistral"))
+
+MISTRAL = Family(  # in GGUF, a llama with a sliding window (LLAMA's gguf.sliding_window_model_type)
+    "mistral", LLAMA_LAYER, sliding_layers="sliding_window")
+
+QWEN2 = Family(
+    "qwen2", LLAMA_LAYER, qkv_bias=True, o_bias=False, sliding_layers="use_sliding_window",
+    gguf=GGUFConventions("qwen2", sliding_window_unused=True))
+
+QWEN3 = Family(
+    "qwen3", {**LLAMA_LAYER, **QK_NORMS}, qk_norm="head", sliding_layers="use_sliding_window",
+    gguf=GGUFConventions("qwen3", sliding_window_unused=True))
+
+GEMMA3_TEXT = Family(
+    "gemma3_text",
+    {  # four norms a layer: before and after each sublayer
+        **LLAMA_LAYER, **QK_NORMS,
+        "post_attention_layernorm.weight": "attn_post_norm",
+        "pre_feedforward_layernorm.weight": "mlp_norm",
+        "post_feedforward_layernorm.weight": "mlp_post_norm",
+    },
+    norm_offset=1.0, scale_embeddings=True, qk_norm="head", post_norms=True, hidden_act="gelu_pytorch_tanh",
+    config_defaults=dict(  # transformers' Gemma3TextConfig defaults that real config.json files omit
+        vocab_size=262208, head_dim=256, rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+        query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6, tie_word_embeddings=True,
+        max_position_embeddings=131072, bos_token_id=2, eos_token_id=1),
+    key_aliases={"hidden_activation": "hidden_act"},
+    sliding_layers="sliding_window_pattern",
+    multimodal_model_type="gemma3",
+    gguf=GGUFConventions(
+        "gemma3", sliding_window_pattern=6, rope_local_base_freq=10_000.0,
+        query_pre_attn_scalar=llama_cpp_gemma3_query_scalar,
+        # as transformers' GGUF converter and Gemma's own tokenizer.json have them
+        whitespace_tokens_spelled_with_spaces=True, merges_ranked_by_position=True, no_space_prefix=True))
+
+PHI3 = Family(
+    "phi3",
+    {  # fused projections, split by rows in this order
+        "input_layernorm.weight": "attn_norm",
+        "self_attn.qkv_proj.weight": ("wq", "wk", "wv"),
+        "self_attn.o_proj.weight": "wo",
+        "post_attention_layernorm.weight": "mlp_norm",
+        "mlp.gate_up_proj.weight": ("w_gate", "w_up"),
+        "mlp.down_proj.weight": "w_down",
+    },
+    sliding_layers="sliding_window",
+    gguf=GGUFConventions("phi3", space_prefix_before_every_stretch=True))
+
+OLMO2 = Family(
+    "olmo2",
+    {  # norms only after each sublayer
+        **{k: v for k, v in LLAMA_LAYER.items() if "layernorm" not in k}, **QK_NORMS,
+        "post_attention_layernorm.weight": "attn_post_norm",
+        "post_feedforward_layernorm.weight": "mlp_post_norm",
+    },
+    qk_norm="full", pre_norms=False, post_norms=True,
+    gguf=GGUFConventions("olmo2"))
+
+
+def by_model_type(*families: Family) -> dict:
+    """model_type -> Family, each family under its own model_type and, after it, its multimodal one's."""
+    table = {}
+    for family in families:
+        table[family.model_type] = family
+        if family.multimodal_model_type is not None:
+            table[family.multimodal_model_type] = family
+    return table
+
+
+FAMILIES = by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3_TEXT, PHI3, OLMO2)
+# GGUF general.architecture -> the Family stored under it
+GGUF_ARCHITECTURES = {f.gguf.architecture: f for f in FAMILIES.values() if f.gguf is not None}
