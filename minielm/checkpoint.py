@@ -24,6 +24,7 @@ the next one ahead meanwhile, on a background thread, and copies it on a side st
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import Config
+from .model import LayerWeights
 from .errors import CheckpointError
 from .families import O_BIAS, QKV_BIASES
 
@@ -61,18 +63,9 @@ def layer_map(config: Config) -> dict:
 
 
 def expected_shapes(config: Config) -> dict:
-    """Short name -> shape, for one layer and for the top level."""
-    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    qk_norm = {"head": ((hd,), (hd,)), "full": ((q,), (kv,))}.get(config.qk_norm, (None, None))
-    return {
-        "embed": (config.vocab_size, d), "final_norm": (d,), "lm_head": (config.vocab_size, d),
-        "attn_norm": (d,), "attn_post_norm": (d,), "mlp_norm": (d,), "mlp_post_norm": (d,),
-        "wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q),
-        "bq": (q,), "bk": (kv,), "bv": (kv,), "bo": (d,),
-        "q_norm": qk_norm[0], "k_norm": qk_norm[1],
-        "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f),
-    }
+    """Short name -> shape, for one layer (model.LayerWeights) and for the top level."""
+    d, V = config.hidden_size, config.vocab_size
+    return {"embed": (V, d), "final_norm": (d,), "lm_head": (V, d), **LayerWeights.shapes(config)}
 
 
 # ---- the tensor source ------------------------------------------------------------------
@@ -242,7 +235,7 @@ def check_unchanged(path: Path, stamp: tuple, name: str) -> None:
 # ---- loading: check the plan, read, check the values, cast ----------------------------------
 def load_weights(source: TensorSource, config: Config, dtype: torch.dtype, device, stream: bool = False,
                  where=None) -> dict:
-    """All decoder tensors, by short name: {'embed', 'final_norm', 'lm_head', 'layers': [dict, ...]}.
+    """All decoder tensors, by short name: {'embed', 'final_norm', 'lm_head', 'layers': [LayerWeights, ...]}.
 
     Raises CheckpointError naming the tensor if one is missing, left over, of the wrong shape, or
     holds a non-finite value (`where` names the checkpoint for a tensor that is missing). With
@@ -264,6 +257,8 @@ def load_weights(source: TensorSource, config: Config, dtype: torch.dtype, devic
     if stream:
         return_freed_memory_promptly()
         weights["layers"] = StreamedLayers(source, plan, config.num_hidden_layers, dtype, device)
+    else:
+        weights["layers"] = [LayerWeights(**layer) for layer in weights["layers"]]
     if config.tie_word_embeddings:
         weights["lm_head"] = weights["embed"]
     return weights
@@ -480,9 +475,9 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 
 class StreamedLayer(Mapping):
-    """One use of a layer: weights by short name, read (or taken from the read-ahead) and cast
-    on first access. A fused tensor (Phi-3's qkv_proj) is read once and all its parts are cast
-    together."""
+    """One use of a layer: its weights as model.LayerWeights has them (`layer.wq`; also by short
+    name, `layer["wq"]`), each read (or taken from the read-ahead) and cast on first access. A fused
+    tensor (Phi-3's qkv_proj) is read once and all its parts are cast together."""
 
     def __init__(self, layers: StreamedLayers, plan: list, ready: dict):
         self.layers, self.ready, self.cast = layers, ready, {}
@@ -498,11 +493,29 @@ class StreamedLayer(Mapping):
                 self.cast[part] = to_compute(piece, self.layers.dtype, self.layers.device)
         return self.cast[name]
 
+    def __getattr__(self, name):  # only for names that are not attributes of the object itself
+        if name in LAYER_WEIGHTS and name in self.__dict__.get("where", ()):
+            return self[name]
+        if name in LAYER_WEIGHTS:
+            return None  # a tensor this family does not have, as in LayerWeights
+        raise AttributeError(name)
+
+    def tensors(self) -> list:
+        return [self[name] for name in self.where]
+
     def __iter__(self):
         return iter(self.where)
 
     def __len__(self):
         return len(self.where)
+
+
+LAYER_WEIGHTS = {f.name for f in dataclasses.fields(LayerWeights)}
+
+
+def weight(layer, name: str) -> torch.Tensor:
+    """A layer's tensor by short name, from LayerWeights (as loaded) or a plain dict (as tools build them)."""
+    return layer[name] if isinstance(layer, dict) else getattr(layer, name)
 
 
 def save_checkpoint(directory, config_json: dict, weights: dict, dtype=torch.float32) -> None:  # lower precision on purpose
@@ -520,7 +533,7 @@ def save_checkpoint(directory, config_json: dict, weights: dict, dtype=torch.flo
     for i, layer in enumerate(weights["layers"]):
         for hf_name, short in layer_map(config).items():
             parts = short if isinstance(short, tuple) else (short,)
-            tensors[f"model.layers.{i}.{hf_name}"] = torch.cat([layer[p] for p in parts])
+            tensors[f"model.layers.{i}.{hf_name}"] = torch.cat([weight(layer, p) for p in parts])
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")

@@ -133,24 +133,24 @@ def scratch_for(like: torch.Tensor, block_numbers: int) -> Scratch:
 def folded_mlp(model: Model, w: dict, factors: FrozenLayer, live):
     """W_D (d, f), W_U (f, d) with the norms' diagonals folded in, and the gate (T', f)
     times the norms' 1/ρ: Post_t W_D diag(φ_t) W_U Pre_t = W_D' diag(φ'_t) W_U'."""
-    offset, W_D, W_U, gate = model.config.norm_offset, w["w_down"], w["w_up"], factors.gate[live]
-    if w.get("mlp_post_norm") is not None:
-        W_D, gate = (offset + w["mlp_post_norm"])[:, None] * W_D, gate * factors.mlp_post_norm[live]
-    if w.get("mlp_norm") is not None:
-        W_U, gate = W_U * (offset + w["mlp_norm"]), gate * factors.mlp_norm[live]
+    offset, W_D, W_U, gate = model.config.norm_offset, w.w_down, w.w_up, factors.gate[live]
+    if factors.mlp_post_norm is not None:
+        W_D, gate = (offset + w.mlp_post_norm)[:, None] * W_D, gate * factors.mlp_post_norm[live]
+    if factors.mlp_norm is not None:
+        W_U, gate = W_U * (offset + w.mlp_norm), gate * factors.mlp_norm[live]
     return W_D, gate, W_U
 
 
 def folded_attention(model: Model, w: dict, factors: FrozenLayer, live):
     """W_O (d, H*hd), W_V (Hkv*hd, d) with the norms' diagonals folded in, and P (H, T', S)
     times the post-norm's 1/ρ of each query and the pre-norm's 1/ρ of each source."""
-    offset, W_O, W_V, P = model.config.norm_offset, w["wo"], w["wv"], factors.probs[:, live]
+    offset, W_O, W_V, P = model.config.norm_offset, w.wo, w.wv, factors.probs[:, live]
     scales = []  # the per-token 1/ρ: of each query (T', 1), of each source (1, S)
-    if w.get("attn_post_norm") is not None:
-        W_O = (offset + w["attn_post_norm"])[:, None] * W_O
+    if factors.attn_post_norm is not None:
+        W_O = (offset + w.attn_post_norm)[:, None] * W_O
         scales.append(factors.attn_post_norm[live])
-    if w.get("attn_norm") is not None:
-        W_V = W_V * (offset + w["attn_norm"])
+    if factors.attn_norm is not None:
+        W_V = W_V * (offset + w.attn_norm)
         scales.append(factors.attn_norm[: P.shape[-1]].T)
     if scales:  # their (T', S) product first, so that P is copied once
         P = P * math.prod(scales)[None]

@@ -33,6 +33,48 @@ from .progress import progress
 from .generation import KVCache
 from .rope import apply_rotary, rotation
 
+# ---- the weights of a layer --------------------------------------------------------------
+@dataclass
+class LayerWeights:
+    """One decoder layer's weights under minielm's short names (minielm/families.py maps each family's
+    Hugging Face names onto these), in the compute dtype. None where the family has no such tensor.
+    Shapes (`shapes` states them for a config): d = hidden_size, f = intermediate_size, H / Hkv query /
+    key-value heads of size hd; Hugging Face's (out, in) layout."""
+
+    wq: torch.Tensor  # (H·hd, d)    queries
+    wk: torch.Tensor  # (Hkv·hd, d)  keys
+    wv: torch.Tensor  # (Hkv·hd, d)  values
+    wo: torch.Tensor  # (d, H·hd)    the heads' outputs back to the stream
+    w_gate: torch.Tensor  # (f, d)   the MLP's gate branch, through φ
+    w_up: torch.Tensor  # (f, d)     its up branch, which carries the signal
+    w_down: torch.Tensor  # (d, f)
+    attn_norm: torch.Tensor | None = None  # (d,) the RMSNorm before attention (families with pre_norms)
+    attn_post_norm: torch.Tensor | None = None  # (d,) the RMSNorm on attention's output (post_norms)
+    mlp_norm: torch.Tensor | None = None  # (d,) before the MLP
+    mlp_post_norm: torch.Tensor | None = None  # (d,) on the MLP's output
+    q_norm: torch.Tensor | None = None  # (hd,) per head, or (H·hd,) over the whole projection (qk_norm)
+    k_norm: torch.Tensor | None = None  # (hd,) per head, or (Hkv·hd,)
+    bq: torch.Tensor | None = None  # (H·hd,)  biases (Qwen 2: q, k, v; attention_bias: all four)
+    bk: torch.Tensor | None = None  # (Hkv·hd,)
+    bv: torch.Tensor | None = None  # (Hkv·hd,)
+    bo: torch.Tensor | None = None  # (d,)
+
+    @staticmethod
+    def shapes(config: Config) -> dict:
+        """Short name -> shape of each tensor a layer may hold (q/k norms: None without qk_norm)."""
+        d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+        q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+        q_norm, k_norm = {"head": ((hd,), (hd,)), "full": ((q,), (kv,))}.get(config.qk_norm, (None, None))
+        return {"wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q),
+                "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f),
+                "attn_norm": (d,), "attn_post_norm": (d,), "mlp_norm": (d,), "mlp_post_norm": (d,),
+                "q_norm": q_norm, "k_norm": k_norm, "bq": (q,), "bk": (kv,), "bv": (kv,), "bo": (d,)}
+
+    def tensors(self) -> list:
+        """The tensors this layer has."""
+        return [t for t in vars(self).values() if t is not None]
+
+
 # ---- the frozen factors ----------------------------------------------------------------
 @dataclass
 class FrozenLayer:
@@ -106,9 +148,9 @@ def gated_mlp(u, w, activation, gate=None):
     u: (T, d) -> (T, d); gate: (T, f).
     """
     if gate is None:
-        gate = activation(linear(u, w["w_gate"]))  # (T, f)
-    up = linear(u, w["w_up"])  # (T, f)
-    return linear(gate * up, w["w_down"]), gate  # (T, d)
+        gate = activation(linear(u, w.w_gate))  # (T, f)
+    up = linear(u, w.w_up)  # (T, f)
+    return linear(gate * up, w.w_down), gate  # (T, d)
 
 
 def causal_mask(query_pos, key_pos, window=None):
@@ -127,16 +169,16 @@ def attention_probabilities(u, w, config, layer_type, positions, cache=None, lay
     none of it is part of the linear map.
     """
     T, H, Hkv, hd = u.shape[0], config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    q = linear(u, w["wq"], w.get("bq"))  # (T, H*hd)
-    k = linear(u, w["wk"], w.get("bk"))  # (T, Hkv*hd)
+    q = linear(u, w.wq, w.bq)  # (T, H*hd)
+    k = linear(u, w.wk, w.bk)  # (T, Hkv*hd)
     eps, offset = config.rms_norm_eps, config.norm_offset
     if config.qk_norm == "full":  # OLMo 2: one norm over the whole projection
-        q, _ = rms_norm(q, w["q_norm"], offset, eps)
-        k, _ = rms_norm(k, w["k_norm"], offset, eps)
+        q, _ = rms_norm(q, w.q_norm, offset, eps)
+        k, _ = rms_norm(k, w.k_norm, offset, eps)
     q, k = q.view(T, H, hd), k.view(T, Hkv, hd)
     if config.qk_norm == "head":  # Qwen 3, Gemma 3: a norm per head
-        q, _ = rms_norm(q, w["q_norm"], offset, eps)
-        k, _ = rms_norm(k, w["k_norm"], offset, eps)
+        q, _ = rms_norm(q, w.q_norm, offset, eps)
+        k, _ = rms_norm(k, w.k_norm, offset, eps)
     cos, sin = rotation(config, config.rope_parameters[layer_type], positions, u.dtype)  # (T, rotary_dim)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if cache is not None:
@@ -162,12 +204,12 @@ def attention(u, w, config, layer_type, positions, cache=None, layer=None, probs
         probs = attention_probabilities(u, w, config, layer_type, positions, cache, layer)
     elif cache is not None:
         raise InputError("a frozen forward pass cannot extend a KV cache")
-    v = linear(u, w["wv"], w.get("bv")).view(*batch, T, Hkv, hd)  # (..., T, Hkv, hd)
+    v = linear(u, w.wv, w.bv).view(*batch, T, Hkv, hd)  # (..., T, Hkv, hd)
     if cache is not None:
         v = cache.extend("values", layer, v)  # (S, Hkv, hd)
     (Tq, S), G = probs.shape[1:], H // Hkv  # Tq queries: T, or fewer with frozen factors of the last ones
     o = torch.einsum("kgts,...skd->...tkgd", probs.view(Hkv, G, Tq, S), v)  # (..., Tq, Hkv, G, hd)
-    return linear(o.reshape(*batch, Tq, H * hd), w["wo"], w.get("bo")), probs  # (..., Tq, d)
+    return linear(o.reshape(*batch, Tq, H * hd), w.wo, w.bo), probs  # (..., Tq, d)
 
 
 # ---- the model --------------------------------------------------------------------------
@@ -197,7 +239,7 @@ class Model:
         tensors = [self.weights["embed"], self.weights["final_norm"]]
         if self.weights["lm_head"] is not self.weights["embed"]:
             tensors.append(self.weights["lm_head"])
-        return tensors + [t for layer in self.weights["layers"] for t in layer.values()]
+        return tensors + [t for layer in self.weights["layers"] for t in layer.tensors()]
 
     # -- embedding to logits ----------------------------------------------------------------
     def embed(self, ids) -> torch.Tensor:
@@ -209,15 +251,14 @@ class Model:
         return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
 
     def norm(self, h, weight, inv_rho=None):
-        """RMSNorm with this model's eps and (1+w) offset; the identity where the layer has none."""
-        if weight is None:
-            return h, None
+        """RMSNorm with this model's eps and (1+w) offset."""
         return rms_norm(h, weight, self.config.norm_offset, self.config.rms_norm_eps, inv_rho)
 
     def block(self, i, h, positions, frozen=None, cache=None):
         """Decoder layer i: h -> h + N'(Attn(N(h))) -> h + N'(MLP(N(h))).
 
-        N is the pre-norm (absent in OLMo 2), N' the post-norm (Gemma 3, OLMo 2).
+        N is the pre-norm, N' the post-norm, each where the family has it (config.pre_norms,
+        config.post_norms, from minielm/families.py); the identity elsewhere.
         Returns the new residual stream (T, d), this layer's factors, and the two
         branch outputs (attention, MLP) that were added to the stream.
         """
@@ -226,15 +267,16 @@ class Model:
         out = FrozenLayer()
         layer_type = config.layer_types[i]
 
-        u, out.attn_norm = self.norm(h, w.get("attn_norm"), given.attn_norm)  # (T, d)
+        pre, post = config.pre_norms, config.post_norms  # the family's norms: before and/or after each branch
+        u, out.attn_norm = self.norm(h, w.attn_norm, given.attn_norm) if pre else (h, None)  # (T, d)
         a, out.probs = attention(u, w, config, layer_type, positions, cache, i, given.probs)  # (T, d)
-        a, out.attn_post_norm = self.norm(a, w.get("attn_post_norm"), given.attn_post_norm)
+        a, out.attn_post_norm = self.norm(a, w.attn_post_norm, given.attn_post_norm) if post else (a, None)
         h = h[..., -a.shape[-2]:, :] + a  # the stream goes on at the query positions (all, unless frozen fewer)
         check_finite(h, i, "attention")
 
-        u, out.mlp_norm = self.norm(h, w.get("mlp_norm"), given.mlp_norm)  # (T, d)
+        u, out.mlp_norm = self.norm(h, w.mlp_norm, given.mlp_norm) if pre else (h, None)  # (T, d)
         m, out.gate = gated_mlp(u, w, self.activation, given.gate)  # (T, d)
-        m, out.mlp_post_norm = self.norm(m, w.get("mlp_post_norm"), given.mlp_post_norm)
+        m, out.mlp_post_norm = self.norm(m, w.mlp_post_norm, given.mlp_post_norm) if post else (m, None)
         h = h + m
         check_finite(h, i, "MLP")
         return h, out, (a, m)
@@ -276,8 +318,8 @@ class Model:
 
     def norm_scale(self, weight, inv_rho):
         """The frozen RMSNorm's Jacobian diag(w̃)/ρ_t as rows of its diagonal: (T, d), or None where
-        the layer has no such norm (the identity)."""
-        if weight is None:
+        the layer has no such norm (no frozen factor 1/ρ: the identity)."""
+        if inv_rho is None:
             return None
         return (self.config.norm_offset + weight) * inv_rho
 

@@ -47,9 +47,9 @@ def reference_sweep(model: Model, frozen: Frozen, seed, layer: int, component: s
 
 def mlp_pullback(model: Model, w, factors: FrozenLayer, G):
     """G_t ∂m_t/∂h_t = G_t Post_t W_D diag(φ_t) W_U Pre_t for every position: (T, r, d) -> (T, r, d)."""
-    G = scaled(G, model.norm_scale(w.get("mlp_post_norm"), factors.mlp_post_norm))
-    hidden = (G @ w["w_down"]) * factors.gate[:, None, :]  # (T, r, f): G_t W_D diag(φ_t)
-    return scaled(hidden @ w["w_up"], model.norm_scale(w.get("mlp_norm"), factors.mlp_norm))  # (T, r, d)
+    G = scaled(G, model.norm_scale(w.mlp_post_norm, factors.mlp_post_norm))
+    hidden = (G @ w.w_down) * factors.gate[:, None, :]  # (T, r, f): G_t W_D diag(φ_t)
+    return scaled(hidden @ w.w_up, model.norm_scale(w.mlp_norm, factors.mlp_norm))  # (T, r, d)
 
 
 def attention_pullback(model: Model, w, factors: FrozenLayer, G):
@@ -57,12 +57,12 @@ def attention_pullback(model: Model, w, factors: FrozenLayer, G):
     c = model.config
     T, r, _ = G.shape
     H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    G = scaled(G, model.norm_scale(w.get("attn_post_norm"), factors.attn_post_norm))
-    by_head = (G @ w["wo"]).view(T, r, H, hd)  # (T, r, H, hd): G_t W_O^h
+    G = scaled(G, model.norm_scale(w.attn_post_norm, factors.attn_post_norm))
+    by_head = (G @ w.wo).view(T, r, H, hd)  # (T, r, H, hd): G_t W_O^h
     mixed = torch.einsum("hts,trhe->srhe", factors.probs, by_head)  # (S, r, H, hd): Σ_t P_h[t,s] G_t W_O^h
     grouped = mixed.reshape(T, r, Hkv, H // Hkv, hd).sum(3)  # (S, r, Hkv, hd): the heads sharing W_V^g summed
-    return scaled(grouped.reshape(T, r, Hkv * hd) @ w["wv"],
-                  model.norm_scale(w.get("attn_norm"), factors.attn_norm))  # (S, r, d)
+    return scaled(grouped.reshape(T, r, Hkv * hd) @ w.wv,
+                  model.norm_scale(w.attn_norm, factors.attn_norm))  # (S, r, d)
 
 
 def scaled(G, norm_scale):

@@ -91,4 +91,4 @@ def test_assembly_bytes(case, dtype, checkpoints):
     if case == "llama":  # the weight formulas leave out the norms, and count an untied unembedding
         norms = model.config.hidden_size * b  # each RMSNorm weight
         assert memory["weights"] + (2 * shape.L + 1) * norms == sum(t.nbytes for t in model.parameters())
-        assert memory["one_layer"] + 2 * norms == sum(t.nbytes for t in model.weights["layers"][0].values())
+        assert memory["one_layer"] + 2 * norms == sum(t.nbytes for t in model.weights["layers"][0].tensors())

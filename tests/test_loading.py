@@ -267,7 +267,7 @@ def test_weight_beyond_the_compute_dtype_is_named(small, tmp_path):
     with pytest.raises(CheckpointError, match="tensor 'model.layers.1.mlp.up_proj.weight' holds 1e\\+300, beyond "
                                               "the range of torch.float32"):
         minielm.load(directory, dtype="float32")
-    assert minielm.load(directory).weights["layers"][1]["w_up"][0, 0] == 1e300
+    assert minielm.load(directory).weights["layers"][1].w_up[0, 0] == 1e300
 
 
 # ---- a tokenizer that belongs to another model ---------------------------------------------------
