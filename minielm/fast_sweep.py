@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import Frozen, FrozenLayer, Model
+from .model import Frozen, FrozenLayer, LayerWeights, Model
 from .progress import progress
 
 
@@ -130,7 +130,7 @@ def scratch_for(like: torch.Tensor, block_numbers: int) -> Scratch:
 # G (T, r, d) is updated in place. `live` is the slice of positions where G is nonzero: only
 # the last one at the top of the sweep, all of them below the first attention sublayer
 # (optimization 2). The norms fold into the weights and the per-token factors (optimization 1).
-def folded_mlp(model: Model, w: dict, factors: FrozenLayer, live):
+def folded_mlp(model: Model, w: LayerWeights, factors: FrozenLayer, live):
     """W_D (d, f), W_U (f, d) with the norms' diagonals folded in, and the gate (T', f)
     times the norms' 1/ρ: Post_t W_D diag(φ_t) W_U Pre_t = W_D' diag(φ'_t) W_U'."""
     offset, W_D, W_U, gate = model.config.norm_offset, w.w_down, w.w_up, factors.gate[live]
@@ -141,7 +141,7 @@ def folded_mlp(model: Model, w: dict, factors: FrozenLayer, live):
     return W_D, gate, W_U
 
 
-def folded_attention(model: Model, w: dict, factors: FrozenLayer, live):
+def folded_attention(model: Model, w: LayerWeights, factors: FrozenLayer, live):
     """W_O (d, H*hd), W_V (Hkv*hd, d) with the norms' diagonals folded in, and P (H, T', S)
     times the post-norm's 1/ρ of each query and the pre-norm's 1/ρ of each source."""
     offset, W_O, W_V, P = model.config.norm_offset, w.wo, w.wv, factors.probs[:, live]
@@ -274,26 +274,6 @@ def attention_and_mlp_from_last(model: Model, frozen: Frozen, i: int, G, scratch
         torch.bmm(C, R, out=G[a:b])  # (b-a, r, d): G_s = C_s R_s
 
 
-def sweep_in_blocks(model: Model, frozen: Frozen, seed, layer: int, component: str, block: int | None,
-                    write=None):
-    """The sweep for the rows of `seed` (r, d), `block` rows at a time, sharing one scratch.
-    Each block's G (T, b, d) goes to write(a, G) if given, else into one (T, r, d) tensor."""
-    r, d = seed.shape
-    T = frozen.final_norm.shape[0]
-    block = min(block or r, r) or 1
-    if block == r and write is None:
-        return fast_sweep(model, frozen, seed, layer, component)  # one block: its G is the result
-    scratch = scratch_for(seed, T * block * d)
-    operators = None if write is not None else seed.new_empty(T, r, d)
-    for a in range(0, r, block):
-        G = fast_sweep(model, frozen, seed[a:a + block], layer, component, scratch)
-        if write is None:
-            operators[:, a:a + block] = G
-        else:
-            write(a, G)
-    return operators
-
-
 # ---- the sweep ----------------------------------------------------------------------------
 def fast_sweep(model: Model, frozen: Frozen, seed, layer: int, component: str, scratch: Scratch | None = None):
     """G (T, r, d) at the inputs, from seed (r, d) = ∂target/∂(point) at the last position: the
@@ -324,3 +304,24 @@ def fast_sweep(model: Model, frozen: Frozen, seed, layer: int, component: str, s
         else:
             attention_and_mlp_from_last(model, frozen, i, G, scratch)
     return G
+
+
+# ---- rows in blocks (optimization 7) --------------------------------------------------------
+def sweep_in_blocks(model: Model, frozen: Frozen, seed, layer: int, component: str, block: int | None,
+                    write=None):
+    """The sweep for the rows of `seed` (r, d), `block` rows at a time, sharing one scratch.
+    Each block's G (T, b, d) goes to write(a, G) if given, else into one (T, r, d) tensor."""
+    r, d = seed.shape
+    T = frozen.final_norm.shape[0]
+    block = min(block or r, r) or 1
+    if block == r and write is None:
+        return fast_sweep(model, frozen, seed, layer, component)  # one block: its G is the result
+    scratch = scratch_for(seed, T * block * d)
+    operators = None if write is not None else seed.new_empty(T, r, d)
+    for a in range(0, r, block):
+        G = fast_sweep(model, frozen, seed[a:a + block], layer, component, scratch)
+        if write is None:
+            operators[:, a:a + block] = G
+        else:
+            write(a, G)
+    return operators

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import Frozen, FrozenLayer, Model
+from .model import Frozen, FrozenLayer, LayerWeights, Model
 
 
 def reference_sweep(model: Model, frozen: Frozen, seed, layer: int, component: str = "output"):
@@ -45,14 +45,14 @@ def reference_sweep(model: Model, frozen: Frozen, seed, layer: int, component: s
     return G  # J_t = G_t
 
 
-def mlp_pullback(model: Model, w, factors: FrozenLayer, G):
+def mlp_pullback(model: Model, w: LayerWeights, factors: FrozenLayer, G):
     """G_t ∂m_t/∂h_t = G_t Post_t W_D diag(φ_t) W_U Pre_t for every position: (T, r, d) -> (T, r, d)."""
     G = scaled(G, model.norm_scale(w.mlp_post_norm, factors.mlp_post_norm))
     hidden = (G @ w.w_down) * factors.gate[:, None, :]  # (T, r, f): G_t W_D diag(φ_t)
     return scaled(hidden @ w.w_up, model.norm_scale(w.mlp_norm, factors.mlp_norm))  # (T, r, d)
 
 
-def attention_pullback(model: Model, w, factors: FrozenLayer, G):
+def attention_pullback(model: Model, w: LayerWeights, factors: FrozenLayer, G):
     """Σ_t G_t ∂a_t/∂h_s = Σ_t Σ_h G_t Post_t W_O^h P_h[t,s] W_V^g(h) Pre_s for every source s."""
     c = model.config
     T, r, _ = G.shape
