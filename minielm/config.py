@@ -51,6 +51,7 @@ class Config:
     sliding_window: int | None = None
     layer_types: list = field(default_factory=list)  # "full_attention" | "sliding_attention" per layer
     query_pre_attn_scalar: float | None = None  # Gemma 3: scores scaled by its -1/2 power
+    attn_logit_softcapping: float | None = None  # Gemma 2: attention scores soft-capped, cap·tanh(s/cap)
     final_logit_softcapping: float | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
@@ -148,10 +149,10 @@ class Config:
         kwargs.setdefault("hidden_act", family.hidden_act)  # the family's own default (Gemma's is not silu)
         if raw.get("mlp_bias") not in (None, False):
             raise ConfigError(f"{source}: mlp_bias={show(raw['mlp_bias'])} is not supported; expected false")
-        if raw.get("attn_logit_softcapping") not in (None, 0):  # Gemma 2's; Gemma 3 has QK norms instead
+        if not family.attn_logit_softcapping and raw.get("attn_logit_softcapping") not in (None, 0):
             raise ConfigError(f"{source}: attn_logit_softcapping={show(raw['attn_logit_softcapping'])} is not supported "
-                              f"(Gemma 3 does not soft-cap attention scores, and Hugging Face ignores the key); "
-                              f"expected null")
+                              f"for {model_type} (it does not soft-cap attention scores, and Hugging Face ignores "
+                              f"the key); expected null")
         if raw.get("use_bidirectional_attention") not in (None, False):  # EmbeddingGemma: an encoder
             value = show(raw["use_bidirectional_attention"])
             raise ConfigError(f"{source}: use_bidirectional_attention={value} is not supported (an encoder); "
@@ -313,10 +314,10 @@ def _check_fields(kwargs: dict, source: str) -> None:
             fail(key, "true or false")
     if kwargs.get("query_pre_attn_scalar") is not None and not (_number(kwargs["query_pre_attn_scalar"]) or 0) > 0:
         fail("query_pre_attn_scalar", "a positive number or null")
-    key = "final_logit_softcapping"  # 0 or null: no soft-capping
-    if kwargs.get(key) is not None and not (_number(kwargs[key]) is not None and kwargs[key] >= 0):
-        fail(key, "a positive number or null")
-    for key in ("rms_norm_eps", "query_pre_attn_scalar", "final_logit_softcapping"):
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # 0 or null: no soft-capping
+        if kwargs.get(key) is not None and not (_number(kwargs[key]) is not None and kwargs[key] >= 0):
+            fail(key, "a positive number or null")
+    for key in ("rms_norm_eps", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
         if kwargs.get(key) is not None:  # an integer such as 2**70 is a valid JSON number, but not for torch
             kwargs[key] = float(kwargs[key])
 

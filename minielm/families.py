@@ -1,6 +1,6 @@
 """The model families minielm reads, as data: one `Family` entry per decoder, keyed by config.json's `model_type`.
 
-Everything that differs between Llama, Mistral, Qwen 2 and 3, Gemma 3, Phi-3 and OLMo 2 is stated
+Everything that differs between Llama, Mistral, Qwen 2 and 3, Gemma 2 and 3, Phi-3 and OLMo 2 is stated
 here and nowhere else: the tensors a layer holds and what minielm calls them, which norms sit
 where, how the embeddings are scaled, which biases exist, the defaults and key spellings of the
 family's config.json, how its layers' attention types follow from that file, and what llama.cpp
@@ -98,6 +98,7 @@ class Family:
     mlp: str = "gated"
     hidden_act: str = "silu"  # the activation when config.json names none
     position: str = "rope"
+    attn_logit_softcapping: bool = False  # scores soft-capped, cap·tanh(s/cap), as config.json's key says (Gemma 2)
     qkv_bias: bool | None = None  # q, k, v biases: always (True), never (False), or None: as attention_bias says
     o_bias: bool | None = None  # the output projection's bias, likewise
     # -- reading config.json
@@ -122,6 +123,14 @@ def llama_cpp_gemma3_query_scalar(raw: dict) -> int:
     return raw["head_dim"]
 
 
+def llama_cpp_gemma2_query_scalar(raw: dict) -> int:
+    """llama.cpp's Gemma 2 scales the scores by key_length^-1/2, except for the 27B (46 layers), by
+    (hidden_size / heads)^-1/2, as the 27B's own config.json (query_pre_attn_scalar 144) says."""
+    if raw["num_hidden_layers"] == 46:
+        return raw["hidden_size"] // raw["num_attention_heads"]
+    return raw["head_dim"]
+
+
 LLAMA = Family(
     "llama", LLAMA_LAYER,
     gguf=GGUFConventions("llama", qk_rows_permuted=True, sliding_window_model_type="mistral"))
@@ -137,14 +146,30 @@ QWEN3 = Family(
     "qwen3", {**LLAMA_LAYER, **QK_NORMS}, qk_norm="head", sliding_layers="use_sliding_window",
     gguf=GGUFConventions("qwen3", sliding_window_unused=True))
 
+GEMMA_NORMS = {  # four norms a layer: before and after each sublayer
+    "post_attention_layernorm.weight": "attn_post_norm",  # Gemma's name for the norm after attention
+    "pre_feedforward_layernorm.weight": "mlp_norm",
+    "post_feedforward_layernorm.weight": "mlp_post_norm",
+}
+GEMMA_TOKENIZER = dict(  # as transformers' GGUF converter and Gemma's own tokenizer.json have them
+    whitespace_tokens_spelled_with_spaces=True, merges_ranked_by_position=True, no_space_prefix=True)
+
+GEMMA2 = Family(
+    "gemma2", {**LLAMA_LAYER, **GEMMA_NORMS},
+    norm_offset=1.0, scale_embeddings=True, post_norms=True, hidden_act="gelu_pytorch_tanh",
+    attn_logit_softcapping=True,
+    config_defaults=dict(  # transformers' Gemma2Config defaults that real config.json files omit
+        vocab_size=256000, head_dim=256, rms_norm_eps=1e-6, rope_theta=10_000.0, query_pre_attn_scalar=256,
+        sliding_window=4096, sliding_window_pattern=2, tie_word_embeddings=True, max_position_embeddings=8192,
+        bos_token_id=2, eos_token_id=1),
+    key_aliases={"hidden_activation": "hidden_act"},
+    sliding_layers="sliding_window_pattern",  # every other layer slides, the first one included
+    gguf=GGUFConventions(
+        "gemma2", sliding_window_pattern=2, query_pre_attn_scalar=llama_cpp_gemma2_query_scalar, **GEMMA_TOKENIZER))
+
 GEMMA3_TEXT = Family(
     "gemma3_text",
-    {  # four norms a layer: before and after each sublayer
-        **LLAMA_LAYER, **QK_NORMS,
-        "post_attention_layernorm.weight": "attn_post_norm",
-        "pre_feedforward_layernorm.weight": "mlp_norm",
-        "post_feedforward_layernorm.weight": "mlp_post_norm",
-    },
+    {**LLAMA_LAYER, **QK_NORMS, **GEMMA_NORMS},
     norm_offset=1.0, scale_embeddings=True, qk_norm="head", post_norms=True, hidden_act="gelu_pytorch_tanh",
     config_defaults=dict(  # transformers' Gemma3TextConfig defaults that real config.json files omit
         vocab_size=262208, head_dim=256, rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
@@ -155,9 +180,7 @@ GEMMA3_TEXT = Family(
     multimodal_model_type="gemma3",
     gguf=GGUFConventions(
         "gemma3", sliding_window_pattern=6, rope_local_base_freq=10_000.0,
-        query_pre_attn_scalar=llama_cpp_gemma3_query_scalar,
-        # as transformers' GGUF converter and Gemma's own tokenizer.json have them
-        whitespace_tokens_spelled_with_spaces=True, merges_ranked_by_position=True, no_space_prefix=True))
+        query_pre_attn_scalar=llama_cpp_gemma3_query_scalar, **GEMMA_TOKENIZER))
 
 PHI3 = Family(
     "phi3",
@@ -193,6 +216,6 @@ def by_model_type(*families: Family) -> dict:
     return table
 
 
-FAMILIES = by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3_TEXT, PHI3, OLMO2)
+FAMILIES = by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3_TEXT, PHI3, OLMO2)
 # GGUF general.architecture -> the Family stored under it
 GGUF_ARCHITECTURES = {f.gguf.architecture: f for f in FAMILIES.values() if f.gguf is not None}

@@ -165,7 +165,7 @@ def attention_probabilities(u, w, config, layer_type, positions, cache=None, lay
     """P: (H, T, S), softmax over keys of the scaled query-key scores.
 
     Everything that shapes P lives here: q/k biases and norms, RoPE, the score
-    scale, the causal and sliding-window masks. With P frozen,
+    scale and soft-capping, the causal and sliding-window masks. With P frozen,
     none of it is part of the linear map.
     """
     T, H, Hkv, hd = u.shape[0], config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -186,6 +186,9 @@ def attention_probabilities(u, w, config, layer_type, positions, cache=None, lay
     S, G = k.shape[0], H // Hkv  # G query heads share one key-value head
     scores = torch.einsum("tkgd,skd->kgts", q.view(T, Hkv, G, hd), k).reshape(H, T, S)
     scores = scores * config.attention_scale
+    cap = config.attn_logit_softcapping
+    if cap:  # Gemma 2: cap·tanh(scores / cap), inside P, so frozen with it
+        scores = cap * torch.tanh(scores / cap)
     key_pos = torch.arange(S, device=u.device)
     window = config.sliding_window if layer_type == "sliding_attention" else None
     scores = scores.masked_fill(~causal_mask(positions, key_pos, window), float("-inf"))

@@ -64,7 +64,7 @@ def write_gguf(model, path, arch: str, qtype, seed: int = 0, metadata=None, extr
         gguf_name = f"{names.get_name(module)}.{suffix}"
         value = tensor.detach().to(torch.float64 if qtype == Q.F64 else torch.float32).numpy()
         if value.ndim == 1:  # norms and biases: F32, as the converter keeps 1-D tensors (F64 in an F64 file)
-            if arch == "gemma3" and hf_name.endswith("norm.weight"):
+            if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
                 value = value + np.float32(1.0)  # the converter's norm_shift, in float32
                 reference[hf_name] = torch.from_numpy(value).double() - 1.0
             else:
@@ -113,8 +113,10 @@ def _write_metadata(writer, config, arch: str, extra: dict) -> None:
     partial = full.get("partial_rotary_factor")
     if partial:
         writer.add_rope_dimension_count(int(head_dim * partial))
-    if getattr(config, "sliding_window", None) and arch in ("gemma3", "llama"):
+    if getattr(config, "sliding_window", None) and arch in ("gemma2", "gemma3", "llama"):
         writer.add_sliding_window(config.sliding_window)
+    if getattr(config, "attn_logit_softcapping", None) and arch == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
     if getattr(config, "final_logit_softcapping", None):
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
     for key, value in extra.items():

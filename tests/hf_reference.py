@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
@@ -81,6 +82,17 @@ def _qwen3() -> PretrainedConfig:
         vocab_size=151, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
         rope_parameters=dict(rope_type="default", rope_theta=1000000.0), **_COMMON)
+
+
+def _gemma2() -> PretrainedConfig:
+    # layer types left to the config: every other layer slides, the first one included
+    return Gemma2Config(
+        vocab_size=136, hidden_size=48, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        query_pre_attn_scalar=24, sliding_window=4,
+        attn_logit_softcapping=2.0,  # scores are O(1): a cap of 2 bends them visibly
+        final_logit_softcapping=10.0, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0), **_COMMON)
 
 
 def _gemma3_text() -> PretrainedConfig:
@@ -172,6 +184,7 @@ FAMILIES = {
     "llama": _llama,
     "llama_tied": _llama_tied,
     "qwen3": _qwen3,
+    "gemma2": _gemma2,
     "gemma3_text": _gemma3_text,
     "mistral": _mistral,
     "phi3": _phi3,

@@ -22,7 +22,8 @@ FAMILY_NAMES = set(FAMILIES) | set(GGUF_ARCHITECTURES)
 
 
 def test_supported_model_types_come_from_the_table_in_order():
-    assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "phi3", "olmo2")
+    assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3",
+                                     "olmo2")
     assert SUPPORTED_ACTIVATIONS == tuple(ACTIVATIONS)
 
 

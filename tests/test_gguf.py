@@ -12,8 +12,8 @@ import pytest
 import torch
 import gguf
 from gguf import GGMLQuantizationType as Q
-from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Olmo2Config,
-                          Phi3Config, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
+                          Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
 
 from conftest import PROMPT
 from gguf_writer import permute, write_gguf
@@ -40,6 +40,10 @@ FAMILIES = {
     "qwen3": (lambda: Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
                                   rope_parameters=dict(rope_type="default", rope_theta=1000000.0), **COMMON), "qwen3"),
+    "gemma2": (lambda: Gemma2Config(  # every other layer slides, as llama.cpp's fixed pattern has it
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=2.0,
+        final_logit_softcapping=10.0, tie_word_embeddings=True, rope_parameters=DEFAULT_ROPE, **COMMON), "gemma2"),
     "gemma3": (lambda: Gemma3TextConfig(  # six layers: llama.cpp's fixed pattern makes the sixth global
         hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, query_pre_attn_scalar=16, sliding_window=4, final_logit_softcapping=10.0,
@@ -91,7 +95,7 @@ def test_llama_every_type_matches_hf(qtype, tmp_path):
     assert model.dequantized_from == ([] if qtype in (Q.F32, Q.F16, Q.BF16) else [qtype.name])  # for explain
 
 
-FAMILY_TYPES = {"mistral": Q.Q5_0, "qwen3": Q.Q8_0, "gemma3": Q.Q4_0, "qwen2": Q.Q5_1, "olmo2": Q.Q4_1,
+FAMILY_TYPES = {"mistral": Q.Q5_0, "qwen3": Q.Q8_0, "gemma2": Q.Q8_0, "gemma3": Q.Q4_0, "qwen2": Q.Q5_1, "olmo2": Q.Q4_1,
                 "phi3": Q.Q8_0}
 
 

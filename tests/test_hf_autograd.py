@@ -60,7 +60,7 @@ def relative(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen3", "gemma3_text", "olmo2", "phi3", "qwen2"])
+@pytest.mark.parametrize("case", ["llama", "qwen3", "gemma2", "gemma3_text", "olmo2", "phi3", "qwen2"])
 def test_operators_match_autograd_through_hugging_face(case, checkpoints):
     model = minielm.load(checkpoints[case])
     hf = load_hf_float64(checkpoints[case]).requires_grad_(False)
