@@ -41,12 +41,10 @@ from .errors import CheckpointError
 from .families import O_BIAS, QKV_BIASES
 
 # ---- the weight-name maps --------------------------------------------------------
-# Each family's per-layer map is its `layer_tensors` in minielm/families.py; the top-level tensors
-# are named alike in every family.
+# Each family's per-layer map is its `layer_tensors` in minielm/families.py, and its top-level
+# tensors its `top_tensors`; most families name the latter alike:
 TOP_LEVEL = {"embed_tokens.weight": "embed", "norm.weight": "final_norm"}
 
-# Where the decoder's tensors live: "model." in text checkpoints, deeper in multimodal ones.
-DECODER_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 # Tensors that are not part of the decoder and are skipped on purpose.
 IGNORED_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer that old checkpoints saved; recomputed
@@ -55,9 +53,10 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer that old checkpoints sav
 def layer_map(config: Config) -> dict:
     """Hugging Face per-layer tensor name -> short name(s), for one layer of this config's decoder."""
     names = dict(config.family_spec.layer_tensors)
-    if config.qkv_bias:
+    named = {n for short in names.values() for n in (short if isinstance(short, tuple) else (short,))}
+    if config.qkv_bias and "bq" not in named:  # biases a config switches on, in Llama's names
         names.update(QKV_BIASES)
-    if config.o_bias:
+    if config.o_bias and "bo" not in named:
         names.update(O_BIAS)
     return names
 
@@ -65,7 +64,8 @@ def layer_map(config: Config) -> dict:
 def expected_shapes(config: Config) -> dict:
     """Short name -> shape, for one layer (model.LayerWeights) and for the top level."""
     d, V = config.hidden_size, config.vocab_size
-    return {"embed": (V, d), "final_norm": (d,), "lm_head": (V, d), **LayerWeights.shapes(config)}
+    return {"embed": (V, d), "final_norm": (d,), "final_norm_bias": (d,), "lm_head": (V, d),
+            "positions": (config.max_position_embeddings, d), **LayerWeights.shapes(config)}
 
 
 # ---- the tensor source ------------------------------------------------------------------
@@ -232,6 +232,53 @@ def check_unchanged(path: Path, stamp: tuple, name: str) -> None:
                               f"{name!r}); load the checkpoint again")
 
 
+# ---- a family's own layout, as nn.Linear's ----------------------------------------------------
+class LinearLayout:
+    """A TensorSource whose layer matrices come in nn.Linear's (out, in) layout, fused parts stacked
+    one after another, whatever the family's files keep (everything else passes through):
+
+        GPT-2 (conv1d)            its Conv1D matrices are stored (in, out): transposed
+        GPT-NeoX (fused_per_head) query_key_value holds, head after head, that head's q, k and v
+                                  rows (H, 3, hd): regrouped as all q rows, all k rows, all v rows
+
+    The safetensors files of Hugging Face checkpoints need it; llama.cpp's converter already did both
+    on the way into a GGUF file."""
+
+    def __init__(self, source: TensorSource, config: Config):
+        self.source, self.family, self.heads = source, config.family_spec, config.num_attention_heads
+        layer = self.family.layer_tensors
+        self.matrices = tuple("." + k for k in layer if k.endswith(".weight"))  # norms are 1-D: never transposed
+        self.fused = tuple("." + k for k, v in layer.items() if isinstance(v, tuple))
+
+    def names(self) -> set[str]:
+        return self.source.names()
+
+    def origin(self, name: str) -> str:
+        return self.source.origin(name)
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        shape, dtype = self.source.info(name)
+        return (tuple(reversed(shape)) if self.transposed(name, shape) else tuple(shape)), dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.source.get(name)
+        if self.transposed(name, tensor.shape):
+            tensor = tensor.T.contiguous()  # (in, out) -> (out, in)
+        if self.family.fused_per_head and name.endswith(self.fused):
+            rows = tensor.shape[0]  # 3·H·hd: (H, 3, hd, ...) -> (3, H, hd, ...)
+            grouped = tensor.reshape(self.heads, 3, rows // (3 * self.heads), *tensor.shape[1:]).transpose(0, 1)
+            tensor = grouped.reshape(tensor.shape).contiguous()
+        return tensor
+
+    def transposed(self, name: str, shape) -> bool:
+        return self.family.conv1d and len(shape) == 2 and name.endswith(self.matrices)
+
+
+def in_linear_layout(source: TensorSource, config: Config) -> TensorSource:
+    """`source` as LinearLayout where the family's files need it, else itself."""
+    return LinearLayout(source, config) if config.family_spec.conv1d or config.family_spec.fused_per_head else source
+
+
 # ---- loading: check the plan, read, check the values, cast ----------------------------------
 def load_weights(source: TensorSource, config: Config, dtype: torch.dtype, device, stream: bool = False,
                  where=None) -> dict:
@@ -298,19 +345,20 @@ def checked_plan(source: TensorSource, config: Config, where=None) -> list:
     after checking that each is present, floating point and of the expected shape, and that
     nothing else is in the checkpoint. `where` names the checkpoint when a tensor is missing."""
     where = where if where is not None else "the checkpoint"
-    available = source.names()
-    prefix = next((p for p in DECODER_PREFIXES if p + "embed_tokens.weight" in available), None)
+    available, family = source.names(), config.family_spec
+    embed = next(k for k, v in family.top_tensors.items() if v == "embed")
+    prefix = next((p for p in family.prefixes if p + embed in available), None)
     if prefix is None:
-        raise CheckpointError(f"{where}: tensor 'model.embed_tokens.weight' is missing")
-    wanted = {prefix + k: (None, v) for k, v in TOP_LEVEL.items()}
+        raise CheckpointError(f"{where}: tensor {family.prefixes[0] + embed!r} is missing")
+    wanted = {prefix + k: (None, v) for k, v in family.top_tensors.items()}
     if not config.tie_word_embeddings:
-        wanted["lm_head.weight"] = (None, "lm_head")
+        wanted[family.unembedding] = (None, "lm_head")
     per_layer = layer_map(config)
     for i in range(config.num_hidden_layers):
-        wanted.update({f"{prefix}layers.{i}.{k}": (i, v) for k, v in per_layer.items()})
+        wanted.update({f"{prefix}{family.layers_name}.{i}.{k}": (i, v) for k, v in per_layer.items()})
 
-    leftover = sorted(n for n in available - set(wanted)
-                      if not n.startswith(IGNORED_PREFIXES) and not n.endswith(IGNORED_SUFFIXES))
+    ignored = IGNORED_SUFFIXES + family.ignored_suffixes
+    leftover = sorted(n for n in available - set(wanted) if not n.startswith(IGNORED_PREFIXES) and not n.endswith(ignored))
     if leftover:
         raise CheckpointError(f"{source.origin(leftover[0])}: unexpected tensor {leftover[0]!r} "
                               f"({len(leftover)} tensor(s) not used by a {config.num_hidden_layers}-layer "
@@ -527,13 +575,15 @@ def save_checkpoint(directory, config_json: dict, weights: dict, dtype=torch.flo
     config = Config.from_dict(config_json)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {"model." + k: weights[v] for k, v in TOP_LEVEL.items()}
+    family = config.family_spec
+    prefix = family.prefixes[0]
+    tensors = {prefix + k: weights[v] for k, v in family.top_tensors.items()}
     if not config.tie_word_embeddings:
-        tensors["lm_head.weight"] = weights["lm_head"]
+        tensors[family.unembedding] = weights["lm_head"]
     for i, layer in enumerate(weights["layers"]):
         for hf_name, short in layer_map(config).items():
             parts = short if isinstance(short, tuple) else (short,)
-            tensors[f"model.layers.{i}.{hf_name}"] = torch.cat([weight(layer, p) for p in parts])
+            tensors[f"{prefix}{family.layers_name}.{i}.{hf_name}"] = torch.cat([weight(layer, p) for p in parts])
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")

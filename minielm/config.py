@@ -43,10 +43,12 @@ class Config:
     head_dim: int = 0  # 0: hidden_size // num_attention_heads
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
+    layer_norm_eps: float = 1e-5  # LayerNorm families (GPT-2: layer_norm_epsilon)
     max_position_embeddings: int = 2048
     original_max_position_embeddings: int | None = None  # Phi-3 longrope
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    use_parallel_residual: bool | None = None  # GPT-NeoX: h + attn(N₁(h)) + mlp(N₂(h)); None: the family's default
     rope_parameters: dict = field(default_factory=dict)  # layer type -> {rope_type, rope_theta, ...}
     sliding_window: int | None = None
     layer_types: list = field(default_factory=list)  # "full_attention" | "sliding_attention" per layer
@@ -106,9 +108,14 @@ class Config:
 
     @property
     def affine(self) -> bool:
-        """A value or output bias (b_V, b_O; b_Q and b_K only shape P): the frozen map is then affine,
-        y = Σ_t J_t x_t + b, and its value at x = 0 is b; without them b is exactly 0."""
-        return self.qkv_bias or self.o_bias
+        """A bias on the linear path (b_V, b_O, the MLP's, a LayerNorm's; b_Q and b_K only shape P): the
+        frozen map is then affine, y = Σ_t J_t x_t + b, and its value at x = 0 is b; without them b is 0."""
+        return self.qkv_bias or self.o_bias or self.family_spec.mlp_bias or self.family_spec.norm == "layer"
+
+    @property
+    def norm_eps(self) -> float:
+        """The ε of the family's norms: rms_norm_eps, or layer_norm_eps for LayerNorm families."""
+        return self.layer_norm_eps if self.family_spec.norm == "layer" else self.rms_norm_eps
 
     @property
     def attention_scale(self) -> float:
@@ -135,7 +142,9 @@ class Config:
             if not isinstance(text, dict):
                 raise ConfigError(f"{source}: model_type {model_type!r} needs a 'text_config' object, got {show(text)}")
             raw = {**_given(text), "model_type": model_type}
-        raw = _with_defaults(raw, family.config_defaults)
+        raw = _with_defaults(_with_aliases(raw, family.key_aliases), family.config_defaults)
+        if family.intermediate_size_factor and raw.get("intermediate_size") is None and _is_int(raw.get("hidden_size")):
+            raw["intermediate_size"] = family.intermediate_size_factor * raw["hidden_size"]  # GPT-2's n_inner null
 
         fields = {f.name: f for f in dataclasses.fields(cls)}
         # a null for a key with a non-null default means "not given": the default applies
@@ -143,16 +152,18 @@ class Config:
         for key in REQUIRED_KEYS:
             if key not in kwargs:
                 raise ConfigError(f"{source}: required key {key!r} is missing")
-        for alias, key in family.key_aliases.items():  # the family's own spelling of a key (Gemma's hidden_activation)
-            if raw.get(alias) is not None:
-                kwargs[key] = raw[alias]
         kwargs.setdefault("hidden_act", family.hidden_act)  # the family's own default (Gemma's is not silu)
-        if raw.get("mlp_bias") not in (None, False):
+        if kwargs.get("use_parallel_residual") is None:
+            kwargs["use_parallel_residual"] = family.parallel_residual_default
+        if not family.mlp_bias and raw.get("mlp_bias") not in (None, False):
             raise ConfigError(f"{source}: mlp_bias={show(raw['mlp_bias'])} is not supported; expected false")
         if not family.attn_logit_softcapping and raw.get("attn_logit_softcapping") not in (None, 0):
             raise ConfigError(f"{source}: attn_logit_softcapping={show(raw['attn_logit_softcapping'])} is not supported "
                               f"for {model_type} (it does not soft-cap attention scores, and Hugging Face ignores "
                               f"the key); expected null")
+        for key, plain in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):  # GPT-2
+            if raw.get(key) not in (None, plain):
+                raise ConfigError(f"{source}: {key}={show(raw[key])} is not supported; expected {str(plain).lower()}")
         if raw.get("use_bidirectional_attention") not in (None, False):  # EmbeddingGemma: an encoder
             value = show(raw["use_bidirectional_attention"])
             raise ConfigError(f"{source}: use_bidirectional_attention={value} is not supported (an encoder); "
@@ -253,6 +264,13 @@ def _given(raw: dict) -> dict:
     return {k: v for k, v in raw.items() if v is not None}
 
 
+def _with_aliases(raw: dict, aliases: dict) -> dict:
+    """A config object with the family's own spellings of keys (GPT-2's n_embd, Gemma's hidden_activation)
+    read under minielm's (Config's) names; a given alias wins over the plain key."""
+    renamed = {key: raw[alias] for alias, key in aliases.items() if raw.get(alias) is not None}
+    return {**raw, **renamed}
+
+
 def _with_defaults(raw: dict, defaults: dict) -> dict:
     """A config object with a family's defaults (Family.config_defaults) for the keys it leaves out or
     sets to null. A family with none keeps the object as it is: there a null is read as "not given"
@@ -307,9 +325,10 @@ def _check_fields(kwargs: dict, source: str) -> None:
                                    or kwargs["hidden_act"] not in SUPPORTED_ACTIVATIONS):
         raise ConfigError(f"{source}: unsupported hidden_act {show(kwargs['hidden_act'])}; "
                           f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
-    if "rms_norm_eps" in kwargs and not (_number(kwargs["rms_norm_eps"]) is not None and kwargs["rms_norm_eps"] >= 0):
-        fail("rms_norm_eps", "a non-negative number")
-    for key in ("tie_word_embeddings", "attention_bias"):
+    for key in ("rms_norm_eps", "layer_norm_eps"):
+        if key in kwargs and not (_number(kwargs[key]) is not None and kwargs[key] >= 0):
+            fail(key, "a non-negative number")
+    for key in ("tie_word_embeddings", "attention_bias", "use_parallel_residual"):
         if key in kwargs and not isinstance(kwargs[key], bool):
             fail(key, "true or false")
     if kwargs.get("query_pre_attn_scalar") is not None and not (_number(kwargs["query_pre_attn_scalar"]) or 0) > 0:
@@ -317,7 +336,8 @@ def _check_fields(kwargs: dict, source: str) -> None:
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # 0 or null: no soft-capping
         if kwargs.get(key) is not None and not (_number(kwargs[key]) is not None and kwargs[key] >= 0):
             fail(key, "a positive number or null")
-    for key in ("rms_norm_eps", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+    for key in ("rms_norm_eps", "layer_norm_eps", "query_pre_attn_scalar", "attn_logit_softcapping",
+                "final_logit_softcapping"):
         if kwargs.get(key) is not None:  # an integer such as 2**70 is a valid JSON number, but not for torch
             kwargs[key] = float(kwargs[key])
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .fast_sweep import (ATTENTION, ATTENTION_FROM_LAST, MLP, MLP_AT_LAST, Step, explicit_mlp_pays, low_rank_pays,
-                         plan)
+from .fast_sweep import (ATTENTION, ATTENTION_FROM_LAST, MLP, MLP_AT_LAST, PARALLEL, PARALLEL_AT_LAST, Step,
+                         explicit_mlp_pays, low_rank_pays, plan)
 
 
 @dataclass
@@ -26,12 +26,13 @@ class Shape:
     hd: int
     V: int
     biases: bool = False  # value or output biases: the map then also runs the frozen pass at 0 (its affine part)
+    parallel: bool = False  # the parallel residual (GPT-NeoX)
 
     @classmethod
     def of(cls, config) -> Shape:
         return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                    config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.vocab_size,
-                   config.affine)
+                   config.affine, bool(config.use_parallel_residual))
 
     @property
     def layer_params(self) -> int:
@@ -82,6 +83,10 @@ def step_flops(s: Shape, T: int, r: int, step: Step) -> int:
         return heads_from_last + 2 * T * r * kv * s.d  # W_V for every source
     if step.form == ATTENTION:
         return 2 * T * r * s.d * s.H * s.hd + 2 * s.H * T * T * r * s.hd + 2 * T * r * kv * s.d
+    if step.form in (PARALLEL_AT_LAST, PARALLEL):  # both branches, side by side
+        at_last = step.form == PARALLEL_AT_LAST
+        return (step_flops(s, T, r, Step(MLP_AT_LAST if at_last else MLP, step.layer))
+                + step_flops(s, T, r, Step(ATTENTION_FROM_LAST if at_last else ATTENTION, step.layer)))
     # ATTENTION_FROM_LAST_AND_LOW_RANK_MLP: the last position in full, the sources s < T as C_s R_s
     return (heads_from_last + 2 * r * kv * s.d + mlp_sweep_flops(s, 1, r)
             + 2 * kv * s.d * s.f + (T - 1) * (2 * kv * s.f * s.d + 2 * r * kv * s.d))  # W_V'W_D; R_s; C_s R_s
@@ -91,7 +96,7 @@ def sweep_flops(s: Shape, T: int, r: int, layer: int | None = None, component: s
     """The reverse sweep carrying r rows (r = d: all operators J_t; r = 1: one uᵀJ_t), from the
     target (default: the model's output), by the same plan the fast sweep runs."""
     low_rank = low_rank_pays(s.d, s.f, s.Hkv * s.hd, r)
-    steps = plan(T, s.L - 1 if layer is None else layer, component, low_rank)
+    steps = plan(T, s.L - 1 if layer is None else layer, component, low_rank, s.parallel)
     return sum(step_flops(s, T, r, step) for step in steps)
 
 

@@ -23,14 +23,17 @@ class Attribution:
     """A logit split exactly by (source token, layer, component).
 
     The sum identity: `attr.total()` equals `attr.logit` to round-off, and
-        total() = table.sum() + embedding.sum() + bias.sum();
+        total() = table.sum() + embedding.sum() + bias.sum() + norm_bias;
     `table.sum()` alone is NOT the logit: it leaves out the direct path of the last
-    token's own embedding (`embedding`) and the modules' constant parts (`bias`).
+    token's own embedding (`embedding`), the modules' constant parts (`bias`) and the
+    final LayerNorm's bias (`norm_bias`).
 
-    z = u_c · y, with y = N_f(h^L_T) and h^L_T = x_T + Σ_ℓ (attention_ℓ + mlp_ℓ)_T.
-    Each module output is itself linear in the inputs, so
-        z = embedding[T] + Σ_{s,ℓ,k} table[s, ℓ, k] + Σ_{ℓ,k} bias[ℓ, k]
-    to round-off. `z` is the logit before any final soft-capping.
+    z = w_c · y, with y = N_f(h^L_T) = N'_f h^L_T + b_f (N'_f frozen; b_f the final LayerNorm's
+    bias, 0 for RMSNorm) and h^L_T = x_T + Σ_ℓ (attention_ℓ + mlp_ℓ)_T. Each module output is
+    itself linear (affine, with biases) in the inputs, so with u = w_c N'_f
+        z = embedding[T] + Σ_{s,ℓ,k} table[s, ℓ, k] + Σ_{ℓ,k} bias[ℓ, k] + norm_bias
+    to round-off. The inputs x_s include learned position rows (GPT-2), so a source's cells carry its
+    position's share too. `z` is the logit before any final soft-capping.
     """
 
     token: int
@@ -38,16 +41,18 @@ class Attribution:
     table: torch.Tensor  # (T, L, 2): source s, layer ℓ, component (0 attention, 1 MLP)
     embedding: torch.Tensor  # (T,): the direct path x_s -> y (only the last position is nonzero)
     bias: torch.Tensor  # (L, 2): the affine parts of the modules (zero without biases)
+    norm_bias: float = 0.0  # w_c · b_f: the final LayerNorm's bias (zero for RMSNorm)
 
     def total(self) -> float:
-        """table.sum() + embedding.sum() + bias.sum(): the logit, to round-off."""
-        return float(self.table.sum() + self.embedding.sum() + self.bias.sum())
+        """table.sum() + embedding.sum() + bias.sum() + norm_bias: the logit, to round-off."""
+        return float(self.table.sum() + self.embedding.sum() + self.bias.sum()) + self.norm_bias
 
     def __repr__(self) -> str:
         T, L, _ = self.table.shape
         return (f"Attribution(token={self.token}, logit={self.logit:.6g}, table=({T}, {L}, 2), "
                 f"total()={self.total():.6g} = table.sum() {float(self.table.sum()):.6g} "
-                f"+ embedding.sum() {float(self.embedding.sum()):.6g} + bias.sum() {float(self.bias.sum()):.6g})")
+                f"+ embedding.sum() {float(self.embedding.sum()):.6g} + bias.sum() {float(self.bias.sum()):.6g}"
+                f" + norm_bias {self.norm_bias:.6g})")
 
 
 def attribution(model: Model, ids, token: int | None = None) -> Attribution:
@@ -76,6 +81,7 @@ def attribution(model: Model, ids, token: int | None = None) -> Attribution:
             bias[layer, k] = u @ states0[component][layer][-1]
     embedding = x.new_zeros(T)
     embedding[-1] = u @ x[-1]
-    return Attribution(token, float(logits[token]), table, embedding, bias)
+    b_f = model.final_norm(torch.zeros_like(x[-1]), frozen.final_norm[-1])[0]  # the frozen final norm at 0
+    return Attribution(token, float(logits[token]), table, embedding, bias, float(w_token @ b_f))
 
 

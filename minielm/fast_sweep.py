@@ -63,6 +63,8 @@ MLP = "mlp"  # every position
 ATTENTION_FROM_LAST = "attention from last"  # one query (the last) spreads G over every source
 ATTENTION = "attention"  # every query, every source
 ATTENTION_FROM_LAST_AND_LOW_RANK_MLP = "attention from last, MLP below in low rank"  # optimization 4
+PARALLEL_AT_LAST = "attention from last beside mlp at last"  # the parallel residual (GPT-NeoX), at the top
+PARALLEL = "attention beside mlp"  # the parallel residual: both branches read the same h
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,14 @@ class Step:
     residual: bool = True
 
 
-def plan(T: int, layer: int, component: str, low_rank: bool) -> list:
+def plan(T: int, layer: int, component: str, low_rank: bool, parallel: bool = False) -> list:
     """The steps from the target (the residual stream after `layer`, or that layer's 'attention'
-    or 'mlp' output) down to the inputs. `low_rank`: whether optimization 4 pays (`low_rank_pays`)."""
+    or 'mlp' output) down to the inputs. `low_rank`: whether optimization 4 pays (`low_rank_pays`);
+    `parallel`: the parallel residual, whose two branches read the same stream."""
+    if parallel:
+        own = {"output": Step(PARALLEL_AT_LAST, layer), "attention": Step(ATTENTION_FROM_LAST, layer, residual=False),
+               "mlp": Step(MLP_AT_LAST, layer, residual=False)}[component]
+        return [own] + [Step(PARALLEL, i) for i in range(layer - 1, -1, -1)]
     steps = []
     if component != "attention":  # the target layer's MLP, at the last position (a module target: alone)
         steps.append(Step(MLP_AT_LAST, layer, residual=component != "mlp"))
@@ -131,26 +138,26 @@ def scratch_for(like: torch.Tensor, block_numbers: int) -> Scratch:
 # the last one at the top of the sweep, all of them below the first attention sublayer
 # (optimization 2). The norms fold into the weights and the per-token factors (optimization 1).
 def folded_mlp(model: Model, w: LayerWeights, factors: FrozenLayer, live):
-    """W_D (d, f), W_U (f, d) with the norms' diagonals folded in, and the gate (T', f)
-    times the norms' 1/ρ: Post_t W_D diag(φ_t) W_U Pre_t = W_D' diag(φ'_t) W_U'."""
-    offset, W_D, W_U, gate = model.config.norm_offset, w.w_down, w.w_up, factors.gate[live]
+    """W_D (d, f), W_U (f, d) with the norms' diagonals (and a LayerNorm's centring) folded in, and
+    the gate (T', f) times the norms' 1/ρ: Post_t W_D diag(φ_t) W_U Pre_t = W_D' diag(φ'_t) W_U'."""
+    W_D, W_U, gate = w.w_down, w.w_up, factors.gate[live]
     if factors.mlp_post_norm is not None:
-        W_D, gate = (offset + w.mlp_post_norm)[:, None] * W_D, gate * factors.mlp_post_norm[live]
+        W_D, gate = model.norm_before(W_D, w.mlp_post_norm), gate * factors.mlp_post_norm[live]
     if factors.mlp_norm is not None:
-        W_U, gate = W_U * (offset + w.mlp_norm), gate * factors.mlp_norm[live]
+        W_U, gate = model.norm_after(W_U, w.mlp_norm), gate * factors.mlp_norm[live]
     return W_D, gate, W_U
 
 
 def folded_attention(model: Model, w: LayerWeights, factors: FrozenLayer, live):
-    """W_O (d, H*hd), W_V (Hkv*hd, d) with the norms' diagonals folded in, and P (H, T', S)
-    times the post-norm's 1/ρ of each query and the pre-norm's 1/ρ of each source."""
-    offset, W_O, W_V, P = model.config.norm_offset, w.wo, w.wv, factors.probs[:, live]
+    """W_O (d, H*hd), W_V (Hkv*hd, d) with the norms' diagonals (and centring) folded in, and P
+    (H, T', S) times the post-norm's 1/ρ of each query and the pre-norm's 1/ρ of each source."""
+    W_O, W_V, P = w.wo, w.wv, factors.probs[:, live]
     scales = []  # the per-token 1/ρ: of each query (T', 1), of each source (1, S)
     if factors.attn_post_norm is not None:
-        W_O = (offset + w.attn_post_norm)[:, None] * W_O
+        W_O = model.norm_before(W_O, w.attn_post_norm)
         scales.append(factors.attn_post_norm[live])
     if factors.attn_norm is not None:
-        W_V = W_V * (offset + w.attn_norm)
+        W_V = model.norm_after(W_V, w.attn_norm)
         scales.append(factors.attn_norm[: P.shape[-1]].T)
     if scales:  # their (T', S) product first, so that P is copied once
         P = P * math.prod(scales)[None]
@@ -274,6 +281,19 @@ def attention_and_mlp_from_last(model: Model, frozen: Frozen, i: int, G, scratch
         torch.bmm(C, R, out=G[a:b])  # (b-a, r, d): G_s = C_s R_s
 
 
+def parallel_sublayers(model: Model, i: int, factors: FrozenLayer, G, scratch: Scratch, from_last: bool):
+    """G_t <- G_t + G_t M_t + Σ_t' G_t' ∂a_t'/∂h_t: the parallel residual, both branches from the same G
+    (`from_last`: G nonzero at the last position only, the top of the sweep). The MLP's share goes to a
+    buffer the size of G first, as the attention overwrites G: this form holds G twice."""
+    T = G.shape[0]
+    live = slice(T - 1, T) if from_last else slice(0, T)
+    X = scratch.get("parallel MLP", *G.shape)
+    X[live] = G[live]
+    mlp_sublayer(model, i, factors, X, live, scratch, residual=False)  # X_t = G_t M_t
+    (attention_from_last if from_last else attention_sublayer)(model, i, factors, G, scratch)  # G + G ∂a/∂h
+    G[live] += X[live]
+
+
 # ---- the sweep ----------------------------------------------------------------------------
 def fast_sweep(model: Model, frozen: Frozen, seed, layer: int, component: str, scratch: Scratch | None = None):
     """G (T, r, d) at the inputs, from seed (r, d) = ∂target/∂(point) at the last position: the
@@ -291,7 +311,8 @@ def fast_sweep(model: Model, frozen: Frozen, seed, layer: int, component: str, s
     c = model.config
     low_rank = low_rank_pays(d, c.intermediate_size, c.num_key_value_heads * c.head_dim, r)
     last, every = slice(T - 1, T), slice(0, T)
-    for step in progress(plan(T, layer, component, low_rank), "sweep", unit="sublayer"):
+    steps = plan(T, layer, component, low_rank, c.use_parallel_residual)
+    for step in progress(steps, "sweep", unit="sublayer"):
         i, factors = step.layer, frozen.layers[step.layer]
         if step.form == MLP_AT_LAST:
             mlp_sublayer(model, i, factors, G, last, scratch, step.residual)
@@ -301,8 +322,10 @@ def fast_sweep(model: Model, frozen: Frozen, seed, layer: int, component: str, s
             attention_from_last(model, i, factors, G, scratch, step.residual)
         elif step.form == ATTENTION:
             attention_sublayer(model, i, factors, G, scratch)
-        else:
+        elif step.form == ATTENTION_FROM_LAST_AND_LOW_RANK_MLP:
             attention_and_mlp_from_last(model, frozen, i, G, scratch)
+        else:
+            parallel_sublayers(model, i, factors, G, scratch, from_last=step.form == PARALLEL_AT_LAST)
     return G
 
 

@@ -71,7 +71,7 @@ def generate_ids(model, ids, max_new_tokens=20, temperature=0.0, top_k=None, see
         for _ in progress(range(max_new_tokens), "generating", unit="token"):
             if cache.length and any(cache.length <= s < cache.length + len(step_input) for s in switches):
                 cache, step_input = KVCache(config.num_hidden_layers), ids + new  # stale keys: start over
-            y, _ = model.forward(model.embed(step_input), cache=cache, edit=edit)
+            y, _ = model.forward(model.embed(step_input, start=cache.length), cache=cache, edit=edit)
             next_id = sample(model.unembed(y[-1]), temperature, top_k, generator)
             new.append(next_id)
             if next_id in eos:

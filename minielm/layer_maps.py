@@ -13,7 +13,7 @@ import torch
 from . import checks
 from .fast_sweep import (SCRATCH_BYTES, Scratch, attention_from_last, attention_sublayer, folded_attention,
                          folded_mlp, mlp_sublayer)
-from .linear_map import EquivalentLinearMap, checked_ids, target_name, target_values, traced
+from .linear_map import EquivalentLinearMap, checked_ids, equivalent_linear_map, target_name, target_values, traced
 from .model import Model
 from .progress import progress
 
@@ -26,11 +26,14 @@ def all_layer_maps(model: Model, ids, mode: str = "auto") -> dict:
     the reverse pass carries d rows for each target above it, about 1.5·L²·T
     row-blocks in all; the forward pass carries ∂h_t/∂x_s for every pair of
     positions, about L·T² blocks, so it wins for short prompts on deep models
-    (T < 1.5 (L + 1)).
+    (T < 1.5 (L + 1)). With the parallel residual (GPT-NeoX) each map is made on its own instead.
     """
     mode = checks.one_of("mode", mode, ("auto", "reverse", "forward"))
     ids = checked_ids(model, ids)
     T, L = len(ids), model.config.num_hidden_layers
+    if model.config.use_parallel_residual:  # both passes follow the sequential wiring: one map at a time
+        return {(layer, component): equivalent_linear_map(model, ids, layer, component)
+                for layer in range(L) for component in ("output", "mlp", "attention")}
     if mode == "forward" or (mode == "auto" and T < 1.5 * (L + 1)):
         return forward_layer_maps(model, ids)
     return reverse_layer_maps(model, ids)

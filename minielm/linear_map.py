@@ -65,10 +65,9 @@ def target_values(model: Model, states: States, states0: States, layer: int, com
     if component != "output":
         y = states[component][layer][-1]
         return y, states0[component][layer][-1], torch.eye(y.shape[0], dtype=y.dtype, device=y.device)
-    final_w = model.weights["final_norm"]
     # y = N_f(h^ℓ_T): the final norm, its 1/ρ frozen at this layer's own residual stream
-    y, inv_rho = model.norm(states.output[layer][-1], final_w)
-    bias = model.norm(states0.output[layer][-1], final_w, inv_rho)[0]
+    y, inv_rho = model.final_norm(states.output[layer][-1])
+    bias = model.final_norm(states0.output[layer][-1], inv_rho)[0]
     return y, bias, model.final_norm_jacobian(inv_rho)
 
 

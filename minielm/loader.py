@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import checks
-from .checkpoint import SafetensorsSource, file_stamp, load_weights
+from .checkpoint import SafetensorsSource, file_stamp, in_linear_layout, load_weights
 from .config import Config, generation_eos_token_id
 from .errors import CheckpointError, InputError, show
 from .gguf import GGUFSource, gguf_config, gguf_tokenizer, read_gguf
@@ -162,7 +162,8 @@ def load(path=None, dtype=torch.float64, device="cpu", stream=False) -> Model:
     config = Config.from_file(directory / "config.json")
     tokenizer = load_tokenizer(directory)
     check_vocabulary(tokenizer, config, directory / "config.json")
-    weights = load_weights(SafetensorsSource(directory), config, dtype, device, stream, where=directory)
+    source = in_linear_layout(SafetensorsSource(directory), config)  # GPT-2's Conv1D, GPT-NeoX's fused q/k/v
+    weights = load_weights(source, config, dtype, device, stream, where=directory)
     eos = generation_eos_token_id(directory / "generation_config.json", config)
     return Model(config, weights, tokenizer, directory, dtype, device, eos_token_id=eos)
 

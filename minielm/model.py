@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import checks, generation
 from .config import Config
 from .errors import InputError, NumericalError, TokenizerError
-from .families import ACTIVATIONS
+from .families import ACTIVATION_FACTORS, ACTIVATIONS
 from .progress import progress
 from .generation import KVCache
 from .rope import apply_rotary, rotation
@@ -45,9 +45,9 @@ class LayerWeights:
     wk: torch.Tensor  # (Hkv·hd, d)  keys
     wv: torch.Tensor  # (Hkv·hd, d)  values
     wo: torch.Tensor  # (d, H·hd)    the heads' outputs back to the stream
-    w_gate: torch.Tensor  # (f, d)   the MLP's gate branch, through φ
-    w_up: torch.Tensor  # (f, d)     its up branch, which carries the signal
-    w_down: torch.Tensor  # (d, f)
+    w_up: torch.Tensor  # (f, d)     the MLP's branch that carries the signal (a plain MLP's W_in)
+    w_down: torch.Tensor  # (d, f)   (a plain MLP's W_out)
+    w_gate: torch.Tensor | None = None  # (f, d) a gated MLP's gate branch, through φ
     attn_norm: torch.Tensor | None = None  # (d,) the RMSNorm before attention (families with pre_norms)
     attn_post_norm: torch.Tensor | None = None  # (d,) the RMSNorm on attention's output (post_norms)
     mlp_norm: torch.Tensor | None = None  # (d,) before the MLP
@@ -58,6 +58,10 @@ class LayerWeights:
     bk: torch.Tensor | None = None  # (Hkv·hd,)
     bv: torch.Tensor | None = None  # (Hkv·hd,)
     bo: torch.Tensor | None = None  # (d,)
+    attn_norm_bias: torch.Tensor | None = None  # (d,) LayerNorm biases
+    mlp_norm_bias: torch.Tensor | None = None  # (d,)
+    b_up: torch.Tensor | None = None  # (f,) a plain MLP's biases
+    b_down: torch.Tensor | None = None  # (d,)
 
     @staticmethod
     def shapes(config: Config) -> dict:
@@ -68,7 +72,8 @@ class LayerWeights:
         return {"wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q),
                 "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f),
                 "attn_norm": (d,), "attn_post_norm": (d,), "mlp_norm": (d,), "mlp_post_norm": (d,),
-                "q_norm": q_norm, "k_norm": k_norm, "bq": (q,), "bk": (kv,), "bv": (kv,), "bo": (d,)}
+                "q_norm": q_norm, "k_norm": k_norm, "bq": (q,), "bk": (kv,), "bv": (kv,), "bo": (d,),
+                "attn_norm_bias": (d,), "mlp_norm_bias": (d,), "b_up": (f,), "b_down": (d,)}
 
     def tensors(self) -> list:
         """The tensors this layer has."""
@@ -135,6 +140,19 @@ def rms_norm(h, weight, offset, eps, inv_rho=None):
     return h * inv_rho * (offset + weight), inv_rho
 
 
+def layer_norm(h, weight, bias, eps, inv_sigma=None):
+    """N(h) = w ⊙ (h − mean(h)) / σ(h) + b,  σ(h) = sqrt(mean((h − mean(h))²) + eps).
+
+    A(h) = diag(w) / σ(h) · C, with C = I − 11ᵀ/n the centring (linear: it stays on the path);
+    the bias b is a constant. One scalar 1/σ per row is frozen.
+    h: (..., n) -> (..., n), and 1/σ: (..., 1).
+    """
+    centred = h - h.mean(-1, keepdim=True)  # C h
+    if inv_sigma is None:
+        inv_sigma = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    return centred * inv_sigma * weight + bias, inv_sigma
+
+
 def linear(x, weight, bias=None):
     """x W^T (+ b): Hugging Face stores weights as (out, in)."""
     y = x @ weight.T
@@ -151,6 +169,18 @@ def gated_mlp(u, w, activation, gate=None):
         gate = activation(linear(u, w.w_gate))  # (T, f)
     up = linear(u, w.w_up)  # (T, f)
     return linear(gate * up, w.w_down), gate  # (T, d)
+
+
+def plain_mlp(u, w, factor, s=None):
+    """W_out φ(z) + b_out with z = W_in u + b_in and φ(z) = z · s(z) (GELU: s = Φ, or its tanh form).
+
+    A(u) = W_out diag(s(z)) W_in: s is frozen, the role the gate plays in a gated MLP; z carries the
+    signal (no division by z is ever needed). u: (T, d) -> (T, d); s: (T, f).
+    """
+    z = linear(u, w.w_up, w.b_up)  # (T, f)
+    if s is None:
+        s = factor(z)  # (T, f)
+    return linear(s * z, w.w_down, w.b_down), s  # (T, d)
 
 
 def causal_mask(query_pos, key_pos, window=None):
@@ -171,7 +201,7 @@ def attention_probabilities(u, w, config, layer_type, positions, cache=None, lay
     T, H, Hkv, hd = u.shape[0], config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = linear(u, w.wq, w.bq)  # (T, H*hd)
     k = linear(u, w.wk, w.bk)  # (T, Hkv*hd)
-    eps, offset = config.rms_norm_eps, config.norm_offset
+    eps, offset = config.norm_eps, config.norm_offset
     if config.qk_norm == "full":  # OLMo 2: one norm over the whole projection
         q, _ = rms_norm(q, w.q_norm, offset, eps)
         k, _ = rms_norm(k, w.k_norm, offset, eps)
@@ -179,8 +209,9 @@ def attention_probabilities(u, w, config, layer_type, positions, cache=None, lay
     if config.qk_norm == "head":  # Qwen 3, Gemma 3: a norm per head
         q, _ = rms_norm(q, w.q_norm, offset, eps)
         k, _ = rms_norm(k, w.k_norm, offset, eps)
-    cos, sin = rotation(config, config.rope_parameters[layer_type], positions, u.dtype)  # (T, rotary_dim)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if config.family_spec.position == "rope":  # learned positions (GPT-2) are in the input vectors already
+        cos, sin = rotation(config, config.rope_parameters[layer_type], positions, u.dtype)  # (T, rotary_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if cache is not None:
         k = cache.extend("keys", layer, k)  # (S, Hkv, hd)
     S, G = k.shape[0], H // Hkv  # G query heads share one key-value head
@@ -229,7 +260,8 @@ class Model:
         self.directory = directory
         self.dtype = dtype or weights["embed"].dtype  # the one compute dtype
         self.device = torch.device(device) if device is not None else weights["embed"].device
-        self.activation = ACTIVATIONS[config.hidden_act]
+        self.activation = ACTIVATIONS[config.hidden_act]  # φ of a gated MLP
+        self.activation_factor = ACTIVATION_FACTORS.get(config.hidden_act)  # s of a plain one: φ(z) = z·s(z)
 
     @property
     def tokenizer(self):
@@ -245,20 +277,42 @@ class Model:
         return tensors + [t for layer in self.weights["layers"] for t in layer.tensors()]
 
     # -- embedding to logits ----------------------------------------------------------------
-    def embed(self, ids) -> torch.Tensor:
-        """x_t = E[id_t] (· sqrt(d) for Gemma): (T, d), the vectors entering the first block."""
+    def embed(self, ids, start: int = 0) -> torch.Tensor:
+        """x_t = E[id_t] (· sqrt(d) for Gemma; + P[t] for learned positions, GPT-2's, t counted from
+        `start`): (T, d), the vectors entering the first block."""
         ids = self.check_ids(ids)
         E = self.weights["embed"]
         x = E[torch.tensor(ids, device=E.device)].to(self.device, self.dtype)  # (T, d)
         check_finite(x, None, "embedding")
-        return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
+        if self.config.family_spec.position == "learned":
+            x = x + self.weights["positions"][start:start + len(ids)].to(self.device, self.dtype)  # (T, d)
+        return x
 
-    def norm(self, h, weight, inv_rho=None):
-        """RMSNorm with this model's eps and (1+w) offset."""
-        return rms_norm(h, weight, self.config.norm_offset, self.config.rms_norm_eps, inv_rho)
+    def norm(self, h, weight, inv_rho=None, bias=None):
+        """The family's norm with this model's eps: RMSNorm (with Gemma's 1 + w), or LayerNorm (with its bias).
+        Returns N(h) and the frozen factor, 1/ρ or 1/σ (T, 1)."""
+        if self.config.family_spec.norm == "layer":
+            return layer_norm(h, weight, bias, self.config.norm_eps, inv_rho)
+        return rms_norm(h, weight, self.config.norm_offset, self.config.norm_eps, inv_rho)
+
+    def mlp(self, u, w, gate=None):
+        """The family's MLP: gated, W_D (φ(W_G u) ⊙ W_U u), or plain, W_out φ(W_in u + b_in) + b_out.
+        Returns its output (T, d) and its frozen factor (T, f): φ(W_G u), or s(z) of φ(z) = z·s(z)."""
+        if self.config.family_spec.mlp == "plain":
+            return plain_mlp(u, w, self.activation_factor, gate)
+        return gated_mlp(u, w, self.activation, gate)
 
     def block(self, i, h, positions, frozen=None, cache=None):
-        """Decoder layer i: h -> h + N'(Attn(N(h))) -> h + N'(MLP(N(h))).
+        """Decoder layer i: h -> h + N'(Attn(N(h))) -> h + N'(MLP(N(h))), or with the parallel
+        residual (GPT-NeoX) h -> h + Attn(N₁(h)) + MLP(N₂(h)).
+
+            sequential:  h ──┬──────────────(+)──┬──────────────(+)──>
+                             └─ N ─ Attn ─ N' ─┘  └─ N ─ MLP ─ N' ─┘
+            parallel:    h ──┬────────────────────────(+)──>
+                             ├─ N₁ ─ Attn ─────────────┤
+                             └─ N₂ ─ MLP ──────────────┘
 
         N is the pre-norm, N' the post-norm, each where the family has it (config.pre_norms,
         config.post_norms, from minielm/families.py); the identity elsewhere.
@@ -271,14 +325,16 @@ class Model:
         layer_type = config.layer_types[i]
 
         pre, post = config.pre_norms, config.post_norms  # the family's norms: before and/or after each branch
-        u, out.attn_norm = self.norm(h, w.attn_norm, given.attn_norm) if pre else (h, None)  # (T, d)
+        u, out.attn_norm = self.norm(h, w.attn_norm, given.attn_norm, w.attn_norm_bias) if pre else (h, None)
         a, out.probs = attention(u, w, config, layer_type, positions, cache, i, given.probs)  # (T, d)
         a, out.attn_post_norm = self.norm(a, w.attn_post_norm, given.attn_post_norm) if post else (a, None)
-        h = h[..., -a.shape[-2]:, :] + a  # the stream goes on at the query positions (all, unless frozen fewer)
+        h_in = h[..., -a.shape[-2]:, :]  # the stream goes on at the query positions (all, unless frozen fewer)
+        h = h_in + a
         check_finite(h, i, "attention")
 
-        u, out.mlp_norm = self.norm(h, w.mlp_norm, given.mlp_norm) if pre else (h, None)  # (T, d)
-        m, out.gate = gated_mlp(u, w, self.activation, given.gate)  # (T, d)
+        u = h_in if config.use_parallel_residual else h  # the parallel residual: both branches read the same h
+        u, out.mlp_norm = self.norm(u, w.mlp_norm, given.mlp_norm, w.mlp_norm_bias) if pre else (u, None)  # (T, d)
+        m, out.gate = self.mlp(u, w, given.gate)  # (T, d)
         m, out.mlp_post_norm = self.norm(m, w.mlp_post_norm, given.mlp_post_norm) if post else (m, None)
         h = h + m
         check_finite(h, i, "MLP")
@@ -307,24 +363,45 @@ class Model:
                 states.mlp.append(m)
         if cache is not None:
             cache.length += x.shape[0]
-        y, inv_rho = self.norm(h, self.weights["final_norm"], frozen.final_norm if frozen else None)
+        y, inv_rho = self.final_norm(h, frozen.final_norm if frozen else None)
         check_finite(y, None, "final norm")
         return y, Frozen(layers, inv_rho)
 
+    def final_norm(self, h, inv_rho=None):
+        """N_f(h): the final norm (its 1/ρ frozen if given), and its factor."""
+        return self.norm(h, self.weights["final_norm"], inv_rho, self.weights.get("final_norm_bias"))
+
     def final_norm_jacobian(self, inv_rho) -> torch.Tensor:
-        """∂y/∂h at one position with the final norm's factor frozen: diag(w̃_f)/ρ, (d, d).
+        """∂y/∂h at one position with the final norm's factor frozen, (d, d): diag(w̃_f)/ρ, or for
+        LayerNorm diag(w_f)/σ · C. The one place that knows the final norm's frozen form: every target
+        of a residual stream, and every row uᵀ pulled back from y (uᵀ ∂y/∂h), starts here.
+        inv_rho: (1,) or (1, 1), the frozen factor of that position."""
+        d = self.config.hidden_size
+        eye = torch.eye(d, dtype=self.dtype, device=self.device)
+        return self.norm_pullback(eye[None], self.weights["final_norm"], inv_rho.reshape(1, 1))[0]
 
-        The one place that knows the final norm's frozen form: every target of a residual
-        stream, and every row vector uᵀ pulled back from y (uᵀ ∂y/∂h), starts here.
-        inv_rho: (1,) or (1, 1), the frozen 1/ρ of that position."""
-        return torch.diag(self.norm_scale(self.weights["final_norm"], inv_rho).reshape(-1))
-
-    def norm_scale(self, weight, inv_rho):
-        """The frozen RMSNorm's Jacobian diag(w̃)/ρ_t as rows of its diagonal: (T, d), or None where
-        the layer has no such norm (no frozen factor 1/ρ: the identity)."""
+    def norm_pullback(self, G, weight, inv_rho):
+        """G_t N'_t for row blocks G (T, r, d): the frozen norm's Jacobian N'_t = diag(w̃)/ρ_t (RMSNorm) or
+        diag(w)/σ_t · C (LayerNorm; C = I − 11ᵀ/d removes each row's mean) applied on the right of each
+        position's rows. G itself where the layer has no such norm (no frozen factor: the identity)."""
         if inv_rho is None:
-            return None
-        return (self.config.norm_offset + weight) * inv_rho
+            return G
+        G = G * ((self.config.norm_offset + weight) * inv_rho)[:, None, :]  # G_t diag(w̃)/ρ_t
+        if self.config.family_spec.norm == "layer":
+            G = G - G.mean(-1, keepdim=True)  # · C
+        return G
+
+    def norm_after(self, W, weight):
+        """W diag(w̃) (· C for LayerNorm): a matrix W (n, d) that reads a norm's output, the norm's
+        diagonal (and centring) folded in; its 1/ρ_t stays with the per-token factors."""
+        W = W * (self.config.norm_offset + weight)
+        return W - W.mean(-1, keepdim=True) if self.config.family_spec.norm == "layer" else W
+
+    def norm_before(self, W, weight):
+        """diag(w̃) (C for LayerNorm) W: a matrix W (d, n) whose output a norm reads, folded likewise."""
+        if self.config.family_spec.norm == "layer":
+            W = W - W.mean(0, keepdim=True)
+        return (self.config.norm_offset + weight)[:, None] * W
 
     def unembed(self, y) -> torch.Tensor:
         """Logits W_U y (soft-capped where the config says so): (..., d) -> (..., V)."""

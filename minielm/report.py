@@ -267,10 +267,12 @@ def attribution_view(attr, tokens: list | None = None) -> str:
 
 def identity_text(attr) -> str:
     total = attr.total()
-    return (f"logit z = {attr.logit:.6f};  table.sum() + embedding.sum() + bias.sum() = total() = {total:.6f} "
+    norm = " + norm_bias" if attr.norm_bias else ""
+    return (f"logit z = {attr.logit:.6f};  table.sum() + embedding.sum() + bias.sum(){norm} = total() = {total:.6f} "
             f"(difference {abs(total - attr.logit):.1e});  table.sum() alone = {float(attr.table.sum()):.6f}, "
             f"not z: it leaves out the direct path x_T → y ({float(attr.embedding.sum()):.6f}) "
-            f"and the modules' biases ({float(attr.bias.sum()):.6f})")
+            f"and the modules' biases ({float(attr.bias.sum()):.6f})"
+            + (f" and the final LayerNorm's bias ({attr.norm_bias:.6f})" if attr.norm_bias else ""))
 
 
 def exactness_view(figures: dict, rows: list | None = None) -> str:

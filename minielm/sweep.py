@@ -2,8 +2,9 @@
 
 Freeze every factor A(x*) of a forward pass (minielm/model.py). Each decoder layer is then
 two residual sublayers, h ← h + branch(h), whose branch Jacobians are products of frozen
-matrices (Pre_t = diag(w̃)/ρ_t of the norm before a branch, Post_t that of the norm after
-it, the identity where a family has none):
+matrices (Pre_t = diag(w̃)/ρ_t of the norm before a branch, for LayerNorm diag(w)/σ_t · C with
+C the centring; Post_t that of the norm after it; the identity where a family has none; φ_t
+the frozen gate, or a plain MLP's s(z_t)):
 
     MLP        ∂m_t/∂h_t = Post_t W_D diag(φ_t) W_U Pre_t                 (position-wise)
     attention  ∂a_t/∂h_s = Post_t Σ_heads W_O^h P_h[t,s] W_V^g(h) Pre_s    (mixes positions s ≤ t)
@@ -14,7 +15,8 @@ stream target, the identity for a module's output). Walking down, each sublayer 
 
     G_s ← G_s + Σ_t G_t ∂branch_t/∂h_s
 
-and at the bottom J_t = G_t. That is the whole method: `reference_sweep` below, in plain
+(with the parallel residual, GPT-NeoX's, both branches of a layer read the same h: G gains both
+at once) and at the bottom J_t = G_t. That is the whole method: `reference_sweep` below, in plain
 tensor operations. minielm/fast_sweep.py computes the same thing faster, and is tested
 against this one.
 """
@@ -37,6 +39,12 @@ def reference_sweep(model: Model, frozen: Frozen, seed, layer: int, component: s
     for i in reversed(range(layer + 1)):
         w, factors = model.weights["layers"][i], frozen.layers[i]
         target = component if i == layer else "output"  # what the stream above this layer is, for the target
+        if model.config.use_parallel_residual:  # h ← h + a(h) + m(h): both branches from the same G
+            if target == "output":
+                G = G + attention_pullback(model, w, factors, G) + mlp_pullback(model, w, factors, G)
+            else:
+                G = (attention_pullback if target == "attention" else mlp_pullback)(model, w, factors, G)
+            continue
         if target != "attention":  # the MLP sublayer: h ← h + m(h)
             branch = mlp_pullback(model, w, factors, G)
             G = branch if target == "mlp" else G + branch
@@ -47,9 +55,9 @@ def reference_sweep(model: Model, frozen: Frozen, seed, layer: int, component: s
 
 def mlp_pullback(model: Model, w: LayerWeights, factors: FrozenLayer, G):
     """G_t ∂m_t/∂h_t = G_t Post_t W_D diag(φ_t) W_U Pre_t for every position: (T, r, d) -> (T, r, d)."""
-    G = scaled(G, model.norm_scale(w.mlp_post_norm, factors.mlp_post_norm))
+    G = model.norm_pullback(G, w.mlp_post_norm, factors.mlp_post_norm)  # G_t Post_t
     hidden = (G @ w.w_down) * factors.gate[:, None, :]  # (T, r, f): G_t W_D diag(φ_t)
-    return scaled(hidden @ w.w_up, model.norm_scale(w.mlp_norm, factors.mlp_norm))  # (T, r, d)
+    return model.norm_pullback(hidden @ w.w_up, w.mlp_norm, factors.mlp_norm)  # (T, r, d): ... W_U Pre_t
 
 
 def attention_pullback(model: Model, w: LayerWeights, factors: FrozenLayer, G):
@@ -57,14 +65,8 @@ def attention_pullback(model: Model, w: LayerWeights, factors: FrozenLayer, G):
     c = model.config
     T, r, _ = G.shape
     H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    G = scaled(G, model.norm_scale(w.attn_post_norm, factors.attn_post_norm))
+    G = model.norm_pullback(G, w.attn_post_norm, factors.attn_post_norm)  # G_t Post_t
     by_head = (G @ w.wo).view(T, r, H, hd)  # (T, r, H, hd): G_t W_O^h
     mixed = torch.einsum("hts,trhe->srhe", factors.probs, by_head)  # (S, r, H, hd): Σ_t P_h[t,s] G_t W_O^h
     grouped = mixed.reshape(T, r, Hkv, H // Hkv, hd).sum(3)  # (S, r, Hkv, hd): the heads sharing W_V^g summed
-    return scaled(grouped.reshape(T, r, Hkv * hd) @ w.wv,
-                  model.norm_scale(w.attn_norm, factors.attn_norm))  # (S, r, d)
-
-
-def scaled(G, norm_scale):
-    """G_t diag(w̃)/ρ_t: each position's rows times its frozen norm's diagonal (T, d); G where no norm."""
-    return G if norm_scale is None else G * norm_scale[:, None, :]
+    return model.norm_pullback(grouped.reshape(T, r, Hkv * hd) @ w.wv, w.attn_norm, factors.attn_norm)  # (S, r, d)

@@ -38,6 +38,8 @@ from torch.utils._pytree import tree_leaves
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    GPT2Config,
+    GPTNeoXConfig,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
@@ -93,6 +95,29 @@ def _gemma2() -> PretrainedConfig:
         attn_logit_softcapping=2.0,  # scores are O(1): a cap of 2 bends them visibly
         final_logit_softcapping=10.0, tie_word_embeddings=True,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0), **_COMMON)
+
+
+def _gpt2() -> PretrainedConfig:
+    # Conv1D matrices, learned positions, LayerNorm and biases everywhere, tanh GELU; n_inner left to 4·d
+    return GPT2Config(
+        vocab_size=120, n_embd=48, n_layer=2, n_head=4, n_positions=64, n_inner=None,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _gpt_neox() -> PretrainedConfig:
+    # Pythia: the parallel residual, partial rotary (8 of 16 dimensions), fused q/k/v per head, exact GELU
+    return GPTNeoXConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        use_parallel_residual=True, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5), **_COMMON)
+
+
+def _gpt_neox_sequential() -> PretrainedConfig:
+    return GPTNeoXConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        use_parallel_residual=False, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25), **_COMMON)
 
 
 def _gemma3_text() -> PretrainedConfig:
@@ -185,6 +210,9 @@ FAMILIES = {
     "llama_tied": _llama_tied,
     "qwen3": _qwen3,
     "gemma2": _gemma2,
+    "gpt2": _gpt2,
+    "gpt_neox": _gpt_neox,
+    "gpt_neox_sequential": _gpt_neox_sequential,
     "gemma3_text": _gemma3_text,
     "mistral": _mistral,
     "phi3": _phi3,

@@ -15,7 +15,7 @@ import test_gguf
 
 import minielm
 from minielm.config import SUPPORTED_ACTIVATIONS, SUPPORTED_MODEL_TYPES, Config
-from minielm.families import ACTIVATIONS, FAMILIES, GGUF_ARCHITECTURES
+from minielm.families import ACTIVATION_FACTORS, ACTIVATIONS, FAMILIES, GGUF_ARCHITECTURES
 
 DECODERS = {family.model_type: family for family in FAMILIES.values()}  # without the multimodal aliases
 FAMILY_NAMES = set(FAMILIES) | set(GGUF_ARCHITECTURES)
@@ -23,7 +23,7 @@ FAMILY_NAMES = set(FAMILIES) | set(GGUF_ARCHITECTURES)
 
 def test_supported_model_types_come_from_the_table_in_order():
     assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3",
-                                     "olmo2")
+                                     "olmo2", "gpt2", "gpt_neox")
     assert SUPPORTED_ACTIVATIONS == tuple(ACTIVATIONS)
 
 
@@ -82,9 +82,12 @@ def test_layer_tensors_agree_with_the_switches():
     """The per-layer tensors are the ones the family's switches say the layer uses: all of a group, or none."""
     groups = {"pre_norms": {"attn_norm", "mlp_norm"}, "post_norms": {"attn_post_norm", "mlp_post_norm"},
               "qk_norm": {"q_norm", "k_norm"}}
+    mlp = {"gated": {"w_gate", "w_up", "w_down"}, "plain": {"w_up", "b_up", "w_down", "b_down"}}
     for family in DECODERS.values():
         names = short_names(family)
-        assert {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"} <= names, family.model_type
+        assert {"wq", "wk", "wv", "wo"} | mlp[family.mlp] <= names, family.model_type
+        assert ("w_gate" in names) == (family.mlp == "gated"), family.model_type
+        assert ({"attn_norm_bias", "mlp_norm_bias"} <= names) == (family.norm == "layer"), family.model_type
         for switch, group in groups.items():
             expected = group if getattr(family, switch) else set()
             assert names & group == expected, (family.model_type, switch)
@@ -93,8 +96,10 @@ def test_layer_tensors_agree_with_the_switches():
 def test_every_family_uses_operations_minielm_has():
     fields = {f.name for f in dataclasses.fields(Config)}
     for family in DECODERS.values():
-        assert (family.norm, family.mlp, family.position) == ("rms", "gated", "rope"), family.model_type
+        assert family.norm in ("rms", "layer") and family.position in ("rope", "learned"), family.model_type
+        assert family.mlp == "gated" or family.hidden_act in ACTIVATION_FACTORS, family.model_type  # z·s(z)
         assert family.hidden_act in ACTIVATIONS, family.model_type
         assert family.qk_norm in (None, "head", "full"), family.model_type
         assert family.sliding_layers in (None, "sliding_window", "sliding_window_pattern", "use_sliding_window")
-        assert set(family.key_aliases.values()) <= fields, family.model_type
+        rope_keys = {"rope_theta", "partial_rotary_factor"}  # read into rope_parameters, not fields of their own
+        assert set(family.key_aliases.values()) <= fields | rope_keys, family.model_type

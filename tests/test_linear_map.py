@@ -39,57 +39,77 @@ def test_reconstruction_is_exact(case, device, checkpoints):
     assert torch.allclose(elm.probabilities(), probs, rtol=0, atol=1e-14)
     assert torch.allclose(elm.model_probabilities(), probs, rtol=0, atol=1e-15)  # the model's own, from y
     # the affine part b is Hugging Face's frozen forward at zero input (test_bias_is_hugging_faces_frozen_pass_at_zero)
-    assert elm.bias.abs().max() > 0 if case == "qwen2" else torch.all(elm.bias == 0)
+    assert elm.bias.abs().max() > 0 if model.config.affine else torch.all(elm.bias == 0)
 
 
 class FrozenFactors(TorchFunctionMode):
     """Record, then replay, the factors that minielm freezes, where Hugging Face computes them (as in
     test_hf_autograd): the outputs of `torch.rsqrt` in its RMSNorms (1/ρ), of the softmax in its attention
-    (P) and of the MLP's activation (the gate φ(W_G u)). Recording keeps each output in call order;
-    replaying returns the recorded one in its place, call for call."""
+    (P) and of the MLP's activation (the gate φ(W_G u)); a LayerNorm's 1/σ (F.layer_norm, decomposed) and,
+    in a plain MLP (`plain`), the factor s(z) of its activation z·s(z) (F.gelu's, or GPT-2's tanh). Recording
+    keeps each factor in call order; replaying uses the recorded one in its place, call for call."""
 
     FUNCTIONS = {torch.rsqrt, torch.Tensor.rsqrt, F.softmax, torch.softmax, torch.Tensor.softmax, F.silu, F.gelu}
 
-    def __init__(self, recorded=None):
+    def __init__(self, recorded=None, plain=False):
         super().__init__()
-        self.replaying = recorded is not None
+        self.replaying, self.plain = recorded is not None, plain
         self.factors = [] if recorded is None else list(recorded)
         self.calls = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func not in self.FUNCTIONS:
-            return out
+    def factor(self, value):
+        """`value` while recording; the recorded factor in its place while replaying."""
         self.calls += 1
         if not self.replaying:
-            self.factors.append(out)
-            return out
+            self.factors.append(value)
+            return value
         frozen = self.factors[self.calls - 1]
-        assert frozen.shape == out.shape, (func, frozen.shape, out.shape)
+        assert frozen.shape == value.shape, (frozen.shape, value.shape)
         return frozen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.layer_norm:  # (x − mean) · 1/σ · w + b, 1/σ the factor
+            def layer_norm(x, shape, weight, bias, eps):
+                centred = x - x.mean(-1, keepdim=True)
+                inv_sigma = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+                return centred * self.factor(inv_sigma) * weight + bias
+            return layer_norm(*args, **kwargs)
+        if self.plain and func is F.gelu:  # z · s(z), s the factor
+            z = args[0]
+            return z * self.factor(0.5 * (1 + torch.erf(z / 2 ** 0.5)))
+        out = func(*args, **kwargs)
+        if func in self.FUNCTIONS or self.plain and func in (torch.tanh, torch.Tensor.tanh):
+            return self.factor(out)
+        return out
 
 
 @pytest.mark.parametrize("case", list(FAMILIES))
 def test_bias_is_hugging_faces_frozen_pass_at_zero(case, checkpoints):
     """The affine part b of y = Σ_t J_t x_t + b, against Hugging Face's own modelling code: its float64
     model runs on the prompt, recording the factors (1/ρ, P, the gate); then on zero input embeddings
-    with those factors held fixed. Its final-normed last hidden state there is b: nonzero for qwen2 (the
-    q/k/v biases; only v's reaches b once P is frozen), zero for the families without biases."""
+    with those factors held fixed. Its final-normed last hidden state there is b: nonzero where the
+    checkpoint has biases on the linear path (qwen2's value bias, GPT-2's and GPT-NeoX's everywhere,
+    their LayerNorms'), zero for the families without."""
     model = minielm.load(checkpoints[case])
     elm = minielm.equivalent_linear_map(model, PROMPT)
     hf = load_hf_float64(checkpoints[case])
+    plain, T, d = model.config.family_spec.mlp == "plain", len(PROMPT), model.config.hidden_size
+    zero = torch.zeros(1, T, d, dtype=torch.float64)
+    if "positions" in model.weights:  # GPT-2: Hugging Face adds the position rows to what it is given
+        zero = zero - model.weights["positions"][:T]
 
     def last_hidden(**inputs):
-        return hf.model(**inputs, use_cache=False).last_hidden_state[0, -1]
+        return hf.base_model(**inputs, use_cache=False).last_hidden_state[0, -1]
 
     with torch.no_grad(), float64_everywhere():
-        with FrozenFactors() as record:
+        with FrozenFactors(plain=plain) as record:
             y = last_hidden(input_ids=torch.tensor([PROMPT]))
-        with FrozenFactors(record.factors) as replay:
-            b = last_hidden(inputs_embeds=torch.zeros(1, len(PROMPT), model.config.hidden_size))
+        with FrozenFactors(record.factors, plain) as replay:
+            b = last_hidden(inputs_embeds=zero)
     L = model.config.num_hidden_layers
     assert replay.calls == len(record.factors) >= 2 * L + 1 + L + L  # norms, softmaxes, gates: all replayed
-    if case == "qwen2":
+    if model.config.affine:
         assert b.abs().max() > 1e-2 and relative(elm.bias, b) < 1e-12
     else:
         assert torch.all(b == 0) and torch.all(elm.bias == 0)
