@@ -177,7 +177,7 @@ def load_operators(path, model=None) -> EquivalentLinearMap:
 def checked_out(model: Model, out) -> str:
     """`out` as the real path the operators will be written to (beside it as .partial, then renamed
     over it: so a link's target, never a device), or an error: not a file path, not a regular file,
-    or a file of the checkpoint that `model` was loaded from."""
+    or a file of the checkpoint that `model` was loaded from; or something already at out.partial."""
     if not isinstance(out, (str, os.PathLike)) or os.fspath(out) in ("", b"") or "\0" in str(os.fspath(out)):
         raise InputError(f"out must be a file path, got {out!r}")
     if os.path.exists(out) and not os.path.isfile(out):
@@ -186,6 +186,7 @@ def checked_out(model: Model, out) -> str:
     if model.directory is not None and checks.overwrites(Path(out), Path(model.directory)):
         raise OutputError(f"out={out}: would overwrite the checkpoint being read ({model.directory}); "
                           "write it somewhere else")
+    operators_file.refuse_existing_partial(out)
     return os.path.realpath(out)
 
 
