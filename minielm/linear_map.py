@@ -156,7 +156,8 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
         operators = gather_rows(operators, d, rank, ranks) if distributed else operators
         return None if operators is None else EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, name)
     block = block or max(1, BLOCK_BYTES // (T * d * x.element_size()))
-    operators_file.write(out, T, d, x.dtype, {"target": name, "model": str(model.directory)}, ids, x, y, bias,
+    operators_file.write(out, T, d, x.dtype, {"target": name, "model": str(model.directory),
+                                             "weights": model.fingerprint()}, ids, x, y, bias,
                          rows.start, lambda write: sweep_in_blocks(model, frozen, seed[rows], layer, component,
                                                                    block, write), distributed)
     elm = load_operators(out)
@@ -167,8 +168,9 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
 def load_operators(path, model=None) -> EquivalentLinearMap:
     """The EquivalentLinearMap stored at `path` by equivalent_linear_map(..., out=), its tensors
     memory-mapped (copy-on-write: changing them changes nothing on disk). With the model that
-    computed it, logits and probabilities work too; a model whose embedding of the stored ids
-    differs from the stored inputs is refused."""
+    computed it, logits and probabilities work too; another model is refused: one whose weights'
+    fingerprint (Model.fingerprint) differs from the file's, or, for a file written without one,
+    whose embedding of the stored ids differs from the stored inputs."""
     tensors, metadata = operators_file.read(path, model)
     return EquivalentLinearMap(model, tensors["ids"].tolist(), tensors["operators"], tensors["inputs"],
                                tensors["output"], tensors["bias"], None, metadata.get("target", "final"))

@@ -9,8 +9,8 @@ The file is a plain safetensors file (`safetensors.safe_open` reads it):
 
     ids (T,) int64 | operators (T, d, d): J_t | inputs (T, d): x_t | output (d,): y | bias (d,): b
 
-with the metadata `format` = "minielm-operators", `target` ('final', 'layer 3', ...) and
-`model` (the checkpoint directory). The header is written first, with every tensor's
+with the metadata `format` = "minielm-operators", `target` ('final', 'layer 3', ...), `model`
+(the checkpoint directory) and `weights` (the sha256 of the model's weights, Model.fingerprint). The header is written first, with every tensor's
 final offsets; each block of rows of every J_t is then written in place at its byte
 offset (os.pwrite), so one process or many (each rank its own rows) fill the same file.
 It is written under PATH.partial, a new file (anything already there is refused, never written
@@ -217,11 +217,14 @@ def write(out, T: int, d: int, dtype, metadata: dict, ids, inputs, output, bias,
 
 
 def check_same_model(path, metadata: dict, ids: list, inputs, model: Model) -> None:
-    """An InputError unless `model` has the target's layer and embeds the stored `ids` as the stored
-    `inputs` (T, d): ids outside its vocabulary or past its positions are another model's too."""
+    """An InputError unless `model` has the weights whose fingerprint the file holds (`weights`, written
+    since issue 26: the embedding alone let through a model that differs past it), has the target's
+    layer and embeds the stored `ids` as the stored `inputs` (T, d): ids outside its vocabulary or past
+    its positions are another model's too. A file without `weights` is judged by the rest alone."""
     layer, why = metadata["target"].split()[-1], ""
     try:
-        same = (model.config.hidden_size == inputs.shape[1]
+        same = (metadata.get("weights", model.fingerprint()) == model.fingerprint()  # absent: an older file
+                and model.config.hidden_size == inputs.shape[1]
                 and (not layer.isdigit() or int(layer) < model.config.num_hidden_layers)
                 and torch.allclose(model.embed(ids).cpu().to(inputs.dtype), inputs, rtol=1e-12, atol=0))
     except MinielmError as error:
