@@ -151,6 +151,14 @@ def overwrites(path: Path, checkpoint: Path) -> bool:
     return target == checkpoint or (target.is_file() and any(os.path.samefile(target, f) for f in files))
 
 
+def new_file(path) -> int:
+    """A file descriptor, open for writing, of a file created at `path` by this call: O_EXCL fails on
+    anything already there and O_NOFOLLOW on a symbolic link, so no existing file is ever written
+    through (a stale file, a link to the weights being read, a hard link to another file).
+    Every file minielm writes is first made here, then renamed over the path asked for."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+
+
 def instance(name: str, value, kind: type, hint: str) -> None:
     """`value` is a `kind` (e.g. the Model from minielm.load); `hint` says where one comes from."""
     if not isinstance(value, kind):

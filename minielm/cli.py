@@ -18,12 +18,14 @@ import contextlib
 import io
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
 
-from . import checks, progress
+from . import checks, operators_file, progress
 from .config import Config
 from .errors import InputError, MinielmError, OutputError
 from .interpret import (decode_input, decode_output, forward_order, layer_table, model_token, stable_rank,
@@ -110,6 +112,8 @@ def check_arguments(args) -> None:
     if getattr(args, "out", None) is not None and Path(args.out).exists() and not Path(args.out).is_file():
         raise OutputError(f"--out {args.out}: not a regular file (a device or a pipe); "
                           "the operators are written into a file and mapped back from it")
+    if getattr(args, "out", None) is not None:
+        operators_file.refuse_existing_partial(args.out)
     config = model_config(directory)
     if getattr(args, "plot", None) is not None:
         plot_format(args.plot, "--plot")
@@ -184,13 +188,14 @@ def writable_output(path, what: str, reading: Path | None = None, prompt_files=(
     if not path.parent.is_dir():
         why = "does not exist" if not path.parent.exists() else "is not a directory"
         raise OutputError(f"{what} {path}: {path.parent} {why}")
-    existed = path.exists()
+    tried = Path(os.path.realpath(path))  # a link's target: what the write replaces, and what the try may create
+    existed = tried.exists()
     try:  # O_NONBLOCK: a FIFO without a reader fails instead of blocking
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK, 0o666))
+        os.close(os.open(tried, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK, 0o666))
     except OSError as err:
         raise OutputError(f"{what} {path}: cannot write there ({err.strerror})") from None
     if not existed:
-        path.unlink(missing_ok=True)  # under torchrun every rank tries the path: another may have removed it
+        tried.unlink(missing_ok=True)  # under torchrun every rank tries the path: another may have removed it
     return path
 
 
@@ -606,9 +611,42 @@ def build_parser():
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt: the same clean-up runs
+    (an operators file's .partial is removed), where SIGTERM's default would leave it."""
+
+
+def terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_raises_terminated():
+    """SIGTERM handled by `terminated` inside the block, the caller's handler back after it (cli.main may
+    be called from a program, or a test); only the main thread may set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    callers = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, callers)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     progress.enabled = not args.quiet  # bars on stderr, and only when it is a terminal
+    try:
+        with sigterm_raises_terminated():
+            return run_command(args)
+    except Terminated:
+        print("minielm: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+def run_command(args) -> int:
+    """The command of `args`, its errors as one line on stderr and an exit status."""
     try:
         read_prompts(args)
         check_arguments(args)

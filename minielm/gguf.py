@@ -56,9 +56,72 @@ def opened_gguf(path: Path, stamp: tuple):
     import gguf
 
     try:
-        return gguf.GGUFReader(path, "r")
+        reader = gguf.GGUFReader(path, "r")
     except Exception as err:  # bad magic, truncated header, an unknown value type ...
         raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from None
+    check_tensor_table(reader, path)
+    check_tokenizer_arrays(reader, path)
+    return reader
+
+
+# ---- the file's layout, checked as llama.cpp checks it (gguf.cpp) before any tensor is read ----------
+def check_tensor_table(reader, path: Path) -> None:
+    """A CheckpointError naming the tensor and the rule unless the tensors lie as GGUF writers put them and
+    llama.cpp requires: in table order, one after another from the start of the data section, each at
+    an offset that is a multiple of general.alignment and padded to it, each of the bytes its type and
+    shape require (gguf-py's n_bytes), the last ending inside the file and the file ending with its padding.
+    gguf-py trusts every offset: a moved or swapped one, or F32 data labelled F16, read other bytes as weights."""
+    alignment, size = reader.alignment, len(reader.data)
+    expected, before = 0, None  # where the next tensor must start (relative to the data section); the last one
+    for tensor in reader.tensors:
+        offset = tensor.data_offset - reader.data_offset
+        where = f"{path}: tensor {tensor.name!r}:"
+        if offset % alignment:
+            raise CheckpointError(f"{where} offset {offset} is not a multiple of general.alignment = {alignment}")
+        if offset < expected:
+            raise CheckpointError(f"{where} its bytes [{offset}, {offset + tensor.n_bytes}) overlap those of "
+                                  f"{overlapped(reader, tensor)!r} (offsets relative to the data section)")
+        if offset > expected:
+            raise CheckpointError(f"{where} starts {offset - expected} bytes after the end of {before.name!r} "
+                                  f"(GGUF tensors lie one after another, each padded to {alignment} bytes): "
+                                  f"an offset moved, or a type or shape that gives {before.name!r} fewer bytes "
+                                  f"than it has") if before else \
+                CheckpointError(f"{where} starts at offset {offset}, not at the start of the data section")
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise CheckpointError(f"{where} its {tensor.n_bytes} bytes ({tensor.tensor_type.name}, shape "
+                                  f"{list(map(int, tensor.shape))}) end past the end of the file ({size} bytes)")
+        expected, before = offset + padded(tensor.n_bytes, alignment), tensor
+    end = reader.data_offset + expected
+    if before is not None and size > end:
+        raise CheckpointError(f"{path}: the file holds {size - end} bytes after the data of its last tensor "
+                              f"{before.name!r} and its padding: its type or shape gives it fewer bytes than it has")
+
+
+def padded(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def overlapped(reader, tensor):
+    """The name of the first other tensor whose bytes share some of `tensor`'s."""
+    start, end = tensor.data_offset, tensor.data_offset + tensor.n_bytes
+    return next(t.name for t in reader.tensors
+                if t is not tensor and t.data_offset < end and start < t.data_offset + max(t.n_bytes, 1))
+
+
+TOKEN_ARRAYS = ("tokenizer.ggml.scores", "tokenizer.ggml.token_type")  # one value per token of tokenizer.ggml.tokens
+
+
+def check_tokenizer_arrays(reader, path: Path) -> None:
+    """A CheckpointError naming the key unless each per-token array has one value per token (llama.cpp's
+    vocabulary load indexes them by token id; taken as they came, they made other tokens of a prompt)."""
+    fields = reader.fields
+    if "tokenizer.ggml.tokens" not in fields:
+        return
+    n = len(fields["tokenizer.ggml.tokens"].data)  # the count, without decoding the strings
+    for key in TOKEN_ARRAYS:
+        if key in fields and len(fields[key].data) != n:
+            raise CheckpointError(f"{path}: {key} holds {len(fields[key].data)} values for the {n} tokens of "
+                                  f"tokenizer.ggml.tokens; it needs one per token")
 
 
 def metadata(reader) -> dict:

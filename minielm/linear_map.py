@@ -155,7 +155,8 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
         operators = gather_rows(operators, d, rank, ranks) if distributed else operators
         return None if operators is None else EquivalentLinearMap(model, ids, operators, x, y, bias, frozen, name)
     block = block or max(1, BLOCK_BYTES // (T * d * x.element_size()))
-    operators_file.write(out, T, d, x.dtype, {"target": name, "model": str(model.directory)}, ids, x, y, bias,
+    operators_file.write(out, T, d, x.dtype, {"target": name, "model": str(model.directory),
+                                             "weights": model.fingerprint()}, ids, x, y, bias,
                          rows.start, lambda write: sweep_in_blocks(model, frozen, seed[rows], layer, component,
                                                                    block, write), distributed)
     elm = load_operators(out)
@@ -166,8 +167,9 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
 def load_operators(path, model=None) -> EquivalentLinearMap:
     """The EquivalentLinearMap stored at `path` by equivalent_linear_map(..., out=), its tensors
     memory-mapped (copy-on-write: changing them changes nothing on disk). With the model that
-    computed it, logits and probabilities work too; a model whose embedding of the stored ids
-    differs from the stored inputs is refused."""
+    computed it, logits and probabilities work too; another model is refused: one whose weights'
+    fingerprint (Model.fingerprint) differs from the file's, or, for a file written without one,
+    whose embedding of the stored ids differs from the stored inputs."""
     tensors, metadata = operators_file.read(path, model)
     return EquivalentLinearMap(model, tensors["ids"].tolist(), tensors["operators"], tensors["inputs"],
                                tensors["output"], tensors["bias"], None, metadata.get("target", "final"))
@@ -176,7 +178,7 @@ def load_operators(path, model=None) -> EquivalentLinearMap:
 def checked_out(model: Model, out) -> str:
     """`out` as the real path the operators will be written to (beside it as .partial, then renamed
     over it: so a link's target, never a device), or an error: not a file path, not a regular file,
-    or a file of the checkpoint that `model` was loaded from."""
+    or a file of the checkpoint that `model` was loaded from; or something already at out.partial."""
     if not isinstance(out, (str, os.PathLike)) or os.fspath(out) in ("", b"") or "\0" in str(os.fspath(out)):
         raise InputError(f"out must be a file path, got {out!r}")
     if os.path.exists(out) and not os.path.isfile(out):
@@ -185,6 +187,7 @@ def checked_out(model: Model, out) -> str:
     if model.directory is not None and checks.overwrites(Path(out), Path(model.directory)):
         raise OutputError(f"out={out}: would overwrite the checkpoint being read ({model.directory}); "
                           "write it somewhere else")
+    operators_file.refuse_existing_partial(out)
     return os.path.realpath(out)
 
 

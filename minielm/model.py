@@ -20,7 +20,8 @@ H / Hkv query / key-value heads of size hd, f = intermediate_size, V = vocab.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,9 @@ class LayerWeights:
     def tensors(self) -> list:
         """The tensors this layer has."""
         return [t for t in vars(self).values() if t is not None]
+
+
+LAYER_FIELDS = tuple(f.name for f in fields(LayerWeights))  # a layer's weights by name, in a fixed order
 
 
 # ---- the frozen factors ----------------------------------------------------------------
@@ -262,6 +266,7 @@ class Model:
         self.device = torch.device(device) if device is not None else weights["embed"].device
         self.activation = ACTIVATIONS[config.hidden_act]  # φ of a gated MLP
         self.activation_factor = ACTIVATION_FACTORS.get(config.hidden_act)  # s of a plain one: φ(z) = z·s(z)
+        self._fingerprint = None  # of the weights: fingerprint(), computed when first asked
 
     @property
     def tokenizer(self):
@@ -275,6 +280,33 @@ class Model:
         if self.weights["lm_head"] is not self.weights["embed"]:
             tensors.append(self.weights["lm_head"])
         return tensors + [t for layer in self.weights["layers"] for t in layer.tensors()]
+
+    def fingerprint(self) -> str:
+        """sha256 of every weight (by name, with its shape and its bytes in the compute dtype): what an
+        operators file records of the model that made it. Computed once and kept: a streamed model reads
+        each layer once for it, and agrees with the same checkpoint loaded whole (its layers are taken
+        field by field, as LayerWeights names them, whatever order the file holds them in). A weight
+        changed in place afterwards is not seen."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for name, tensor in self.named_weights():
+                tensor = tensor.detach().to("cpu", self.dtype).contiguous()
+                digest.update(f"{name} {list(tensor.shape)}".encode())
+                digest.update(tensor.view(torch.uint8).numpy())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def named_weights(self):
+        """(name, tensor) of every weight once, in a fixed order: the top-level ones, then each layer's."""
+        tied = self.weights["lm_head"] is self.weights["embed"] or self.config.tie_word_embeddings
+        for name in ("embed", "positions", "final_norm", "final_norm_bias") + (() if tied else ("lm_head",)):
+            if self.weights.get(name) is not None:
+                yield name, self.weights[name]
+        for i, layer in enumerate(self.weights["layers"]):
+            for field_name in LAYER_FIELDS:
+                tensor = getattr(layer, field_name)
+                if tensor is not None:
+                    yield f"layers.{i}.{field_name}", tensor
 
     # -- embedding to logits ----------------------------------------------------------------
     def embed(self, ids, start: int = 0) -> torch.Tensor:

@@ -9,11 +9,12 @@ The file is a plain safetensors file (`safetensors.safe_open` reads it):
 
     ids (T,) int64 | operators (T, d, d): J_t | inputs (T, d): x_t | output (d,): y | bias (d,): b
 
-with the metadata `format` = "minielm-operators", `target` ('final', 'layer 3', ...) and
-`model` (the checkpoint directory). The header is written first, with every tensor's
+with the metadata `format` = "minielm-operators", `target` ('final', 'layer 3', ...), `model`
+(the checkpoint directory) and `weights` (the sha256 of the model's weights, Model.fingerprint). The header is written first, with every tensor's
 final offsets; each block of rows of every J_t is then written in place at its byte
 offset (os.pwrite), so one process or many (each rank its own rows) fill the same file.
-It is written under PATH.partial and renamed once complete: a file at PATH is whole.
+It is written under PATH.partial, a new file (anything already there is refused, never written
+through), and renamed once complete: a file at PATH is whole.
 """
 
 from __future__ import annotations
@@ -88,18 +89,49 @@ def layout(entries: dict, metadata: dict) -> dict | None:
     return json.loads(header(shape[0], shape[1], dtype, metadata)[0][8:])
 
 
+def partial_path(out) -> str:
+    """Where the operators for `out` are written before the rename: beside the file it will replace."""
+    return f"{os.path.realpath(out)}.partial"
+
+
+def refuse_existing_partial(out) -> None:
+    """An OutputError, before any work, if something is already at `out`'s .partial: a run killed
+    without cleaning up, or a link planted there. It is never written through, nor removed."""
+    partial = partial_path(out)
+    if os.path.lexists(partial):
+        raise OutputError(already_there(partial))
+
+
+def already_there(partial: str) -> str:
+    kind = "a symbolic link" if os.path.islink(partial) else "a file"
+    return (f"{partial}: already exists ({kind}: left by an interrupted run, or put there); the operators are "
+            "written into a new file of that name, never through one already there: remove it or write them "
+            "somewhere else")
+
+
 def create(path, T: int, d: int, dtype, metadata: dict, ids, inputs, output, bias) -> None:
-    """Write the header and the small tensors; the file gets its final size, the operators still zero."""
+    """Create the file `path` (exclusively: see checks.new_file), write the header and the small tensors;
+    the file gets its final size, the operators still zero. A failure removes the file it made."""
     start_bytes, data_size = header(T, d, dtype, metadata)
     try:
-        with open(path, "wb") as f:
-            f.write(start_bytes)
-            f.truncate(len(start_bytes) + data_size)
+        fd = checks.new_file(path)
+    except FileExistsError:
+        raise OutputError(already_there(path)) from None
     except OSError as err:
         raise OutputError(f"{path}: cannot write the operators ({err.strerror or err})") from None
-    start, entries = read_header(path)
-    small = (("ids", torch.tensor(ids, dtype=torch.int64)), ("inputs", inputs), ("output", output), ("bias", bias))
-    write_at(path, [(start + entries[name]["data_offsets"][0], tensor) for name, tensor in small])
+    try:
+        with open(fd, "wb") as f:
+            f.write(start_bytes)
+            f.truncate(len(start_bytes) + data_size)
+        start, entries = read_header(path)
+        small = (("ids", torch.tensor(ids, dtype=torch.int64)), ("inputs", inputs), ("output", output), ("bias", bias))
+        write_at(path, [(start + entries[name]["data_offsets"][0], tensor) for name, tensor in small])
+    except OSError as err:
+        Path(path).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write the operators ({err.strerror or err})") from None
+    except BaseException:  # an interrupt, or an OutputError of write_at: no half-made file left
+        Path(path).unlink(missing_ok=True)
+        raise
 
 
 def write_rows(path, a: int, G) -> None:
@@ -115,7 +147,9 @@ def write_at(path, pieces) -> None:
     """Each tensor of `pieces` [(offset, tensor), ...] at its byte offset, through one open file;
     a failed write (a full disk) is an OutputError."""
     try:
-        with open(path, "r+b") as f:
+        with open(os.open(path, os.O_WRONLY | os.O_NOFOLLOW), "wb") as f:  # the file create made, never a link
+            if os.fstat(f.fileno()).st_nlink != 1:  # swapped for a hard link to another file since: not ours
+                raise OutputError(f"{path}: has been replaced by a hard link to another file; not written through")
             for offset, tensor in pieces:
                 os.pwrite(f.fileno(), as_bytes(tensor.cpu()), offset)
     except OSError as err:
@@ -157,11 +191,12 @@ def write(out, T: int, d: int, dtype, metadata: dict, ids, inputs, output, bias,
     rank has written its rows: a file at `out` is whole. An error or an interrupt on any rank
     stops every rank and leaves no .partial behind."""
     rank, _ = rank_and_size(distributed)
-    partial, failed = f"{out}.partial", None
+    partial, failed, created = partial_path(out), None, False
     try:
         if rank == 0:
             try:
                 create(partial, T, d, dtype, metadata, ids, inputs, output, bias)
+                created = True
             except Exception as error:
                 failed = error
         if not on_every_rank(distributed, failed is None, inputs.device):  # the other ranks stop too, rather than wait
@@ -175,18 +210,21 @@ def write(out, T: int, d: int, dtype, metadata: dict, ids, inputs, output, bias,
         if rank == 0:
             os.replace(partial, out)
     except BaseException:  # an error or an interrupt leaves no half-written file behind
-        if rank == 0 and os.path.isfile(partial):
+        if created and os.path.isfile(partial):  # only the file this run made: a stale one is not ours
             os.remove(partial)
         raise
     barrier(distributed)
 
 
 def check_same_model(path, metadata: dict, ids: list, inputs, model: Model) -> None:
-    """An InputError unless `model` has the target's layer and embeds the stored `ids` as the stored
-    `inputs` (T, d): ids outside its vocabulary or past its positions are another model's too."""
+    """An InputError unless `model` has the weights whose fingerprint the file holds (`weights`, written
+    since issue 26: the embedding alone let through a model that differs past it), has the target's
+    layer and embeds the stored `ids` as the stored `inputs` (T, d): ids outside its vocabulary or past
+    its positions are another model's too. A file without `weights` is judged by the rest alone."""
     layer, why = metadata["target"].split()[-1], ""
     try:
-        same = (model.config.hidden_size == inputs.shape[1]
+        same = (metadata.get("weights", model.fingerprint()) == model.fingerprint()  # absent: an older file
+                and model.config.hidden_size == inputs.shape[1]
                 and (not layer.isdigit() or int(layer) < model.config.num_hidden_layers)
                 and torch.allclose(model.embed(ids).cpu().to(inputs.dtype), inputs, rtol=1e-12, atol=0))
     except MinielmError as error:

@@ -27,10 +27,12 @@ import html
 import itertools
 import math
 import os
+import secrets
 from pathlib import Path
 
 import torch
 
+from . import checks
 from .exact_attribution import Attribution, attribution
 from .errors import InputError
 from .interpret import (COMPONENTS, align_signs, decode_input, decode_output, forward_order, model_token, svd_ready,
@@ -103,13 +105,14 @@ def replacing(path):
             yield f
         return
     path = Path(os.path.realpath(path))  # a link's target is the file replaced
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")  # a fresh name: nothing there to touch
+    fd = checks.new_file(temporary)
     try:
-        with open(temporary, "xb") as f:
+        with open(fd, "wb") as f:
             yield f
         os.replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)  # made by this call (new_file): ours to remove
 
 
 def save_figure(fig, path, what: str = "plot") -> None:

@@ -20,6 +20,7 @@ from gguf_writer import permute, write_gguf
 from hf_reference import hf_float64_logits, randomize_
 
 import minielm
+import minielm.cli
 from minielm.gguf import unpermute_rows
 
 EPS = 2.0**-20  # exact in float32, as GGUF stores it
@@ -423,3 +424,78 @@ def test_byte_level_vocabulary(tmp_path, pre):
         ids = ours.encode(text)
         assert ids == theirs(text).input_ids, text
         assert ours.decode(ids) == theirs.decode(ids), text
+
+
+# ---- the tensor table and the tokenizer arrays, checked as llama.cpp checks them (issue 26) -------------
+def corrupted(path, change):
+    """The GGUF file at `path`, its tensor table edited in place by change({name: tensor}) through gguf-py's
+    writable reader: each tensor's field parts are (name length, name, n_dims, dims, type, offset)."""
+    reader = gguf.GGUFReader(path, "r+")
+    change({t.name: t.field.parts for t in reader.tensors})
+    reader.data.flush()
+    del reader
+    return path
+
+
+def swap_offsets(parts, a, b):
+    parts[a][5][0], parts[b][5][0] = int(parts[b][5][0]), int(parts[a][5][0])
+
+
+CORRUPTIONS = {  # each loaded silently with other weights, and another answer; llama.cpp refuses each
+    "offset pointing at another tensor's bytes": (
+        lambda p: p["blk.0.attn_k.weight"][5].__setitem__(0, int(p["blk.0.attn_q.weight"][5][0])),
+        "'blk.0.attn_k.weight': its bytes .* overlap those of 'blk.0.attn_q.weight'"),
+    "offset moved by 64 bytes": (lambda p: p["blk.0.attn_q.weight"][5].__setitem__(0, int(p["blk.0.attn_q.weight"][5][0]) + 64),
+                                 "'blk.0.attn_q.weight': starts 64 bytes after the end of"),
+    "offset moved by 2 bytes": (lambda p: p["blk.0.attn_q.weight"][5].__setitem__(0, int(p["blk.0.attn_q.weight"][5][0]) + 2),
+                                "'blk.0.attn_q.weight': offset .* is not a multiple of general.alignment = 32"),
+    "two offsets swapped": (lambda p: swap_offsets(p, "blk.0.attn_q.weight", "blk.0.attn_output.weight"),
+                            "'blk.0.attn_q.weight': its bytes .* overlap those of|starts .* after the end of"),
+    "F32 data labelled F16": (lambda p: p["blk.0.ffn_up.weight"][4].__setitem__(0, int(Q.F16)),
+                              "starts .* bytes after the end of 'blk.0.ffn_up.weight'"),
+    "F32 data labelled BF16": (lambda p: p["blk.1.ffn_down.weight"][4].__setitem__(0, int(Q.BF16)),
+                               "after the end of 'blk.1.ffn_down.weight'"),
+    "the last tensor's F32 data labelled F16": (lambda p: p[list(p)[-1]][4].__setitem__(0, int(Q.F16)),
+                                                "bytes after the data of its last tensor"),
+}
+
+
+@pytest.fixture
+def f32_qwen3(tmp_path):
+    """A small Qwen 3 GGUF file, every tensor F32, and its logits as written."""
+    model = AutoModelForCausalLM.from_config(FAMILIES["qwen3"][0](), dtype=torch.float32)
+    randomize_(model, 0)
+    write_gguf(model, tmp_path / "qwen3.gguf", "qwen3", Q.F32)
+    return tmp_path / "qwen3.gguf"
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS)
+def test_a_corrupt_tensor_table_is_refused_naming_the_tensor_and_the_rule(case, f32_qwen3, capsys):
+    change, message = CORRUPTIONS[case]
+    minielm.load(f32_qwen3).logits(PROMPT)  # the file as written loads
+    corrupted(f32_qwen3, change)
+    for stream in (False, True):
+        with pytest.raises(minielm.CheckpointError, match=message) as info:
+            minielm.load(f32_qwen3, stream=stream)
+        assert str(info.value).startswith(f"{f32_qwen3}: ") and "\n" not in str(info.value)
+    assert minielm.cli.main(["generate", "hi", "--model", str(f32_qwen3), "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minielm: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("key", ["tokenizer.ggml.scores", "tokenizer.ggml.token_type"])
+def test_tokenizer_arrays_of_another_length_than_the_vocabulary_are_refused(key, tmp_path):
+    """300 scores (or token types) for 4096 tokens: once read as they came, the prompt became other tokens."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(4093)]
+    scores, types = [-float(i) for i in range(4096)], [2, 3, 3] + [1] * 4093
+    if key == "tokenizer.ggml.scores":
+        scores = scores[:300]
+    else:
+        types = types[:300]
+    path = tmp_path / "vocabulary.gguf"
+    write_tokenizer_gguf(path, "llama", tokens, types, scores)
+    from minielm.gguf import read_gguf
+
+    with pytest.raises(minielm.CheckpointError, match=f"{key} holds 300 values for the 4096 tokens of "
+                                                      "tokenizer.ggml.tokens"):
+        read_gguf(path)

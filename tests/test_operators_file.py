@@ -218,3 +218,27 @@ def test_a_model_without_the_targets_layer_or_the_stored_ids_is_another_model(ch
         minielm.load_operators(path)  # without a model there is nothing to compare with
         with pytest.raises(minielm.InputError, match=f"{path}: these operators .* were computed with another model"):
             minielm.load_operators(path, model)
+
+
+def test_operators_of_a_model_that_differs_only_past_the_embedding_are_refused(checkpoints, tmp_path):
+    """The file holds a fingerprint of the weights that made it (issue 26): a model with the same embedding
+    and one MLP weight scaled by 1.1 is refused, naming the file (it was accepted, its probabilities off
+    by up to 0.005); the same weights, loaded again or streamed, are accepted. A file written before the
+    fingerprint (none in its metadata) is still compared by its embedding alone."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "ops.safetensors"
+    minielm.equivalent_linear_map(minielm.load(checkpoints["llama"]), PROMPT, out=path)
+    other = tmp_path / "other"
+    other.mkdir()
+    for file in checkpoints["llama"].iterdir():
+        (other / file.name).write_bytes(file.read_bytes())
+    weights = load_file(other / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"] *= 1.1
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(minielm.InputError, match=f"{path}: these operators .* were computed with another model"):
+        minielm.load_operators(path, minielm.load(other))
+    for model in (minielm.load(checkpoints["llama"]), minielm.load(checkpoints["llama"], stream=True)):
+        assert minielm.load_operators(path, model).relative_error() < 1e-13
+    older = with_header(path, lambda e: e["__metadata__"].pop("weights"), name="older.safetensors")
+    minielm.load_operators(older, minielm.load(checkpoints["llama"]))
