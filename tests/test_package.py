@@ -57,3 +57,15 @@ def test_wheel_ships_the_model_and_runs_from_anywhere(tmp_path):
     result = run(venv / "bin" / "minielm", "explain", "In the beginning", cwd=elsewhere, env=env)
     assert result.stdout.startswith(f"model   {installed / 'weights' / 'kjv-tiny'}  (llama, d=384, 4 layers")
     assert "next token" in result.stdout
+
+
+def test_ci_installs_and_tests_as_the_readme_says():
+    """.ci/run, in its fresh venv, runs the README's development install and the README's test command."""
+    readme_commands = {line.split("#")[0].strip() for line in (ROOT / "README.md").read_text().splitlines()}
+    ci = [line.split("#")[0].strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    venv = next(i for i, line in enumerate(ci) if line.startswith(". ") and line.endswith('/bin/activate"'))
+    install = next(i for i, line in enumerate(ci) if line.startswith("python -m pip install") and "-e" in line.split())
+    test = next(i for i, line in enumerate(ci) if line.startswith("python -m pytest"))
+    assert venv < install < test
+    assert ci[install].replace("python -m ", "", 1).replace("--quiet ", "") in readme_commands
+    assert ci[test] in readme_commands
