@@ -7,9 +7,11 @@ Three independent views of the same weights must agree:
 * minielm on the converted directory, float64  (relative agreement 1e-12).
 """
 
+import hashlib
 import importlib.util
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -19,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BIN = ROOT.parent / "shared" / "models" / "stories260K" / "stories260K.bin"  # shared/ sits beside the repository
+BIN = ROOT / "tests" / "data" / "stories260K" / "stories260K.bin"  # karpathy/tinyllamas, MIT: see the README beside it
 CONVERTER = ROOT / "tools" / "llama2c_to_hf.py"
 
 # A fixed prompt: BOS, then ids spread over [0, 512) including both ends.
@@ -96,6 +98,12 @@ def test_permutation_is_the_hf_permute():
     w = np.arange(dim1 * dim2, dtype=np.float32).reshape(dim1, dim2)
     hf = torch.from_numpy(w).view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
     assert np.array_equal(conv.interleaved_to_halves(w, n_heads), hf.numpy())
+
+
+def test_checkpoint_is_the_one_its_readme_names():
+    """The file in the repository is karpathy's, byte for byte: its sha256 is the one recorded beside it."""
+    recorded = re.search(r"sha256\*\*: `([0-9a-f]{64})`", (BIN.parent / "README.md").read_text()).group(1)
+    assert hashlib.sha256(BIN.read_bytes()).hexdigest() == recorded
 
 
 # (b) sanity of the numpy reference --------------------------------------------
