@@ -27,17 +27,18 @@ class Shape:
     V: int
     biases: bool = False  # value or output biases: the map then also runs the frozen pass at 0 (its affine part)
     parallel: bool = False  # the parallel residual (GPT-NeoX)
+    gated: bool = True  # a gated MLP (three f × d matrices); a plain one has two (GPT-2, GPT-NeoX)
 
     @classmethod
     def of(cls, config) -> Shape:
         return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                    config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.vocab_size,
-                   config.affine, bool(config.use_parallel_residual))
+                   config.affine, bool(config.use_parallel_residual), config.family_spec.mlp == "gated")
 
     @property
     def layer_params(self) -> int:
         q, kv = self.H * self.hd, self.Hkv * self.hd
-        return self.d * (2 * q + 2 * kv) + 3 * self.d * self.f
+        return self.d * (2 * q + 2 * kv) + (3 if self.gated else 2) * self.d * self.f
 
     @property
     def params(self) -> int:
@@ -52,7 +53,7 @@ def forward_flops(s: Shape, T: int, frozen: bool = False) -> int:
     q, kv = s.H * s.hd, s.Hkv * s.hd
     projections = 2 * T * s.d * (kv + q) + (0 if frozen else 2 * T * s.d * (q + kv))
     attention = 2 * s.H * T * T * s.hd * (1 if frozen else 2)
-    mlp = 2 * T * s.d * s.f * (2 if frozen else 3)  # frozen: the gate φ(W_G u) is given
+    mlp = 2 * T * s.d * s.f * (3 if s.gated and not frozen else 2)  # frozen: the gate φ(W_G u) is given
     return s.L * (projections + attention + mlp) + (0 if frozen else 2 * s.d * s.V)
 
 

@@ -22,7 +22,8 @@ def counted(fn) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen3", "gemma3_text", "olmo2", "phi3"])
+@pytest.mark.parametrize("case", ["llama", "qwen3", "gemma2", "gemma3_text", "olmo2", "phi3", "gpt2", "gpt_neox",
+                                  "gpt_neox_sequential"])
 def test_flop_formulas_match_the_code(case, checkpoints):
     model = minielm.load(checkpoints[case])
     shape, T = Shape.of(model.config), len(PROMPT)
