@@ -1,4 +1,4 @@
-"""Text <-> token ids, from a checkpoint's tokenizer.json or tokenizer.model.
+"""Text <-> token ids, from a checkpoint's tokenizer.json, tokenizer.model, or vocab.json + merges.txt.
 
 BOS follows the checkpoint: `add_bos_token` in tokenizer_config.json when it
 says so; otherwise whatever tokenizer.json's post-processor adds, or, for a
@@ -89,6 +89,8 @@ def load_tokenizer(directory: Path):
         return _from_tokenizer_json(directory / "tokenizer.json", settings)
     if (directory / "tokenizer.model").is_file():
         return _from_sentencepiece(directory / "tokenizer.model", settings)
+    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        return _from_vocab_and_merges(directory / "vocab.json", directory / "merges.txt", settings)
     return None
 
 
@@ -120,6 +122,32 @@ def _from_tokenizer_json(path: Path, settings: dict) -> Tokenizer:
 
     try:
         tok = HFTokenizer.from_file(str(path))
+    except Exception as err:
+        raise TokenizerError(f"{path}: unreadable tokenizer ({err})") from None
+    return _wrapped(tok, path, settings)
+
+
+def _from_vocab_and_merges(vocab: Path, merges: Path, settings: dict) -> Tokenizer:
+    """The files GPT-2's checkpoints ship without a tokenizer.json: a byte-level BPE (vocab.json, merges.txt),
+    read as transformers' GPT2Tokenizer reads them, its end-of-text token (and any special token that
+    tokenizer_config.json names) matched whole in text."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    try:
+        tok = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=settings.get("add_prefix_space") is True)
+        tok.decoder = decoders.ByteLevel()
+        named = {_token_text(settings.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        special = sorted(t for t in named | {"<|endoftext|>"} if isinstance(t, str) and tok.token_to_id(t) is not None)
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    except Exception as err:
+        raise TokenizerError(f"{vocab}: unreadable tokenizer ({err})") from None
+    return _wrapped(tok, vocab, settings)
+
+
+def _wrapped(tok, path: Path, settings: dict) -> Tokenizer:
+    """A `tokenizers` tokenizer as minielm's Tokenizer, BOS as the module's docstring says."""
+    try:
         bos_text = _token_text(settings.get("bos_token"))
         bos_id = tok.token_to_id(bos_text) if isinstance(bos_text, str) else None
         if "add_bos_token" in settings:
