@@ -259,7 +259,8 @@ GPT2 = Family(
     key_aliases={"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
                  "n_inner": "intermediate_size", "n_positions": "max_position_embeddings",
                  "activation_function": "hidden_act", "layer_norm_epsilon": "layer_norm_eps"},
-    intermediate_size_factor=4)
+    intermediate_size_factor=4,
+    gguf=GGUFConventions("gpt2"))  # the converter transposed the Conv1D matrices, and copied wte to output
 
 GPT_NEOX = Family(
     "gpt_neox",
@@ -281,7 +282,8 @@ GPT_NEOX = Family(
         layer_norm_eps=1e-5, attention_bias=True, partial_rotary_factor=0.25, rope_theta=10_000.0,
         tie_word_embeddings=False, max_position_embeddings=2048, bos_token_id=0, eos_token_id=2),
     key_aliases={"rotary_pct": "partial_rotary_factor", "rotary_emb_base": "rope_theta"},
-    parallel_residual_default=True)
+    parallel_residual_default=True,
+    gguf=GGUFConventions("gptneox"))  # the converter regrouped query_key_value as all q, all k, all v rows
 
 
 def by_model_type(*families: Family) -> dict:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import TOP_LEVEL, check_unchanged, file_stamp, layer_map
+from .checkpoint import check_unchanged, file_stamp, layer_map
 from .config import Config
 from .errors import CheckpointError, ConfigError, TokenizerError, show
 from .families import GGUF_ARCHITECTURES, GGUFConventions
@@ -183,6 +183,8 @@ def config_dict(reader, path: Path) -> dict:
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),  # float32 in the file: used as stored
+        "layer_norm_eps": get("attention.layer_norm_epsilon", 1e-5),
+        "use_parallel_residual": get("use_parallel_residual"),
         "max_position_embeddings": get("context_length", 2048),
         "tie_word_embeddings": "output.weight" not in tensors,
         "rope_theta": get("rope.freq_base", 10_000.0),
@@ -372,8 +374,10 @@ def hf_names(arch: str, config: Config) -> dict:
 
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     to_gguf = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
-    hf = ["model." + k for k in TOP_LEVEL] + ["lm_head.weight"]
-    hf += [f"model.layers.{i}.{k}" for i in range(config.num_hidden_layers) for k in layer_map(config)]
+    family = config.family_spec
+    prefix, layers = family.prefixes[0], f"{family.prefixes[0]}{family.layers_name}"
+    hf = [prefix + k for k in family.top_tensors] + [family.unembedding]
+    hf += [f"{layers}.{i}.{k}" for i in range(config.num_hidden_layers) for k in layer_map(config)]
     names = {}
     for name in hf:
         module, _, suffix = name.rpartition(".")  # "...q_proj", "weight"

@@ -63,6 +63,17 @@ def write_gguf(model, path, arch: str, qtype, seed: int = 0, metadata=None, extr
         module, _, suffix = hf_name.rpartition(".")
         gguf_name = f"{names.get_name(module)}.{suffix}"
         value = tensor.detach().to(torch.float64 if qtype == Q.F64 else torch.float32).numpy()
+        conv1d = arch == "gpt2" and value.ndim == 2 and module.endswith(("c_attn", "c_proj", "c_fc"))
+        if conv1d:  # GPT2Model.modify_tensors: Conv1D (in, out) stored as (out, in)
+            value = np.ascontiguousarray(value.T)
+        if arch == "gptneox" and module.endswith("query_key_value"):  # GPTNeoXModel.modify_tensors: q, k, v rows
+            heads = config.num_attention_heads
+            value = np.ascontiguousarray(value.reshape(heads, 3, -1, *value.shape[1:]).swapaxes(0, 1)
+                                         .reshape(value.shape))
+            if value.ndim == 1:  # the bias, as the converter writes it; its reference in HF's interleaved order
+                reference[hf_name] = tensor.detach().double()
+                writer.add_tensor(gguf_name, value)
+                continue
         if value.ndim == 1:  # norms and biases: F32, as the converter keeps 1-D tensors (F64 in an F64 file)
             if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
                 value = value + np.float32(1.0)  # the converter's norm_shift, in float32
@@ -74,13 +85,22 @@ def write_gguf(model, path, arch: str, qtype, seed: int = 0, metadata=None, extr
         data = stored(value, qtype, rng)
         values = data if qtype == Q.F64 else gguf.quants.dequantize(data, qtype)
         reference[hf_name] = torch.from_numpy(values).double().reshape(value.shape)
+        if conv1d:
+            reference[hf_name] = reference[hf_name].T.contiguous()
+        if arch == "gptneox" and module.endswith("query_key_value"):  # back to HF's per-head order
+            heads = config.num_attention_heads
+            reference[hf_name] = reference[hf_name].reshape(3, heads, -1, value.shape[1]).transpose(0, 1) \
+                .reshape(value.shape).contiguous()
+        if arch == "gpt2" and gguf_name == "token_embd.weight":  # the converter copies it as the output too
+            writer.add_tensor("output.weight", data, raw_dtype=qtype)
         if arch == "llama" and module.endswith(("q_proj", "k_proj")):
             heads = config.num_attention_heads if module.endswith("q_proj") else config.num_key_value_heads
             data = permute(data, heads)
         writer.add_tensor(gguf_name, data, raw_dtype=qtype)
     if config.tie_word_embeddings:
-        reference["lm_head.weight"] = reference["model.embed_tokens.weight"]
-    rope = config.rope_parameters
+        embedding = next(k for k in reference if k.endswith(("embed_tokens.weight", "wte.weight", "embed_in.weight")))
+        reference["lm_head.weight"] = reference[embedding]
+    rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, config.head_dim))
     for name, value in (extra_tensors or {}).items():
@@ -97,14 +117,20 @@ def _write_metadata(writer, config, arch: str, extra: dict) -> None:
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    if arch in ("gpt2", "gptneox"):  # LayerNorm
+        writer.add_layer_norm_eps(config.layer_norm_epsilon if arch == "gpt2" else config.layer_norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if arch == "gptneox":
+        writer.add_parallel_residual(config.use_parallel_residual)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    rope = config.rope_parameters
+    if arch != "gpt2":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    rope = getattr(config, "rope_parameters", None) or {"rope_theta": 10000.0}  # GPT-2: no RoPE
     full = rope.get("full_attention", rope)
     writer.add_rope_freq_base(full["rope_theta"])
     if full.get("rope_type") == "linear":

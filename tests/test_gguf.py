@@ -12,8 +12,8 @@ import pytest
 import torch
 import gguf
 from gguf import GGMLQuantizationType as Q
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
-                          Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
+                          MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
 
 from conftest import PROMPT
 from gguf_writer import permute, write_gguf
@@ -45,6 +45,14 @@ FAMILIES = {
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=2.0,
         final_logit_softcapping=10.0, tie_word_embeddings=True, rope_parameters=DEFAULT_ROPE, **COMMON), "gemma2"),
+    "gpt2": (lambda: GPT2Config(  # Conv1D matrices transposed by the converter, wte copied as the output
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, layer_norm_epsilon=EPS,
+        activation_function="gelu_new", bos_token_id=1, eos_token_id=2, pad_token_id=0), "gpt2"),
+    "gpt_neox": (lambda: GPTNeoXConfig(  # query_key_value regrouped by the converter as q, k, v rows
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        use_parallel_residual=True, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+        **{**COMMON, "layer_norm_eps": EPS}), "gptneox"),
     "gemma3": (lambda: Gemma3TextConfig(  # six layers: llama.cpp's fixed pattern makes the sixth global
         hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, query_pre_attn_scalar=16, sliding_window=4, final_logit_softcapping=10.0,
@@ -96,7 +104,8 @@ def test_llama_every_type_matches_hf(qtype, tmp_path):
     assert model.dequantized_from == ([] if qtype in (Q.F32, Q.F16, Q.BF16) else [qtype.name])  # for explain
 
 
-FAMILY_TYPES = {"mistral": Q.Q5_0, "qwen3": Q.Q8_0, "gemma2": Q.Q8_0, "gemma3": Q.Q4_0, "qwen2": Q.Q5_1, "olmo2": Q.Q4_1,
+FAMILY_TYPES = {"mistral": Q.Q5_0, "qwen3": Q.Q8_0, "gemma2": Q.Q8_0, "gpt2": Q.Q8_0, "gpt_neox": Q.Q5_0,
+                "gemma3": Q.Q4_0, "qwen2": Q.Q5_1, "olmo2": Q.Q4_1,
                 "phi3": Q.Q8_0}
 
 
