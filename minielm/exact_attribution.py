@@ -52,7 +52,7 @@ class Attribution:
         return (f"Attribution(token={self.token}, logit={self.logit:.6g}, table=({T}, {L}, 2), "
                 f"total()={self.total():.6g} = table.sum() {float(self.table.sum()):.6g} "
                 f"+ embedding.sum() {float(self.embedding.sum()):.6g} + bias.sum() {float(self.bias.sum()):.6g}"
-                f" + norm_bias {self.norm_bias:.6g})")
+                + (f" + norm_bias {self.norm_bias:.6g}" if self.norm_bias else "") + ")")
 
 
 def attribution(model: Model, ids, token: int | None = None) -> Attribution:
