@@ -189,6 +189,8 @@ def writable_output(path, what: str, reading: Path | None = None, prompt_files=(
         why = "does not exist" if not path.parent.exists() else "is not a directory"
         raise OutputError(f"{what} {path}: {path.parent} {why}")
     tried = Path(os.path.realpath(path))  # a link's target: what the write replaces, and what the try may create
+    if path.exists() and not tried.exists():  # /dev/stdout onto a pipe: its target ("pipe:[…]") has no path
+        tried = path
     existed = tried.exists()
     try:  # O_NONBLOCK: a FIFO without a reader fails instead of blocking
         os.close(os.open(tried, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK, 0o666))

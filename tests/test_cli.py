@@ -237,7 +237,7 @@ def test_html_is_written_beside_then_renamed(tiny_with_tokenizer, tmp_path, monk
     leaves the old report as it was, and no temporary file behind."""
     old = tmp_path / "report.html"
     old.write_text("the old report")
-    monkeypatch.setattr(minielm.report, "explain_page", lambda *a: "<html>" + "x" * 10_000 + "\ud800")  # unencodable
+    monkeypatch.setattr(minielm.cli, "explain_page", lambda *a: "<html>" + "x" * 10_000 + "\ud800")  # unencodable
     assert main(["explain", "And God", "--model", str(tiny_with_tokenizer), "--html", str(old)]) != 0
     assert old.read_text() == "the old report" and sorted(tmp_path.iterdir()) == [old]
 

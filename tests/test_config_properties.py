@@ -230,7 +230,7 @@ def with_changes(base: str, **changes) -> dict:
 
 @pytest.mark.parametrize("raw, fragments", [
     ([1, 2], ["expected a JSON object, got list"]),
-    (with_changes("llama3", model_type="gpt2"), ["'gpt2'", "supported: " + ", ".join(SUPPORTED_MODEL_TYPES)]),
+    (with_changes("llama3", model_type="bert"), ["'bert'", "supported: " + ", ".join(SUPPORTED_MODEL_TYPES)]),
     (with_changes("llama3", model_type=...), ["model_type None"]),
     (with_changes("llama3", hidden_size=...), ["required key 'hidden_size' is missing"]),
     (with_changes("llama3", hidden_size=None), ["hidden_size must be a positive integer, got None"]),
