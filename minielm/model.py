@@ -3,16 +3,20 @@
 Read this file top to bottom. Each nonlinear operation is a function that
 computes a factor A from its input and returns both A·x and A:
 
-    RMSNorm     N(h) = diag(w̃)/ρ(h) · h          A = 1/ρ(h)            (T, 1)
-    attention   o_t = Σ_s P[t,s] W_V u_s           A = P                 (H, T, S)
-    gated MLP   W_D (φ(W_G u) ⊙ W_U u)             A = φ(W_G u)          (T, f)
+    RMSNorm     N(h) = diag(w̃)/ρ(h) · h                  A = 1/ρ(h)        (T, 1)
+    LayerNorm   N(h) = diag(w)/σ(h) · C h + b             A = 1/σ(h)        (T, 1)   C = I − 11ᵀ/d
+    attention   o_t = Σ_s P[t,s] W_V u_s                  A = P             (H, T, S)
+    gated MLP   W_D (φ(W_G u) ⊙ W_U u)                    A = φ(W_G u)      (T, f)
+    plain MLP   W_out (s(z) ⊙ z) + b_out, z = W_in u + b  A = s(z)          (T, f)   φ(z) = z·s(z)
 
 Hand a function its factor back (`frozen=`) and it skips computing it: the
 operation becomes linear in its input. Running the whole forward pass with the
 factors recorded for one input x* ("frozen") is therefore a linear map of the
-input embeddings that reproduces the model's output at x* exactly; that map is
-what `minielm.sweep` assembles (read `reference_sweep` there next). Embedding
-scale, RoPE, projections and residual adds are linear already.
+input embeddings that reproduces the model's output at x* exactly (affine where
+the checkpoint has biases: they are constants); that map is what `minielm.sweep`
+assembles (read `reference_sweep` there next). Embedding scale, learned
+positions, RoPE, projections and residual adds are linear already. Which norm,
+MLP and positions a family uses is data (minielm/families.py).
 
 Shapes: T tokens in this call, S = cached + T keys, d = hidden_size,
 H / Hkv query / key-value heads of size hd, f = intermediate_size, V = vocab.
@@ -30,9 +34,10 @@ from . import checks, generation
 from .config import Config
 from .errors import InputError, NumericalError, TokenizerError
 from .families import ACTIVATION_FACTORS, ACTIVATIONS
-from .progress import progress
 from .generation import KVCache
+from .progress import progress
 from .rope import apply_rotary, rotation
+
 
 # ---- the weights of a layer --------------------------------------------------------------
 @dataclass
