@@ -85,6 +85,13 @@ class EquivalentLinearMap:
     frozen: Frozen
     target: str = "final"  # what y is: "final", or "layer L", "attention L", "mlp L"
 
+    def __repr__(self) -> str:
+        """One line (the dataclass's own repr printed every tensor): what the map is and how exact."""
+        T, d = self.inputs.shape
+        return (f"EquivalentLinearMap(target={self.target!r}, T={T}, d={d}, "
+                f"dtype={str(self.operators.dtype).removeprefix('torch.')}, "
+                f"relative_error={self.relative_error():.1e})")
+
     def reconstruct(self) -> torch.Tensor:
         """Σ_t J_t x_t + b: (d,)."""
         return torch.einsum("tij,tj->i", self.operators, self.inputs) + self.bias

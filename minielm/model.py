@@ -454,7 +454,8 @@ class Model:
 
     # -- generation (minielm/generation.py) ---------------------------------------------------
     def generate(self, prompt, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> str:
-        """The continuation of `prompt` as text (see minielm.generation.generate)."""
+        """The continuation of `prompt` as text, without the prompt (the `generate` command prints both;
+        see minielm.generation.generate)."""
         return generation.generate(self, prompt, max_new_tokens, temperature, top_k, seed, edit)
 
     def generate_ids(self, ids, max_new_tokens=20, temperature=0.0, top_k=None, seed=None, edit=None) -> list:

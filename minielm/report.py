@@ -283,7 +283,10 @@ def exactness_view(figures: dict, rows: list | None = None) -> str:
              ("probabilities max |p_reconstructed − p|", figures.get("probability_error")),
              ("autograd max |J − J_autograd| / max |J|", figures.get("autograd_relative_difference")),
              ("attribution |total() − z|", figures.get("attribution_error"))]
-    body = table(["quantity", "value"], [[esc(name), f"{value:.1e}"] for name, value in items if value is not None])
+    body = table(["quantity", "value"], [[esc(name), f"{value:.1e}"] for name, value in items if value is not None]
+                 + ([[esc(items[2][0]), "skipped (--no-autograd)"]]  # explain's JSON holds null there
+                    if "autograd_relative_difference" in figures and figures["autograd_relative_difference"] is None
+                    else []))
     if rows:
         worst = max(rows, key=lambda r: r["relative_error"])
         body += (f"<p>every layer's and module's map ({len(rows)} targets): worst reconstruction error "

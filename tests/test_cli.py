@@ -292,3 +292,41 @@ def test_stream_flag(tiny_with_tokenizer, monkeypatch, capsys):
     assert not isinstance(loaded[0].weights["layers"], StreamedLayers)
     assert isinstance(loaded[1].weights["layers"], StreamedLayers)
     assert reports[0] == reports[1]
+
+
+def test_explain_no_autograd_skips_the_cross_check(tiny_with_tokenizer, tmp_path, monkeypatch, capsys):
+    """--no-autograd never calls the detached Jacobian, and every view says the cross-check was skipped;
+    without the flag the same patched call is made (so the patch is where explain looks)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the autograd cross-check ran")
+
+    monkeypatch.setattr(minielm.cli, "detached_jacobian", forbidden)
+    prompt = ["explain", "And God said", "--model", str(tiny_with_tokenizer), "--quiet"]
+    assert main(prompt) == 1  # an internal error, named
+    assert "the autograd cross-check ran" in capsys.readouterr().err
+    assert main(prompt + ["--no-autograd", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["autograd_relative_difference"] is None
+    html = tmp_path / "r.html"
+    assert main(prompt + ["--no-autograd", "--html", str(html)]) == 0
+    out = capsys.readouterr().out
+    assert "autograd        skipped (--no-autograd)" in out and "reconstruction" in out
+    assert "skipped (--no-autograd)" in html.read_text()
+
+
+def test_every_report_names_its_model_and_prompt_and_the_files_written(tiny_with_tokenizer, tmp_path, capsys):
+    """layers and check start as explain does (the model, its shape, the prompt: check's default shown);
+    --plot and --html end the text with one line naming the file; with --json that line goes to stderr."""
+    model = str(tiny_with_tokenizer)
+    header = f"model   {model}  (llama, d="
+    assert main(["check", "--model", model, "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(header) and lines[1].startswith(f"prompt  {CHECK_PROMPT!r}")
+    plot = tmp_path / "l.png"
+    assert main(["layers", "And God", "--model", model, "--quiet", "--plot", str(plot)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(header) and lines[1].startswith("prompt  'And God'")
+    assert lines[-1] == f"wrote {plot}  (stable rank and σ1 by layer, --plot)" and plot.exists()
+    assert main(["explain", "And God", "--model", model, "--json", "--plot", str(plot)]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # the JSON alone
+    assert f"wrote {plot}" in captured.err

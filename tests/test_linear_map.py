@@ -450,3 +450,15 @@ def test_sweeps_in_small_pieces_give_the_same_operators(case, checkpoints, edge_
     monkeypatch.setattr(minielm.fast_sweep, "SCRATCH_BYTES", 1)
     for a, b in zip(everything(), whole, strict=True):
         assert relative(a, b) < 1e-13
+
+
+def test_repr_is_one_short_line():
+    """repr(elm) names the target, T, d, the dtype and the relative error, read from the map itself (a
+    dataclass repr printed every tensor: 33 KB for the shipped model)."""
+    model = minielm.load()
+    elm = minielm.equivalent_linear_map(model, model.tokenizer.encode("In the beginning"), layer=1, component="mlp")
+    T, d = elm.inputs.shape
+    shown = repr(elm)
+    assert "\n" not in shown and len(shown) < 150, shown
+    assert shown == (f"EquivalentLinearMap(target={elm.target!r}, T={T}, d={d}, dtype=float64, "
+                     f"relative_error={elm.relative_error():.1e})")
