@@ -41,7 +41,7 @@ DEFAULT_MODEL = shipped_model()
 # `minielm check`'s pass/fail bound, one per compute dtype, on the worst of every column it prints
 # (reconstruction, probabilities, vs autograd). float64: the project's exactness claim (measured 3.3e-15
 # at worst on the shipped model). The others are that dtype's round-off, measured on the shipped model
-# with the default prompt and a 121-token one (README, "Reading the output"), with a margin: float32
+# with the default prompt and a 121-token one (tools/README.md, "Exactness"), with a margin: float32
 # 1.4e-6 at worst against 1e-4; bfloat16 1.6e-2 (about 2 units of 2^-7) against 1e-1; float16 1.5e-3
 # (about 2 units of 2^-10) against 1e-2. Below float32 a check catches gross errors only.
 CHECK_BOUNDS = {"float64": 1e-13, "float32": 1e-4, "bfloat16": 1e-1, "float16": 1e-2}

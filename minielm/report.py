@@ -40,7 +40,7 @@ from .interpret import (COMPONENTS, align_signs, decode_input, decode_output, fo
 from .layer_maps import all_layer_maps
 from .linear_map import EquivalentLinearMap
 
-SCHEMA_VERSION = 1  # of the --json output of explain, layers and check (README: "The --json output")
+SCHEMA_VERSION = 1  # of the --json output of explain, layers and check (README: "The first result")
 
 # One line per section, shared by the terminal output and the HTML report.
 LEGENDS = {

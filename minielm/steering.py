@@ -53,7 +53,7 @@ from .model import Model
 METHODS = ("minielm", "paper", "actadd")
 NEUTRAL = "This is a sentence about something."  # actadd's default neutral prompt
 
-# The measured default (README, "Steering"; tools/results/steer_gemma3_270m.md): on Gemma 3 270M
+# The measured default (tools/README.md, "Steering Gemma 3 270M"; tools/results/steer_gemma3_270m.md): on Gemma 3 270M
 # the best lift at a fluent cost, over three concepts, came from this recipe a quarter of the
 # way up the layers at this λ. `minielm steer` uses it when no --method/--layer/--scale is given.
 DEFAULT_METHOD, DEFAULT_DEPTH, DEFAULT_SCALE = "actadd", 0.25, 0.05
