@@ -121,6 +121,7 @@ def resolve_checkpoint(path) -> Path:
     if os.fspath(path) == "":
         raise InputError("checkpoint path is empty; expected a checkpoint directory, a model id 'org/name', "
                          "or nothing for the shipped model")
+    checks.path_fits("checkpoint path", path)
     candidate = Path(path)
     if candidate.exists():
         return candidate
