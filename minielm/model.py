@@ -276,6 +276,9 @@ class Model:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
+            if self.directory is not None and str(self.directory).endswith(".gguf"):  # a file: no tokenizer files
+                raise TokenizerError(f"{self.directory}: the GGUF file has no tokenizer metadata "
+                                     "(tokenizer.ggml.model and tokenizer.ggml.tokens); pass token ids instead of text")
             raise TokenizerError(f"{self.directory}: no tokenizer.json or tokenizer.model")
         return self._tokenizer
 

@@ -637,3 +637,43 @@ def test_closed_stdin_is_one_line(ckpt):
     result = run(["generate", "-", "--model", str(ckpt)], capture_output=True, stdin=subprocess.DEVNULL,
                  preexec_fn=lambda: os.close(0))
     assert_one_error_line(result, "stdin", "closed")
+
+
+# ---- messages that named the wrong thing (issue 26) -----------------------------------------------
+@pytest.mark.parametrize("change, word", [(b"\0", "longer"), (-1, "shorter")])
+def test_an_operators_file_of_the_wrong_length_says_which_way(change, word, model, ids, tmp_path):
+    """One byte more was called "truncated (N bytes, the header describes N-1)"."""
+    path = tmp_path / "ops.safetensors"
+    ML(model, ids, out=path)
+    data = path.read_bytes()
+    path.write_bytes(data + change if isinstance(change, bytes) else data[:change])
+    with pytest.raises(InputError) as info:
+        minielm.load_operators(path, model)
+    one_line(info.value, (str(path), f"1 byte {word} than its header describes", f"{len(data) - (change == -1)}"))
+    if word == "longer":
+        assert "truncated" not in str(info.value)
+
+
+def test_a_cache_ref_that_is_a_symlink_loop_is_named(tmp_path, monkeypatch):
+    """refs/main linking to itself: named as a loop (it read as a model not in the cache)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    refs = tmp_path / "models--org--name" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").symlink_to(refs / "main")
+    with pytest.raises(minielm.CheckpointError) as info:
+        minielm.load("org/name")
+    one_line(info.value, (str(refs / "main"), "symbolic link loop"))
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv, to read as a user without override")
+def test_a_safetensors_file_that_may_not_be_read_says_so(ckpt, tmp_path):
+    """A weights file without read permission was "unreadable safetensors file (No such file or directory)".
+    Root reads every file, so the load runs without the capabilities that override file permissions."""
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").chmod(0)
+    script = ("import sys, minielm\ntry:\n    minielm.load(sys.argv[1])\n"
+              "except minielm.CheckpointError as error:\n    print(error)")
+    result = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-c",
+                             script, str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300)
+    assert "model.safetensors: cannot open the safetensors file (Permission denied)" in result.stdout, \
+        (result.stdout, result.stderr)
