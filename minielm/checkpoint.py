@@ -179,6 +179,10 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
+        try:  # opened here first: the library words a file it may not read as "No such file or directory"
+            os.close(os.open(path, os.O_RDONLY))
+        except OSError as err:
+            raise CheckpointError(f"{path}: cannot open the safetensors file ({err.strerror or err})") from None
         try:
             self.stamp = file_stamp(path)  # before the library reads the header: a later change shows
             self.handle = safe_open(path, framework="pt", backend="pread")

@@ -16,6 +16,8 @@ size of a request, so a runaway size is rejected by arithmetic.
 
 from __future__ import annotations
 
+import errno
+import inspect
 import math
 import numbers
 import operator
@@ -151,6 +153,42 @@ def overwrites(path: Path, checkpoint: Path) -> bool:
     return target == checkpoint or (target.is_file() and any(os.path.samefile(target, f) for f in files))
 
 
+def path_fits(name: str, path, error: type = InputError, suffix: str = "", why: str = "") -> None:
+    """`path`, with `suffix` added (the .partial or the temporary name written first: `why` names it), is
+    one the file system can name; else one `error` naming the argument and the length, where the first
+    call to meet ENAMETOOLONG raised a bare OSError. Asked of the system (lstat): limits differ between
+    file systems."""
+    full = os.fspath(path) + suffix
+    try:
+        os.lstat(full)
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            longest = max(len(os.fsencode(part)) for part in Path(full).parts)
+            raise error(f"{name} is too long for the file system ({len(os.fsencode(full))} bytes, its longest name "
+                        f"{longest} bytes{f', with {why or suffix}' if suffix else ''}): "
+                        f"{show(os.fspath(path), 60)}") from None
+
+
+def edit_hook(name: str, edit) -> None:
+    """None, or a function that can be called as edit(i, h, x): a wrong signature is named here, before
+    any work, not as a TypeError from inside the forward pass. (A callable whose signature Python cannot
+    read, a builtin, is let through.)"""
+    if edit is None:
+        return
+    if not callable(edit):
+        raise InputError(f"{name} must be None or a function edit(i, h, x) -> h, got {type(edit).__name__}")
+    try:
+        signature = inspect.signature(edit)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(0, None, None)
+    except TypeError:
+        raise InputError(f"{name} must be a function edit(i, h, x) -> h, called with 3 arguments (the layer, the "
+                         f"residual stream, the input), got {getattr(edit, '__qualname__', type(edit).__name__)}"
+                         f"{signature}") from None
+
+
 def new_file(path) -> int:
     """A file descriptor, open for writing, of a file created at `path` by this call: O_EXCL fails on
     anything already there and O_NOFOLLOW on a symbolic link, so no existing file is ever written
@@ -179,6 +217,9 @@ def token_ids(value, vocab_size: int, max_positions: int, mismatch: str = "") ->
     if isinstance(value, (bytes, bytearray, memoryview)):
         raise InputError(f"ids must be token ids (a list of ints), got {type(value).__name__} "
                          f"{show(bytes(value), 40)}: bytes are not token ids")
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        raise InputError(f"ids must be token ids with values, got a tensor on the meta device (it holds no values, "
+                         f"only the shape {tuple(value.shape)})")
     if isinstance(value, (torch.Tensor, np.ndarray)):
         integral = (not value.dtype.is_floating_point and not value.dtype.is_complex and value.dtype != torch.bool
                     if isinstance(value, torch.Tensor) else value.dtype.kind in "iu")

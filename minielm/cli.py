@@ -18,14 +18,16 @@ import contextlib
 import io
 import json
 import os
+import select
 import signal
+import stat
 import sys
 import threading
 from pathlib import Path
 
 import torch
 
-from . import checks, operators_file, progress
+from . import checks, distributed, operators_file, progress
 from .config import Config
 from .errors import InputError, MinielmError, OutputError
 from .interpret import (decode_input, decode_output, forward_order, layer_table, model_token, stable_rank,
@@ -50,19 +52,69 @@ CHECK_PROMPT = "And God said, Let there be light: and there was light. And God s
 
 
 # ---- prompts from anywhere ----------------------------------------------------------------------
+# A prompt is read whole before any work, so its size is bounded: 256 MiB is far beyond any model's
+# positions (a million tokens are a few MiB of text), and far below what would exhaust memory
+# (`--prompt-file /dev/zero` was a MemoryError). A pipe or a terminal gets PIPE_WAIT_S to show its first
+# byte: a named pipe nobody writes to blocked for ever in open().
+PROMPT_LIMIT_BYTES = 256 * 2**20
+PIPE_WAIT_S = 60.0
+
+
 def read_text(source: str, what: str) -> str:
     """The text of a file, or of all of stdin when `source` is '-': UTF-8, one trailing newline dropped."""
     name = "stdin" if source == "-" else source
-    try:
-        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
-    except OSError as err:
-        raise InputError(f"{what} file {name}: cannot read ({err.strerror or err})") from None
+    data = read_stdin(what) if source == "-" else read_file(source, what)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"{what} from {name} is not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} "
                          f"({err.reason})") from None
     return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def read_stdin(what: str) -> bytes:
+    if sys.stdin is None:  # `minielm generate - <&-`: Python starts with no sys.stdin at all
+        raise InputError(f"{what} from stdin ('-'): stdin is closed")
+    try:
+        return read_bounded(sys.stdin.buffer, "stdin", what)
+    except OSError as err:
+        raise InputError(f"{what} from stdin ('-'): cannot read ({err.strerror or err})") from None
+
+
+def read_file(path: str, what: str) -> bytes:
+    """A file's bytes, opened without blocking (a FIFO's open waits for a writer) and, where it is not a
+    regular file, read only once its first byte arrives within PIPE_WAIT_S."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise InputError(f"{what} file {path}: cannot read ({err.strerror or err})") from None
+    with open(fd, "rb", closefd=True) as file:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                wait_for_first_byte(fd, path, what)
+            os.set_blocking(fd, True)  # from here a pipe's writer is there: wait for its end as any reader does
+            return read_bounded(file, path, what)
+        except OSError as err:
+            raise InputError(f"{what} file {path}: cannot read ({err.strerror or err})") from None
+
+
+def wait_for_first_byte(fd: int, path: str, what: str) -> None:
+    ready, _, _ = select.select([fd], [], [], PIPE_WAIT_S)
+    if not ready:  # Linux never reports the end of a FIFO that has had no writer: it looks like waiting
+        raise InputError(f"{what} file {path}: nothing was written to it in {PIPE_WAIT_S:g} s "
+                         "(a pipe with no writer?)")
+
+
+def read_bounded(file, name: str, what: str) -> bytes:
+    """All of `file`, read a MiB at a time (one read of the limit would allocate all of it at once)."""
+    chunks, size = [], 0
+    while chunk := file.read(2**20):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > PROMPT_LIMIT_BYTES:
+            raise InputError(f"{what} from {name}: more than {PROMPT_LIMIT_BYTES / 2**20:g} MiB, the most minielm "
+                             "reads as a prompt (far beyond any model's positions)")
+    return b"".join(chunks)
 
 
 def resolve_prompt(args, text_key: str, file_key: str, what: str, default=None):
@@ -117,10 +169,8 @@ def check_arguments(args) -> None:
     config = model_config(directory)
     if getattr(args, "plot", None) is not None:
         plot_format(args.plot, "--plot")
-    unset = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if getattr(args, "distributed", False) and unset:  # what torchrun sets, and init_process_group reads
-        raise InputError(f"--distributed runs under torchrun ({' and '.join(unset)} not set): "
-                         "torchrun --nproc-per-node N -m minielm.cli operators ... --distributed")
+    if getattr(args, "distributed", False):  # what torchrun sets, and init_process_group reads
+        distributed.check_environment()
     if getattr(args, "block", None) is not None:
         checks.integer("--block", args.block, 1, why="output rows swept at a time")
     if getattr(args, "k", None) is not None:
@@ -177,6 +227,12 @@ def writable_output(path, what: str, reading: Path | None = None, prompt_files=(
     root's permissions; a file created by the try is removed)."""
     if not str(path).strip():
         raise OutputError(f"{what} needs a file name, got {str(path)!r}")
+    checks.path_fits(what, path, OutputError)
+    if what == "--out":
+        checks.path_fits(what, path, OutputError, suffix=".partial")
+    else:  # written first to a temporary name beside it, longer by as many bytes as this suffix
+        checks.path_fits(what, path, OutputError, suffix="." * len(".0123456789abcdef.tmp."),
+                         why="the temporary name it is written to first")
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{what} {path}: is a directory; expected a file name")
@@ -526,7 +582,7 @@ def operators_command(args) -> int:
     if args.distributed:  # under torchrun: one process per device, the rows split over them
         gpu = args.device.startswith("cuda")
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if gpu else args.device
-        torch.distributed.init_process_group("nccl" if gpu else "gloo")
+        distributed.init_process_group("nccl" if gpu else "gloo")
     model = load_model(args)
     ids = model.tokenizer.encode(args.prompt)
     elm = equivalent_linear_map(model, ids, out=args.out, block=args.block, distributed=args.distributed)

@@ -16,9 +16,91 @@ accident; the prompt and the target are checked to be the same on every rank.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import os
+import socket
+import tempfile
+
 import torch
 
+from . import checks
 from .errors import InputError
+
+# What torchrun sets and init_process_group reads ("env://"), and minielm's own bound on the wait for the
+# other ranks: torch's default (30 minutes for gloo, 10 for nccl) reads as a hang to someone who started
+# one process by hand, and 5 minutes is still ample for ranks started together.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TIMEOUT_VARIABLE = "MINIELM_DISTRIBUTED_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300
+
+
+def environment_integer(name: str, low: int, high: int | None = None, closed: bool = False, why: str = "",
+                        default: str | None = None) -> int:
+    """The environment variable `name` as an integer in [low, high) ([low, high] when `closed`): an
+    InputError naming the variable otherwise."""
+    text = os.environ.get(name, default)
+    what = f"--distributed: the environment variable {name}"
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = text  # not a number: checks.integer names it as it was given
+    return checks.integer(what, value, low, high, closed, why)
+
+
+def check_environment() -> dict:
+    """torchrun's variables, checked before any work: set, integers where they must be, RANK in
+    [0, WORLD_SIZE), a port in 1..65535, an address that resolves, and minielm's timeout. Set by hand and
+    wrong, they were internal errors from int(), or a wait without end in init_process_group."""
+    unset = [k for k in TORCHRUN_VARIABLES if k not in os.environ]
+    if unset:
+        raise InputError(f"--distributed runs under torchrun ({' and '.join(unset)} not set): "
+                         "torchrun --nproc-per-node N -m minielm.cli operators ... --distributed")
+    size = environment_integer("WORLD_SIZE", 1, why="the number of ranks")
+    rank = environment_integer("RANK", 0, size, why=f"below WORLD_SIZE={size}")
+    port = environment_integer("MASTER_PORT", 1, 65535, closed=True, why="a TCP port")
+    address = os.environ["MASTER_ADDR"]
+    try:
+        socket.getaddrinfo(address, port)
+    except (OSError, UnicodeError) as err:
+        raise InputError(f"--distributed: the environment variable MASTER_ADDR={address!r} cannot be resolved "
+                         f"({getattr(err, 'strerror', None) or err})") from None
+    timeout = environment_integer(TIMEOUT_VARIABLE, 1, why="seconds to wait for the other ranks",
+                                  default=str(DEFAULT_TIMEOUT_S))
+    return {"RANK": rank, "WORLD_SIZE": size, "MASTER_ADDR": address, "MASTER_PORT": port, TIMEOUT_VARIABLE: timeout}
+
+
+@contextlib.contextmanager
+def native_stderr_held():
+    """File descriptor 2 sent to a temporary file inside the block, and shown afterwards only if the block
+    succeeded: torch's C++ rendezvous logs every failed retry (tens of lines, with stack frames) there,
+    which would bury the one-line error that replaces them."""
+    with tempfile.TemporaryFile() as held:
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        os.write(2, held.read())
+
+
+def init_process_group(backend: str) -> None:
+    """torch.distributed.init_process_group with the variables checked and a bounded wait: a rank whose
+    peers never come is an InputError naming the variables, after MINIELM_DISTRIBUTED_TIMEOUT seconds."""
+    variables = check_environment()
+    timeout = variables[TIMEOUT_VARIABLE]
+    try:
+        with native_stderr_held():
+            torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    except torch.distributed.DistError as err:
+        first_line = " ".join(str(err).split("\n")[0].split()).rstrip(".")
+        shown = ", ".join(f"{k}={v}" for k, v in variables.items())
+        raise InputError(f"--distributed: the {variables['WORLD_SIZE']} ranks did not meet within the time allowed "
+                         f"({shown}): {first_line}; start every rank, with torchrun --nproc-per-node N, or "
+                         f"raise {TIMEOUT_VARIABLE}") from None
 
 
 def rank_and_size(distributed: bool) -> tuple[int, int]:

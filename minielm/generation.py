@@ -82,8 +82,7 @@ def generate_ids(model, ids, max_new_tokens=20, temperature=0.0, top_k=None, see
 
 def check_sampling(config, max_new_tokens, temperature, top_k, seed, edit=None):
     """The generation settings, checked: (max_new_tokens, temperature, top_k, seed) as plain numbers."""
-    if edit is not None and not callable(edit):
-        raise InputError(f"edit must be None or a function edit(i, h, x) -> h, got {type(edit).__name__}")
+    checks.edit_hook("edit", edit)
     return (checks.integer("max_new_tokens", max_new_tokens, 0, config.max_position_embeddings, closed=True,
                            why="max_position_embeddings"),
             checks.real("temperature", temperature, 0),

@@ -188,6 +188,8 @@ def checked_out(model: Model, out) -> str:
     or a file of the checkpoint that `model` was loaded from; or something already at out.partial."""
     if not isinstance(out, (str, os.PathLike)) or os.fspath(out) in ("", b"") or "\0" in str(os.fspath(out)):
         raise InputError(f"out must be a file path, got {out!r}")
+    checks.path_fits("out", out, OutputError)
+    checks.path_fits("out", out, OutputError, suffix=".partial")
     if os.path.exists(out) and not os.path.isfile(out):
         raise OutputError(f"out={out}: not a regular file (a directory, a device or a pipe); "
                           "the operators are written into a file and mapped back from it")

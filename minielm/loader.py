@@ -6,6 +6,7 @@ local cache (never the network), or nothing at all for the model shipped inside 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -76,6 +77,15 @@ def hub_cache() -> Path:
     return Path(expand(os.environ.get("HF_HUB_CACHE", legacy)))
 
 
+def link_failure(path: Path) -> str:
+    """Why following the link at `path` fails: 'a symbolic link loop', or the system's own words."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        return "a symbolic link loop" if err.errno == errno.ELOOP else err.strerror or str(err)
+    return "it changed while being read"
+
+
 def from_hub_cache(model_id: str, org: str, name: str, revision: str | None) -> Path:
     """The snapshot directory of `org/name` at `revision` (default: main) in the local hub cache.
 
@@ -86,6 +96,9 @@ def from_hub_cache(model_id: str, org: str, name: str, revision: str | None) -> 
     revision = revision or "main"
     ref = repo / "refs" / revision
     searched = [ref]
+    if ref.is_symlink() and not ref.exists():  # is_file() says False for a loop, which read as "not cached"
+        raise CheckpointError(f"{ref}: the Hugging Face cache ref is a symbolic link that leads nowhere "
+                              f"({link_failure(ref)}); expected a file holding a commit hash")
     try:
         commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else None
     except (OSError, UnicodeDecodeError) as err:
@@ -121,6 +134,7 @@ def resolve_checkpoint(path) -> Path:
     if os.fspath(path) == "":
         raise InputError("checkpoint path is empty; expected a checkpoint directory, a model id 'org/name', "
                          "or nothing for the shipped model")
+    checks.path_fits("checkpoint path", path)
     candidate = Path(path)
     if candidate.exists():
         return candidate

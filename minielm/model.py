@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import checks, generation
 from .config import Config
-from .errors import InputError, NumericalError, TokenizerError
+from .errors import InputError, NumericalError, TokenizerError, show
 from .families import ACTIVATION_FACTORS, ACTIVATIONS
 from .generation import KVCache
 from .progress import progress
@@ -276,6 +276,9 @@ class Model:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
+            if self.directory is not None and str(self.directory).endswith(".gguf"):  # a file: no tokenizer files
+                raise TokenizerError(f"{self.directory}: the GGUF file has no tokenizer metadata "
+                                     "(tokenizer.ggml.model and tokenizer.ggml.tokens); pass token ids instead of text")
             raise TokenizerError(f"{self.directory}: no tokenizer.json or tokenizer.model")
         return self._tokenizer
 
@@ -389,10 +392,10 @@ class Model:
         """
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + x.shape[-2], device=x.device)  # (T,)
-        h, layers = (x if edit is None else edit(-1, x, x)), []
+        h, layers = (x if edit is None else edited(edit, -1, x, x)), []
         for i in progress(range(self.config.num_hidden_layers), "forward", show=False if cache else None):
             h, factors, (a, m) = self.block(i, h, positions, frozen.layers[i] if frozen else None, cache)
-            h = h if edit is None else edit(i, h, x)
+            h = h if edit is None else edited(edit, i, h, x)
             layers.append(factors)
             if states is not None:
                 states.output.append(h)
@@ -488,6 +491,22 @@ def times_transposed(y, W, chunk=16384):
     if W.dtype == y.dtype and W.device == y.device:
         return y @ W.T
     return torch.cat([y @ W[i:i + chunk].to(y.device, y.dtype).T for i in range(0, W.shape[0], chunk)], dim=-1)
+
+
+def edited(edit, i, h, x):
+    """edit(i, h, x), checked: a tensor of h's shape and dtype, finite. A hook's mistake is named here, with
+    the layer, rather than surfacing as a raw error, or as non-finite values blamed on the next layer."""
+    where = "before layer 0" if i < 0 else f"after layer {i}"
+    result = edit(i, h, x)
+    if not isinstance(result, torch.Tensor):
+        raise InputError(f"the edit hook returned {show(result, 40)} {where}; it must return a tensor of the "
+                         f"shape of h, {tuple(h.shape)}")
+    if result.shape != h.shape or result.dtype != h.dtype:
+        raise InputError(f"the edit hook returned a {result.dtype} tensor of shape {tuple(result.shape)} {where}; "
+                         f"it must return one of the shape of h, {tuple(h.shape)}, and its dtype, {h.dtype}")
+    if not bool(torch.isfinite(result).all()):
+        raise NumericalError(f"non-finite values returned by the edit hook {where}")
+    return result
 
 
 def check_finite(h, layer, operation):

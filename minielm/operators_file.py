@@ -71,8 +71,11 @@ def read_header(path) -> tuple[int, dict]:
                          "inputs (T, d), output (d,), bias (d,) of one float dtype, one after another, "
                          "with a target")
     end = max(e["data_offsets"][1] for k, e in entries.items() if k != "__metadata__")
-    if 8 + n + end != size:
-        raise InputError(f"{path}: truncated operators file ({size} bytes, the header describes {8 + n + end})")
+    if 8 + n + end != size:  # cut short (truncated), or with bytes after the data: neither is what was written
+        gap = size - (8 + n + end)
+        state, way = ("damaged", "longer") if gap > 0 else ("truncated", "shorter")
+        raise InputError(f"{path}: {state} operators file, {abs(gap)} byte{'s' if abs(gap) != 1 else ''} {way} "
+                         f"than its header describes ({size} bytes, the header describes {8 + n + end})")
     return 8 + n, entries
 
 

@@ -226,6 +226,27 @@ API = [
     Api("layer_table_zero_k", lambda m, ids, c: layer_table(m, ids, k=0), InputError, ("k", "got 0")),
     Api("stable_rank_vector", lambda m, ids, c: stable_rank(torch.zeros(3)), InputError, ("J", "(3,)")),
     Api("token_shares_none", lambda m, ids, c: token_shares(None), InputError, ("elm", "NoneType")),
+    # raw exceptions that escaped (issue 26): NotImplementedError, OSError, TypeError, IndexError
+    Api("ids_on_meta", lambda m, ids, c: m.logits(torch.tensor([1, 2], device="meta")), InputError,
+        ("ids", "meta device", "no values")),
+    Api("load_name_too_long", lambda m, ids, c: minielm.load(c / ("a" * 300)), InputError,
+        ("checkpoint path", "too long", "300 bytes")),
+    Api("load_path_too_long", lambda m, ids, c: minielm.load("/".join(["a" * 200] * 30)), InputError,
+        ("checkpoint path", "too long")),
+    Api("out_name_too_long", lambda m, ids, c: ML(m, ids, out=c.parent / ("a" * 300)), OutputError,
+        ("out", "too long", "300 bytes")),
+    Api("out_partial_name_too_long", lambda m, ids, c: ML(m, ids, out=c.parent / ("a" * 250)), OutputError,
+        ("out", ".partial", "too long", "258 bytes")),
+    Api("edit_wrong_signature", lambda m, ids, c: m.generate(PROMPT, 2, edit=lambda h: h), InputError,
+        ("edit", "edit(i, h, x)", "3 arguments")),
+    Api("edit_returns_none", lambda m, ids, c: m.generate(PROMPT, 2, edit=lambda i, h, x: None), InputError,
+        ("edit", "returned None", "layer 0", "tensor")),
+    Api("edit_returns_wrong_shape", lambda m, ids, c: m.generate(PROMPT, 2, edit=lambda i, h, x: h[:1]), InputError,
+        ("edit", "layer 0", "shape (1, 48)", "the shape of h")),
+    Api("edit_returns_wrong_dtype", lambda m, ids, c: m.generate(PROMPT, 2, edit=lambda i, h, x: h.float()),
+        InputError, ("edit", "torch.float32", "torch.float64")),
+    Api("edit_makes_nan", lambda m, ids, c: m.generate(PROMPT, 2, edit=lambda i, h, x: h * NAN if i == 0 else h),
+        NumericalError, ("non-finite values", "edit", "after layer 0")),
 ]
 
 
@@ -332,6 +353,14 @@ CLI = [
     Cli("missing_prompt", ["generate"], "InputError", ("no prompt",)),
     Cli("missing_concept", ["steer", PROMPT, "--layer", "1"], "InputError", ("concept",)),
     Cli("surrogate_prompt", ["explain", "\ud800"], "TokenizerError", ("lone surrogate",), before_load=False),
+    Cli("out_name_too_long", ["operators", PROMPT, "--out", "{tmp}/" + "a" * 300], "OutputError",
+        ("--out", "too long", "300 bytes")),
+    Cli("html_name_too_long", ["explain", PROMPT, "--html", "{tmp}/" + "a" * 250], "OutputError",
+        ("--html", "too long", "temporary name")),
+    Cli("plot_name_too_long", ["layers", PROMPT, "--plot", "{tmp}/" + "a" * 300], "OutputError",
+        ("--plot", "too long", "300 bytes")),
+    Cli("model_name_too_long", ["explain", PROMPT, "--model", "{tmp}/" + "a" * 300], "InputError",
+        ("checkpoint path", "too long")),
     Cli("missing_model_directory", ["explain", PROMPT, "--model", "{tmp}/nothing"], "CheckpointError",
         ("{tmp}/nothing", "no such checkpoint directory"), before_load=False),
 ]
@@ -374,9 +403,9 @@ def test_cli(row, ckpt, tmp_path, capsys, monkeypatch, unchanged):
 
 
 # ---- real processes: what only a real command shows -----------------------------------------------
-def run(args, **popen):
+def run(args, timeout=300, **popen):
     popen = popen or dict(capture_output=True)
-    return subprocess.run([sys.executable, "-m", "minielm.cli", *args], text=True, timeout=300, **popen)
+    return subprocess.run([sys.executable, "-m", "minielm.cli", *args], text=True, timeout=timeout, **popen)
 
 
 def assert_one_error_line(result, *fragments):
@@ -511,3 +540,140 @@ def test_good_flags_still_run(ckpt, capsys):
     assert minielm.cli.main(["steer", PROMPT, "--model", str(ckpt), "--concept", "the sea", "--layer", "1",
                              "--scale", "0", "--max-new-tokens", "1"]) == 0
     assert "steered" in capsys.readouterr().out
+
+
+# ---- no hang: a missing peer, a pipe with no writer, an endless file (issue 26) ---------------------
+TORCHRUN = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}
+
+
+@pytest.mark.parametrize("variables, fragments", [
+    ({"RANK": "abc"}, ("RANK", "'abc'", "integer")),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, ("RANK", "got 3", "[0, 2)", "WORLD_SIZE")),
+    ({"RANK": "-1"}, ("RANK", "got -1")),
+    ({"WORLD_SIZE": "0"}, ("WORLD_SIZE", "got 0")),
+    ({"WORLD_SIZE": "2.5"}, ("WORLD_SIZE", "'2.5'")),
+    ({"MASTER_PORT": "99999"}, ("MASTER_PORT", "got 99999", "[1, 65535]")),
+    ({"MASTER_PORT": "http"}, ("MASTER_PORT", "'http'")),
+    ({"MASTER_ADDR": "no-such-host.invalid"}, ("MASTER_ADDR", "'no-such-host.invalid'", "cannot be resolved")),
+    ({"MINIELM_DISTRIBUTED_TIMEOUT": "0"}, ("MINIELM_DISTRIBUTED_TIMEOUT", "got 0")),
+], ids=["rank_text", "rank_past_world", "rank_negative", "world_zero", "world_float", "port_too_large",
+        "port_text", "address_unresolvable", "timeout_zero"])
+def test_distributed_variables_are_checked_before_any_work(variables, fragments, ckpt, tmp_path, monkeypatch,
+                                                           capsys):
+    """torchrun's variables, set by hand and wrong: one line naming the variable before the model loads (they
+    were internal errors, or a wait without end in init_process_group)."""
+    for name, value in {**TORCHRUN, **variables}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(minielm.cli, "load", lambda *a, **k: pytest.fail("loaded before the variables were checked"))
+    out = tmp_path / "ops.safetensors"
+    assert minielm.cli.main(["operators", PROMPT, "--model", str(ckpt), "--out", str(out), "--distributed"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
+    for fragment in fragments:
+        assert fragment in captured.err, captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rank", [0, 1], ids=["rank_0_waits_for_peer", "rank_1_finds_no_master"])
+def test_distributed_without_its_peer_times_out_in_one_line(rank, ckpt, tmp_path):
+    """WORLD_SIZE=2 and one process: rank 0 waited for the second one for ever, rank 1 for a rank 0;
+    now the wait ends after MINIELM_DISTRIBUTED_TIMEOUT seconds with one line naming the variables
+    (torch's own C++ log of the retries is not shown)."""
+    env = {**os.environ, **TORCHRUN, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_PORT": str(29540 + rank),
+           "MINIELM_DISTRIBUTED_TIMEOUT": "2"}
+    out = tmp_path / "ops.safetensors"
+    started = time.monotonic()
+    result = run(["operators", PROMPT, "--model", str(ckpt), "--out", str(out), "--distributed"], env=env,
+                 capture_output=True, timeout=120)
+    assert_one_error_line(result, "WORLD_SIZE=2", f"RANK={rank}", "MASTER_ADDR", "MINIELM_DISTRIBUTED_TIMEOUT=2")
+    assert time.monotonic() - started < 60
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prompt_file_fifo_without_a_writer_is_refused(ckpt, tmp_path, monkeypatch, capsys):
+    """A named pipe nobody writes to: the wait for its first byte is bounded (it blocked for ever in open)."""
+    fifo = tmp_path / "prompt.fifo"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(minielm.cli, "PIPE_WAIT_S", 0.5)
+
+    def hung(signum, frame):
+        raise AssertionError("--prompt-file on a FIFO without a writer hangs")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        code = minielm.cli.main(["generate", "--prompt-file", str(fifo), "--model", str(ckpt)])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert str(fifo) in err and "nothing was written" in err and "0.5 s" in err
+
+
+def test_prompt_file_from_a_pipe_is_still_read(ckpt, tmp_path, capsys):
+    """A pipe with a writer (as `--prompt-file <(echo ...)` gives) is read as before."""
+    read, write = os.pipe()
+    os.write(write, PROMPT.encode() + b"\n")
+    os.close(write)
+    try:
+        assert minielm.cli.main(["generate", "--prompt-file", f"/proc/self/fd/{read}", "--model", str(ckpt),
+                                 "--max-new-tokens", "1"]) == 0
+    finally:
+        os.close(read)
+    assert capsys.readouterr().out.startswith(PROMPT)
+
+
+def test_endless_prompt_file_is_refused_by_its_size(ckpt, monkeypatch, capsys):
+    """--prompt-file /dev/zero: the bytes read are bounded (it was a MemoryError, exit 1)."""
+    monkeypatch.setattr(minielm.cli, "PROMPT_LIMIT_BYTES", 2**20)
+    assert minielm.cli.main(["generate", "--prompt-file", "/dev/zero", "--model", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "/dev/zero" in err and "more than 1 MiB" in err, err
+
+
+def test_closed_stdin_is_one_line(ckpt):
+    """`minielm generate - <&-`: no stdin at all (it was an internal AttributeError)."""
+    result = run(["generate", "-", "--model", str(ckpt)], capture_output=True, stdin=subprocess.DEVNULL,
+                 preexec_fn=lambda: os.close(0))
+    assert_one_error_line(result, "stdin", "closed")
+
+
+# ---- messages that named the wrong thing (issue 26) -----------------------------------------------
+@pytest.mark.parametrize("change, word", [(b"\0", "longer"), (-1, "shorter")])
+def test_an_operators_file_of_the_wrong_length_says_which_way(change, word, model, ids, tmp_path):
+    """One byte more was called "truncated (N bytes, the header describes N-1)"."""
+    path = tmp_path / "ops.safetensors"
+    ML(model, ids, out=path)
+    data = path.read_bytes()
+    path.write_bytes(data + change if isinstance(change, bytes) else data[:change])
+    with pytest.raises(InputError) as info:
+        minielm.load_operators(path, model)
+    one_line(info.value, (str(path), f"1 byte {word} than its header describes", f"{len(data) - (change == -1)}"))
+    if word == "longer":
+        assert "truncated" not in str(info.value)
+
+
+def test_a_cache_ref_that_is_a_symlink_loop_is_named(tmp_path, monkeypatch):
+    """refs/main linking to itself: named as a loop (it read as a model not in the cache)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    refs = tmp_path / "models--org--name" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").symlink_to(refs / "main")
+    with pytest.raises(minielm.CheckpointError) as info:
+        minielm.load("org/name")
+    one_line(info.value, (str(refs / "main"), "symbolic link loop"))
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv, to read as a user without override")
+def test_a_safetensors_file_that_may_not_be_read_says_so(ckpt, tmp_path):
+    """A weights file without read permission was "unreadable safetensors file (No such file or directory)".
+    Root reads every file, so the load runs without the capabilities that override file permissions."""
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").chmod(0)
+    script = ("import sys, minielm\ntry:\n    minielm.load(sys.argv[1])\n"
+              "except minielm.CheckpointError as error:\n    print(error)")
+    result = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-c",
+                             script, str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300)
+    assert "model.safetensors: cannot open the safetensors file (Permission denied)" in result.stdout, \
+        (result.stdout, result.stderr)

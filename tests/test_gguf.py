@@ -508,3 +508,13 @@ def test_tokenizer_arrays_of_another_length_than_the_vocabulary_are_refused(key,
     with pytest.raises(minielm.CheckpointError, match=f"{key} holds 300 values for the 4096 tokens of "
                                                       "tokenizer.ggml.tokens"):
         read_gguf(path)
+
+
+def test_a_gguf_without_a_tokenizer_says_so(f32_qwen3):
+    """Text asked of a GGUF file with no tokenizer.ggml.* keys: the message speaks of the GGUF's metadata (it
+    said "no tokenizer.json or tokenizer.model", files a GGUF never has)."""
+    with pytest.raises(minielm.TokenizerError) as info:
+        minielm.load(f32_qwen3).tokenizer
+    message = str(info.value)
+    assert str(f32_qwen3) in message and "no tokenizer metadata" in message and "tokenizer.ggml.tokens" in message
+    assert "tokenizer.json" not in message, message
