@@ -7,7 +7,9 @@ adds is named here, once, with why it pays and when it applies:
 1. Norms folded into the weights (`folded_mlp`, `folded_attention`). A frozen RMSNorm is
    diag(w̃)/ρ_t: a fixed diagonal times one scalar per token. The diagonal folds into the
    adjacent weight matrix and the scalar into the per-token factor already there (the MLP
-   gate, the attention probabilities), so the sweep never rescales the large G. Always.
+   gate, the attention probabilities), so the sweep never rescales the large G. A frozen
+   LayerNorm, diag(w)/σ_t · C, folds alike: its centring C is one more fixed matrix, taken
+   into the weight with the diagonal (Model.norm_after, Model.norm_before). Always.
 2. Live positions. At the top of the sweep G is nonzero at the last position only, until the
    target layer's attention spreads it over every source. The target layer's MLP therefore
    runs on one position ("mlp at last") and its attention reads one query ("attention from
@@ -19,7 +21,8 @@ adds is named here, once, with why it pays and when it applies:
    below in low rank"). Below the target's attention every source s < T receives exactly
    C_s W_V' (rank Hkv·hd), so the MLP below can act on the small factor:
    C_s W_V' (I + M_s) = C_s R_s with R_s = W_V' + (W_V' W_D) diag(φ_s) W_U. It pays when
-   Hkv·hd is small next to d and the rows are many (the dense map on GQA models).
+   Hkv·hd is small next to d and the rows are many (the dense map on GQA models). Not with
+   the parallel residual, where the MLP does not sit below the attention.
 5. Grouped-query attention by GEMM (`heads`, `mix`). The heads that share a key-value head
    are mixed by one GEMM per key-value head, which also sums them: no loop over query heads.
 6. Scratch reuse (`Scratch`). The sweep's temporaries take the same few shapes over and
@@ -28,8 +31,8 @@ adds is named here, once, with why it pays and when it applies:
 7. Row blocks (`sweep_in_blocks`). The d output rows are independent: sweeping r of them at
    a time bounds memory by the block, and a finished block can be written out at once.
 
-`plan` lists the sublayers a sweep goes through and the form each takes; the sweep runs
-it, and the cost model (minielm.cost) counts the flops of the same plan, so the two cannot
+`plan` lists the sublayers a sweep goes through and the form each takes (with the parallel
+residual, GPT-NeoX's, both branches of a layer in one step); the sweep runs it, and the cost model (minielm.cost) counts the flops of the same plan, so the two cannot
 drift apart.
 """
 
