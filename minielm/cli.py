@@ -30,8 +30,8 @@ import torch
 from . import checks, distributed, operators_file, progress
 from .config import Config
 from .errors import InputError, MinielmError, OutputError
-from .interpret import (decode_input, decode_output, forward_order, layer_table, model_token, stable_rank,
-                        stacked_svd, svd_ready, token_shares)
+from .interpret import (cell, decode_input, decode_output, forward_order, layer_table, model_token, printable,
+                        stable_rank, stacked_svd, svd_ready, token_shares)
 from .layer_maps import all_layer_maps
 from .linear_map import detached_jacobian, equivalent_linear_map
 from .loader import load, resolve_checkpoint, resolve_device, resolve_dtype, shipped_model
@@ -363,11 +363,11 @@ def print_explanation(r, model):
     if r.get("dequantized_from"):
         print(f"weights dequantized from GGUF {', '.join(r['dequantized_from'])}: "
               f"the exactness below is for the dequantized model")
-    print(f"prompt  {len(r['tokens'])} tokens: {' | '.join(r['tokens'])}")
+    print(f"prompt  {len(r['tokens'])} tokens: {' | '.join(printable(t) for t in r['tokens'])}")
     print("\nnext token")
     legend("next")
     for row in r["top"]:
-        print(f"  {row['token']:<16} {row['probability']:.4f}")
+        print(f"  {cell(row['token'], 16)} {row['probability']:.4f}")
     exact = "" if r["dtype"] == "float64" else f"   ({r['dtype']}: not exact, round-off of that dtype)"
     print(f"\nexactness{exact}")
     legend("exactness")
@@ -380,14 +380,14 @@ def print_explanation(r, model):
     print("\nper token      share of y   stable rank      σ1")
     legend("per_token")
     for t, row in enumerate(r["per_token"]):
-        print(f"  {t:>3} {row['token']:<14} {row['share']:>8.3f} {row['stable_rank']:>12.2f} {row['sigma1']:>8.3f}")
+        print(f"  {t:>3} {cell(row['token'], 14)} {row['share']:>8.3f} {row['stable_rank']:>12.2f} {row['sigma1']:>8.3f}")
     print("\nstacked operator [J_1 … J_T]: top singular values and vectors")
     legend("stacked")
     print(f"  {'σ':>8}   {'output side (unembedding)':<40} input side (cosine to embeddings)")
     for row in r["decoded"]:
         out = " ".join(row["output_tokens"])
-        at = r["tokens"][row["input_position"]]
-        print(f"  {row['sigma']:>8.3f}   {out:<40} @{at}: {' '.join(row['input_tokens'])}")
+        at = printable(r["tokens"][row["input_position"]])
+        print(f"  {row['sigma']:>8.3f}   {cell(out, 40)} @{at}: {printable(' '.join(row['input_tokens']))}")
 
 
 @contextlib.contextmanager
@@ -496,7 +496,8 @@ def layers(args) -> int:
     for r in rows:
         s = r["singular_values"]
         print(f"{r['target']:<13} {s[0]:>8.3f} {s[1] if len(s) > 1 else 0:>8.3f} {r['stable_rank']:>12.2f} "
-              f"{r['relative_error']:>11.1e}  {' '.join(r['top_tokens']):<34} {' '.join(r['predicts'][:3])}")
+              f"{r['relative_error']:>11.1e}  {cell(' '.join(r['top_tokens']), 34)} "
+              f"{printable(' '.join(r['predicts'][:3]))}")
     announce_files(args, plot="stable rank and σ1 by layer")
     return 0
 
@@ -564,7 +565,7 @@ def steer_eval_command(args) -> int:
     if args.plot:
         with written("--plot", args.plot):
             plot_tradeoff([result], args.plot)  # exactly the path given
-    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    print(json.dumps(result, indent=1) if args.json else format_table(result, legend=LEGENDS["steer_eval"]))
     announce_files(args, plot="lift against fluency cost")
     return 0
 

@@ -13,6 +13,7 @@ For an operator J (d × d, or the stacked d × T·d map [J_1 … J_T]):
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,41 @@ def model_token(model, i) -> str:
         return model.tokenizer.token(int(i))
     except Exception:
         return f"#{int(i)}"
+
+
+LEFT_TO_RIGHT_MARK = "\u200e"
+
+
+def printable(text: str) -> str:
+    """`text` for a row of a text table: what the terminal would act on rather than show (newlines, tabs,
+    escape sequences, bidirectional controls such as U+202E) escaped as repr escapes it ('\\n', '\\x1b',
+    '\\u202e'); text with right-to-left letters (Hebrew, Arabic) is followed by a left-to-right mark, so the
+    columns after it stay in their order."""
+    shown = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+    if any(unicodedata.bidirectional(c) in ("R", "AL") for c in shown):
+        shown += LEFT_TO_RIGHT_MARK
+    return shown
+
+
+def width(text: str) -> int:
+    """Terminal columns of printable text: 2 for a wide (CJK) character, 0 for a combining or zero-width one."""
+    return sum(0 if unicodedata.combining(c) or unicodedata.category(c) == "Cf"
+               else 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
+
+
+def cell(text: str, columns: int) -> str:
+    """printable(text) in exactly `columns` terminal columns: cut with an ellipsis when longer, padded with
+    spaces when shorter."""
+    shown = printable(text)
+    if width(shown) > columns:
+        mark = LEFT_TO_RIGHT_MARK if shown.endswith(LEFT_TO_RIGHT_MARK) else ""
+        kept = ""
+        for c in shown.removesuffix(mark):
+            if width(kept + c) > columns - 1:
+                break
+            kept += c
+        shown = kept + "…" + mark
+    return shown + " " * (columns - width(shown))
 
 
 def token_shares(elm: EquivalentLinearMap) -> torch.Tensor:

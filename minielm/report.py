@@ -64,6 +64,9 @@ LEGENDS = {
                  "after each layer (final norm applied) and off each module's output (as it is, no norm)",
     "attribution": "the logit z of the predicted token split exactly: z = Σ cells + direct path + biases; "
                    "a cell = what source token s sends to z through that layer's module (blue raises z, red lowers it)",
+    "steer_eval": "lift = log-mass of the concept's tokens, steered − unsteered, as the next token and averaged over "
+                  "the continuation; hits = concept tokens generated; NLL = mean −log p of the continuation under the "
+                  "unsteered model (fluency cost); repetition = share of repeated bigrams; first row = unsteered",
 }
 
 
@@ -282,7 +285,7 @@ def exactness_view(figures: dict, rows: list | None = None) -> str:
     items = [("reconstruction ‖Σ J_t x_t + b − y‖ / ‖y‖", figures.get("relative_error")),
              ("probabilities max |p_reconstructed − p|", figures.get("probability_error")),
              ("autograd max |J − J_autograd| / max |J|", figures.get("autograd_relative_difference")),
-             ("attribution |total() − z|", figures.get("attribution_error"))]
+             ("attribution |total() − z| / |z|", figures.get("attribution_error"))]
     body = table(["quantity", "value"], [[esc(name), f"{value:.1e}"] for name, value in items if value is not None]
                  + ([[esc(items[2][0]), "skipped (--no-autograd)"]]  # explain's JSON holds null there
                     if "autograd_relative_difference" in figures and figures["autograd_relative_difference"] is None
@@ -392,7 +395,7 @@ def explain_page(model, elm, figures: dict) -> str:
     attr = attribution(model, elm.ids)  # of the predicted token
     next_id = attr.token
     rows = emergence_rows(model, all_layer_maps(model, elm.ids), next_id)
-    figures["attribution_error"] = abs(attr.total() - attr.logit)
+    figures["attribution_error"] = abs(attr.total() - attr.logit) / (abs(attr.logit) or 1.0)  # relative, as above
     shown = repr(model_token(model, next_id))
     sections += [
         section(f"emergence of the prediction {model_token(model, next_id)!r} through the layers",

@@ -47,6 +47,7 @@ import torch
 
 from . import checks
 from .errors import InputError, NumericalError
+from .interpret import printable
 from .linear_map import equivalent_linear_map, trace
 from .model import Model
 
@@ -309,14 +310,16 @@ def grid(model: Model, layers, scales, methods) -> tuple:
             [checks.one_of("methods", method, METHODS) for method in listed("methods", methods, "recipe names")])
 
 
-def format_table(result: dict) -> str:
-    """The evaluation as a Markdown table, the baseline first."""
+def format_table(result: dict, legend: str | None = None) -> str:
+    """The evaluation as a Markdown table, the baseline first; `legend`, a line saying what the columns
+    mean, under the concept's line as `  # legend`."""
     lines = [f"concept {result['concept']!r}, prompt {result['prompt']!r}",
+             *([f"  # {legend}"] if legend else []),
              "",
              "| method | layer | λ | next-token lift | continuation lift | hits | NLL | repetition | continuation |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in [result["baseline"]] + result["rows"]:
-        text = " ".join(r["text"].split()).replace("|", "\\|")[:80]
+        text = printable(" ".join(r["text"].split())[:80]).replace("|", "\\|")
         lines.append(f"| {r['method']} | {'' if r['layer'] is None else r['layer']} | {r['scale']:g} "
                      f"| {r['next_token_lift']:+.2f} | {r['continuation_lift']:+.2f} | {r['concept_hits']} "
                      f"| {r['nll']:.2f} | {r['repetition']:.2f} | {text} |")

@@ -183,3 +183,38 @@ def test_json_carries_the_schema_version(tiny_with_tokenizer):
     for command in (["explain", "And"], ["layers", "And"], ["check"]):
         out = json.loads(run(*command, "--model", tiny_with_tokenizer, "--json").stdout)
         assert out["schema_version"] == SCHEMA_VERSION
+
+
+def explanation(tokens: list) -> dict:
+    """explain's report (its JSON) for prompt `tokens`, every figure made up."""
+    return {"model": "m", "dtype": "float64", "tokens": tokens, "relative_error": 1e-16, "probability_error": 1e-16,
+            "autograd_relative_difference": 1e-15,
+            "top": [{"token": t, "probability": 0.1} for t in tokens[:5]],
+            "per_token": [{"token": t, "share": 0.25, "stable_rank": 1.5, "sigma1": 2.0} for t in tokens],
+            "decoded": [{"sigma": 3.0, "output_tokens": tokens, "input_position": i, "input_tokens": tokens}
+                        for i in range(len(tokens))]}
+
+
+ODD_TOKENS = ["a\nb", "\r", "שלום", "\u202eevil", "\x1b[2J", "unbelievably_long_decoded_piece", "日本語", "ok"]
+
+
+def test_odd_tokens_keep_the_rows_and_columns(capsys):
+    """Newlines, terminal escapes and bidirectional controls escaped, right-to-left text followed by a
+    left-to-right mark, long pieces cut with an ellipsis: one row per token, its columns where the header says."""
+    from types import SimpleNamespace
+
+    from minielm.cli import print_explanation
+    from minielm.interpret import width
+
+    model = SimpleNamespace(config=SimpleNamespace(model_type="llama", hidden_size=4, num_hidden_layers=1))
+    print_explanation(explanation(ODD_TOKENS), model)
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\x1b" not in out and "\u202e" not in out
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("per token")) + 2
+    rows = lines[start:start + len(ODD_TOKENS)]
+    assert [row.split()[0] for row in rows] == [str(t) for t in range(len(ODD_TOKENS))]  # one line per token
+    assert {width(row.split(" 0.250")[0]) for row in rows} == {23}  # the share starts in the same column
+    assert "unbelievably_…" in out and "שלום\u200e" in out and "\\u202eevil" in out and "a\\nb" in out
+    stacked = lines[-len(ODD_TOKENS):]
+    assert {width(row.split(" @")[0]) for row in stacked} == {53}  # the input side starts in the same column

@@ -97,3 +97,12 @@ def test_attribution_repr_states_the_identity(model):
     expected = torch.cat([attr.table.reshape(T, 2 * L), attr.embedding[:, None]], dim=1).flatten().tolist()
     assert cells == pytest.approx(expected, abs=1e-3)  # the heatmap is the table, row by row, with the direct path
     assert f"total() = {attr.total():.6f}" in page and f"logit z = {attr.logit:.6f}" in page
+
+
+def test_exactness_table_states_the_attribution_error_relative_to_the_logit(report, tiny_with_tokenizer):
+    """Under "round-off is about 1e-15", an absolute error on a logit of 24.5 read as 30× that."""
+    model = minielm.load(tiny_with_tokenizer)
+    attr = minielm.attribution(model, model.tokenizer.encode(PROMPT))
+    shown = re.search(r"attribution \|total\(\) − z\| / \|z\|</td><td>([^<]*)<", report.read_text(encoding="utf-8"))
+    assert shown, "the exactness table has no relative attribution row"
+    assert shown.group(1) == f"{abs(attr.total() - attr.logit) / abs(attr.logit):.1e}"

@@ -9,8 +9,8 @@ import torch
 import minielm
 from minielm.linear_map import equivalent_linear_map
 from minielm.errors import InputError
-from minielm.steering import (METHODS, NEUTRAL, Steering, actadd_edit, evaluate, next_token_log_probs, steer,
-                               unit)
+from minielm.steering import (METHODS, NEUTRAL, Steering, actadd_edit, evaluate, format_table, next_token_log_probs,
+                               steer, unit)
 
 PROMPT, CONCEPT = "And God called the light", "the face of the waters"
 
@@ -113,6 +113,7 @@ def test_cli_steer_methods_and_evaluation(tiny_with_tokenizer, tmp_path):
     result = run("steer-eval", PROMPT, "--concept", CONCEPT, "--layers", "1", "--scales", "0.5",
                  "--model", str(tiny_with_tokenizer), "--max-new-tokens", "4", "--plot", str(tmp_path / "t.png"))
     assert result.returncode == 0 and "| actadd | 1 | 0.5 |" in result.stdout and (tmp_path / "t.png").stat().st_size
+    assert result.stdout.splitlines()[1].startswith("  # lift = ")  # the legend, as every other section has
     result = run("steer-eval", PROMPT, "--concept", CONCEPT, "--layers", "1", "--methods", "paper,bogus",
                  "--model", str(tiny_with_tokenizer))
     assert result.returncode == 2 and "bogus" in result.stderr and "Traceback" not in result.stderr
@@ -202,3 +203,12 @@ def test_minielm_and_actadd_formulas_by_hand(model, method, layer):
         unsteered = model.forward(model.embed(ids))[0]
     assert torch.allclose(hooked, by_hand, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(hooked, unsteered, rtol=1e-3, atol=1e-3)  # the push is large enough to matter
+
+
+def test_the_table_escapes_what_would_break_its_rows():
+    row = {"method": "actadd", "layer": 1, "scale": 1.0, "next_token_lift": 0.0, "continuation_lift": 0.0,
+           "concept_hits": 0, "nll": 1.0, "repetition": 0.0, "text": "a\x1b[2Jb \u202eevil | שלום"}
+    table = format_table({"concept": "c", "prompt": "p", "baseline": dict(row, method="none", layer=None),
+                          "rows": [row]})
+    assert "\x1b" not in table and "\u202e" not in table  # a terminal's escape sequence, an override of direction
+    assert "\\x1b[2Jb \\u202eevil \\| שלום\u200e |" in table  # escaped; a left-to-right mark after the Hebrew
