@@ -51,13 +51,37 @@ def read_gguf(path: Path):
     return opened_gguf(Path(path), file_stamp(path))
 
 
+class PastTheEnd(Exception):
+    """gguf-py's reader asked for bytes past the end of the file: `end`, the offset it needed."""
+
+    def __init__(self, end: int):
+        self.end = end
+
+
 @functools.lru_cache(maxsize=1)
 def opened_gguf(path: Path, stamp: tuple):
     import gguf
 
+    class BoundedReader(gguf.GGUFReader):
+        """gguf-py's reader, a read past the end of the file raised as PastTheEnd: unchecked, a file cut
+        short came out as numpy's words ("When changing to a larger dtype, its size must be a divisor ...",
+        "index 0 is out of bounds ...") and never as truncated."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise PastTheEnd(end)
+            return super()._get(offset, dtype, count, override_order)
+
+    size = stamp[2]  # file_stamp: (device, inode, size, ...)
+    if size == 0:
+        raise CheckpointError(f"{path}: truncated GGUF file (0 bytes, empty)")
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as err:  # bad magic, truncated header, an unknown value type ...
+        reader = BoundedReader(path, "r")
+    except PastTheEnd as cut:
+        raise CheckpointError(f"{path}: truncated GGUF file ({size} bytes, where its header and tensor table "
+                              f"need at least {cut.end})") from None
+    except Exception as err:  # bad magic, an unknown value type ...
         raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from None
     check_tensor_table(reader, path)
     check_tokenizer_arrays(reader, path)
@@ -89,7 +113,8 @@ def check_tensor_table(reader, path: Path) -> None:
                 CheckpointError(f"{where} starts at offset {offset}, not at the start of the data section")
         if tensor.data_offset + tensor.n_bytes > size:
             raise CheckpointError(f"{where} its {tensor.n_bytes} bytes ({tensor.tensor_type.name}, shape "
-                                  f"{list(map(int, tensor.shape))}) end past the end of the file ({size} bytes)")
+                                  f"{list(map(int, tensor.shape))}) end past the end of the file ({size} bytes): the file is truncated, or its type or shape "
+                                  f"is wrong")
         expected, before = offset + padded(tensor.n_bytes, alignment), tensor
     end = reader.data_offset + expected
     if before is not None and size > end:

@@ -518,3 +518,15 @@ def test_a_gguf_without_a_tokenizer_says_so(f32_qwen3):
     message = str(info.value)
     assert str(f32_qwen3) in message and "no tokenizer metadata" in message and "tokenizer.ggml.tokens" in message
     assert "tokenizer.json" not in message, message
+
+
+def test_a_gguf_cut_short_is_called_truncated(f32_qwen3, tmp_path):
+    """A GGUF cut anywhere, in its header, its tensor table or its data, is "truncated" (it was "not a
+    readable GGUF file (When changing to a larger dtype, its size must be a divisor ...)", numpy's words)."""
+    data = f32_qwen3.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for size in (0, 3, 10, 30, 100, 1000, len(data) // 2, len(data) - 1):
+        cut.write_bytes(data[:size])
+        with pytest.raises(minielm.CheckpointError) as info:
+            minielm.load(cut)
+        assert str(info.value).startswith(f"{cut}: truncated GGUF file ({size} bytes"), (size, str(info.value))
