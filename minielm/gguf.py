@@ -459,8 +459,8 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer | None:
         if kind == SENTENCEPIECE:
             scores = fields["tokenizer.ggml.scores"].contents() if "tokenizer.ggml.scores" in fields else None
             space_prefix = _field(fields, "tokenizer.ggml.add_space_prefix", True)
-            tok = sentencepiece_bpe(tokens, scores, _field(fields, "tokenizer.ggml.unknown_token_id", None),
-                                    space_prefix, conventions)
+            unk_id = token_id_field(fields, "tokenizer.ggml.unknown_token_id", len(tokens), path)
+            tok = sentencepiece_bpe(tokens, scores, unk_id, space_prefix, conventions)
             add_bos = _field(fields, "tokenizer.ggml.add_bos_token", True)
         elif kind == BYTE_LEVEL_BPE:
             merges = fields["tokenizer.ggml.merges"].contents()
@@ -474,7 +474,7 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer | None:
         raise
     except Exception as err:
         raise TokenizerError(f"{path}: unreadable GGUF tokenizer metadata ({err})") from None
-    bos_id = _field(fields, "tokenizer.ggml.bos_token_id", None)
+    bos_id = token_id_field(fields, "tokenizer.ggml.bos_token_id", len(tokens), path)
     return Tokenizer(
         lambda text: tok.encode(text, add_special_tokens=False).ids,
         lambda ids: tok.decode(ids, skip_special_tokens=False),
@@ -487,6 +487,17 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer | None:
 
 def _field(fields, key, default):
     return fields[key].contents() if key in fields else default
+
+
+def token_id_field(fields, key: str, n_tokens: int, path: Path):
+    """A special token's id from the metadata (None if absent), refused naming the key unless it is one of
+    the file's tokens: an id past the vocabulary was put before every prompt and then blamed as "token id
+    99999 at position 0 is outside the model's vocabulary"."""
+    value = _field(fields, key, None)
+    if value is not None and not 0 <= value < n_tokens:
+        raise TokenizerError(f"{path}: {key} = {value} is not a token of the file's vocabulary "
+                             f"(tokenizer.ggml.tokens holds {n_tokens} tokens, ids [0, {n_tokens}))")
+    return value
 
 
 def sentencepiece_bpe(tokens: list, scores: list | None, unk_id, space_prefix: bool, conventions: GGUFConventions):

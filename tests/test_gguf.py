@@ -530,3 +530,27 @@ def test_a_gguf_cut_short_is_called_truncated(f32_qwen3, tmp_path):
         with pytest.raises(minielm.CheckpointError) as info:
             minielm.load(cut)
         assert str(info.value).startswith(f"{cut}: truncated GGUF file ({size} bytes"), (size, str(info.value))
+
+
+@pytest.mark.parametrize("key", ["tokenizer.ggml.bos_token_id", "tokenizer.ggml.unknown_token_id"])
+def test_a_special_token_id_outside_the_vocabulary_names_its_key(key, tmp_path, capsys):
+    """bos_token_id = 99999 in a file of 128 tokens: the key is named (it was "token id 99999 at position 0
+    is outside the model's vocabulary", as if the prompt or the model were at fault)."""
+    model = AutoModelForCausalLM.from_config(FAMILIES["qwen3"][0](), dtype=torch.float32)
+    randomize_(model, 0)
+    tokens = ["<unk>", "<s>", "</s>"] + [chr(97 + i) for i in range(26)] + [f"t{i}" for i in range(99)]
+    V = gguf.GGUFValueType
+    metadata = {"tokenizer.ggml.model": ("llama", V.STRING), "tokenizer.ggml.tokens": (tokens, V.ARRAY),
+                "tokenizer.ggml.scores": ([-float(i) for i in range(128)], V.ARRAY),
+                "tokenizer.ggml.token_type": ([2, 3, 3] + [1] * 125, V.ARRAY),
+                "tokenizer.ggml.bos_token_id": (1, V.UINT32), "tokenizer.ggml.unknown_token_id": (0, V.UINT32),
+                "tokenizer.ggml.add_bos_token": (True, V.BOOL)}
+    path = tmp_path / "special.gguf"
+    write_gguf(model, path, "qwen3", Q.F32, metadata=metadata)
+    assert minielm.cli.main(["generate", "hi", "--model", str(path), "--max-new-tokens", "1"]) == 0
+    metadata[key] = (99999, V.UINT32)
+    write_gguf(model, path, "qwen3", Q.F32, metadata=metadata)
+    capsys.readouterr()
+    assert minielm.cli.main(["generate", "hi", "--model", str(path), "--max-new-tokens", "1"]) == 2
+    assert capsys.readouterr().err == (f"minielm: error: {path}: {key} = 99999 is not a token of the file's "
+                                       "vocabulary (tokenizer.ggml.tokens holds 128 tokens, ids [0, 128))\n")
