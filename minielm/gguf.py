@@ -80,7 +80,8 @@ def opened_gguf(path: Path, stamp: tuple):
         reader = BoundedReader(path, "r")
     except PastTheEnd as cut:
         raise CheckpointError(f"{path}: truncated GGUF file ({size} bytes, where its header and tensor table "
-                              f"need at least {cut.end})") from None
+                              f"need at least {cut.end}: the file is cut short, or a length or count in it "
+                              f"is damaged)") from None
     except Exception as err:  # bad magic, an unknown value type ...
         raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from None
     check_tensor_table(reader, path)

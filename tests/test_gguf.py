@@ -7,10 +7,15 @@ reference: the same model with every weight replaced by its dequantized value, b
 without minielm's code (tests/gguf_writer.py). The real Gemma 3 270M file is in test_gguf_gemma3.py.
 """
 
+import functools
+import itertools
+
 import numpy as np
 import pytest
 import torch
 import gguf
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from gguf import GGMLQuantizationType as Q
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
                           MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
@@ -554,3 +559,67 @@ def test_a_special_token_id_outside_the_vocabulary_names_its_key(key, tmp_path, 
     assert minielm.cli.main(["generate", "hi", "--model", str(path), "--max-new-tokens", "1"]) == 2
     assert capsys.readouterr().err == (f"minielm: error: {path}: {key} = 99999 is not a token of the file's "
                                        "vocabulary (tokenizer.ggml.tokens holds 128 tokens, ids [0, 128))\n")
+
+
+# ---- fuzzing the header and the tensor table, as tests/test_loading.py fuzzes safetensors headers ------
+FUZZ_IDS = [1, 5, 9, 3, 7]
+
+
+@functools.cache
+def fuzz_base(directory) -> tuple:
+    """A small F32 Qwen 3 file: (its bytes, its logits, [(start, length, part)] of every field of its
+    tensor table: name length, name, dimension count, dimensions, type, offset)."""
+    model = AutoModelForCausalLM.from_config(FAMILIES["qwen3"][0](), dtype=torch.float32)
+    randomize_(model, 0)
+    path = directory / "base.gguf"
+    write_gguf(model, path, "qwen3", Q.F32)
+    reader = gguf.GGUFReader(path)
+    table = []
+    for tensor in reader.tensors:
+        start = tensor.field.offset
+        for part, kind in zip(tensor.field.parts, ("name_length", "name", "n_dims", "dims", "type", "offset")):
+            table.append((start, part.nbytes, kind))
+            start += part.nbytes
+    return path.read_bytes(), minielm.load(path).logits(FUZZ_IDS), reader.data_offset, table
+
+
+gguf_edits = st.one_of(
+    st.tuples(st.just("field"), st.integers(0, 10**6), st.one_of(st.integers(0, 2**64 - 1), st.integers(0, 40))),
+    st.tuples(st.just("byte"), st.integers(0, 10**6), st.integers(0, 255)),  # anywhere in header and table
+    st.tuples(st.just("cut"), st.integers(0, 10**6), st.none()),
+)
+fuzzed_files = itertools.count()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(gguf_edits, min_size=1, max_size=3))
+def test_fuzzed_gguf_header_is_a_clean_error_or_the_right_logits(edits, tmp_path_factory):
+    """Random edits of a tensor table's fields (offsets, types, dimensions, names) and byte flips anywhere
+    before the data: a MinielmError, or, where only the table was edited, exactly the logits as written
+    (llama.cpp's checks leave no edit of the table that loads as another model). A flip in the metadata may
+    make another valid model (a rope_freq_base): it must still load or fail as a MinielmError, no other way."""
+    data, logits, data_offset, table = fuzz_base(tmp_path_factory.getbasetemp())
+    data, metadata_touched = bytearray(data), False
+    for kind, where, value in sorted(edits, key=lambda edit: edit[0] == "cut"):  # cuts last
+        if kind == "field":
+            start, length, _ = table[where % len(table)]
+            data[start:start + length] = (value % 2**(8 * length)).to_bytes(length, "little")
+        elif kind == "byte":
+            data[where % data_offset] = value
+            metadata_touched |= where % data_offset < table[0][0]
+        else:
+            del data[where % (len(data) + 1):]
+    path = tmp_path_factory.getbasetemp() / f"fuzzed{next(fuzzed_files)}.gguf"
+    path.write_bytes(data)
+    try:
+        model = minielm.load(path)
+        got = model.logits(FUZZ_IDS)
+    except minielm.MinielmError as err:
+        assert str(err) and "\n" not in str(err)
+        event(f"refused: {' '.join(str(err).removeprefix(f'{path}: ').split()[:3])}")
+        return
+    finally:
+        path.unlink()
+    event("loaded")
+    if not metadata_touched:
+        assert torch.equal(got, logits), f"a fuzzed tensor table loaded as another model: {edits}"
