@@ -258,7 +258,8 @@ def check_unchanged(path: Path, stamp: tuple, name: str) -> None:
     now = file_stamp(path)
     if now != stamp:
         (_, inode, size, mtime, _), (_, inode_now, size_now, mtime_now, _) = stamp, now
-        what = (f"it is now {size_now} bytes, not {size}" if size_now != size else
+        what = (f"it was truncated to {size_now} bytes from {size}" if size_now < size else
+                f"it grew to {size_now} bytes from {size}" if size_now > size else
                 "another file took its place" if inode_now != inode else
                 "it was rewritten" if mtime_now != mtime else
                 "its status-change time moved: rewritten with the modification time restored, or its "

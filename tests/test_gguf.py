@@ -267,7 +267,7 @@ def test_a_streamed_gguf_cut_during_the_run_is_named(streamed_qwen3, when):
     result = subprocess.run([sys.executable, "-c", CUT_CHILD, str(path), when], capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 1, (result.returncode, result.stderr[-2000:])  # not -SIGBUS
-    what = (f"it is now {size // 2} bytes, not {size}; reading tensor 'model.layers.0.input_layernorm.weight'"
+    what = (f"it was truncated to {size // 2} bytes from {size}; reading tensor 'model.layers.0.input_layernorm.weight'"
             if when == "between runs" else "it now ends inside tensor 'blk.0.attn_norm.weight'")
     assert result.stderr == f"{path}: the file changed on disk during this run ({what}); load the checkpoint again\n"
 

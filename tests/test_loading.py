@@ -397,7 +397,7 @@ def shipped_copy(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("change, fragment", [
-    ("truncate", "the file changed on disk during this run (it is now 7869848 bytes, not 15739696; reading tensor"),
+    ("truncate", "the file changed on disk during this run (it was truncated to 7869848 bytes from 15739696; reading tensor"),
     ("rewrite", "the file changed on disk during this run (it was rewritten; reading tensor"),
     ("rewrite_keeping_mtime", "the file changed on disk during this run (its status-change time moved: rewritten "
                               "with the modification time restored, or its permissions changed; reading tensor"),
