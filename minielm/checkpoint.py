@@ -188,6 +188,9 @@ class SafetensorsFile:
             self.handle = safe_open(path, framework="pt", backend="pread")
             self.names = set(self.handle.keys())
         except (SafetensorError, OSError) as err:
+            cut = shortfall(path)
+            if cut:
+                raise CheckpointError(f"{path}: truncated safetensors file ({cut})") from None
             raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
 
     def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
@@ -208,6 +211,34 @@ class SafetensorsFile:
         check_unchanged(self.path, self.stamp, name)
         return tensor
 
+HEADER_LIMIT = 100 * 2**20  # the safetensors library's bound on a header; a larger length is not one
+
+
+def shortfall(path: Path) -> str | None:
+    """How a safetensors file the library refused is shorter than it says it is: shorter than the 8 bytes of
+    its header's length, than that header, or than its tensors' data (naming the first tensor cut); None
+    when it is not (the library said only "header too small", "incomplete metadata, file not fully covered")."""
+    try:
+        size = os.stat(path).st_size
+        with open(path, "rb") as file:
+            n = int.from_bytes(file.read(8), "little")
+            if size < 8:
+                return f"{size} bytes, shorter than the 8 bytes that give its header's length"
+            if n > HEADER_LIMIT:
+                return None
+            if size < 8 + n:
+                return f"{size} bytes, where its header alone ends at byte {8 + n}"
+            header = json.loads(file.read(n))
+        spans = sorted((entry["data_offsets"][1], name) for name, entry in header.items() if name != "__metadata__")
+        end = 8 + n + spans[-1][0]
+        if size < end:
+            first = next(name for stop, name in spans if 8 + n + stop > size)
+            return f"{size} bytes, the header describes {end}; tensor {first!r} is the first cut short"
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):  # not a header worth reading
+        return None
+    return None
+
+
 # ---- a file that changes during a run ------------------------------------------------------------
 def file_stamp(path: Path) -> tuple:
     """What identifies a file's contents cheaply: its device, inode, size, modification time and
@@ -227,7 +258,8 @@ def check_unchanged(path: Path, stamp: tuple, name: str) -> None:
     now = file_stamp(path)
     if now != stamp:
         (_, inode, size, mtime, _), (_, inode_now, size_now, mtime_now, _) = stamp, now
-        what = (f"it is now {size_now} bytes, not {size}" if size_now != size else
+        what = (f"it was truncated to {size_now} bytes from {size}" if size_now < size else
+                f"it grew to {size_now} bytes from {size}" if size_now > size else
                 "another file took its place" if inode_now != inode else
                 "it was rewritten" if mtime_now != mtime else
                 "its status-change time moved: rewritten with the modification time restored, or its "

@@ -51,13 +51,38 @@ def read_gguf(path: Path):
     return opened_gguf(Path(path), file_stamp(path))
 
 
+class PastTheEnd(Exception):
+    """gguf-py's reader asked for bytes past the end of the file: `end`, the offset it needed."""
+
+    def __init__(self, end: int):
+        self.end = end
+
+
 @functools.lru_cache(maxsize=1)
 def opened_gguf(path: Path, stamp: tuple):
     import gguf
 
+    class BoundedReader(gguf.GGUFReader):
+        """gguf-py's reader, a read past the end of the file raised as PastTheEnd: unchecked, a file cut
+        short came out as numpy's words ("When changing to a larger dtype, its size must be a divisor ...",
+        "index 0 is out of bounds ...") and never as truncated."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise PastTheEnd(end)
+            return super()._get(offset, dtype, count, override_order)
+
+    size = stamp[2]  # file_stamp: (device, inode, size, ...)
+    if size == 0:
+        raise CheckpointError(f"{path}: truncated GGUF file (0 bytes, empty)")
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as err:  # bad magic, truncated header, an unknown value type ...
+        reader = BoundedReader(path, "r")
+    except PastTheEnd as cut:
+        raise CheckpointError(f"{path}: truncated GGUF file ({size} bytes, where its header and tensor table "
+                              f"need at least {cut.end}: the file is cut short, or a length or count in it "
+                              f"is damaged)") from None
+    except Exception as err:  # bad magic, an unknown value type ...
         raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from None
     check_tensor_table(reader, path)
     check_tokenizer_arrays(reader, path)
@@ -89,7 +114,8 @@ def check_tensor_table(reader, path: Path) -> None:
                 CheckpointError(f"{where} starts at offset {offset}, not at the start of the data section")
         if tensor.data_offset + tensor.n_bytes > size:
             raise CheckpointError(f"{where} its {tensor.n_bytes} bytes ({tensor.tensor_type.name}, shape "
-                                  f"{list(map(int, tensor.shape))}) end past the end of the file ({size} bytes)")
+                                  f"{list(map(int, tensor.shape))}) end past the end of the file ({size} bytes): the file is truncated, or its type or shape "
+                                  f"is wrong")
         expected, before = offset + padded(tensor.n_bytes, alignment), tensor
     end = reader.data_offset + expected
     if before is not None and size > end:
@@ -434,8 +460,8 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer | None:
         if kind == SENTENCEPIECE:
             scores = fields["tokenizer.ggml.scores"].contents() if "tokenizer.ggml.scores" in fields else None
             space_prefix = _field(fields, "tokenizer.ggml.add_space_prefix", True)
-            tok = sentencepiece_bpe(tokens, scores, _field(fields, "tokenizer.ggml.unknown_token_id", None),
-                                    space_prefix, conventions)
+            unk_id = token_id_field(fields, "tokenizer.ggml.unknown_token_id", len(tokens), path)
+            tok = sentencepiece_bpe(tokens, scores, unk_id, space_prefix, conventions)
             add_bos = _field(fields, "tokenizer.ggml.add_bos_token", True)
         elif kind == BYTE_LEVEL_BPE:
             merges = fields["tokenizer.ggml.merges"].contents()
@@ -449,7 +475,7 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer | None:
         raise
     except Exception as err:
         raise TokenizerError(f"{path}: unreadable GGUF tokenizer metadata ({err})") from None
-    bos_id = _field(fields, "tokenizer.ggml.bos_token_id", None)
+    bos_id = token_id_field(fields, "tokenizer.ggml.bos_token_id", len(tokens), path)
     return Tokenizer(
         lambda text: tok.encode(text, add_special_tokens=False).ids,
         lambda ids: tok.decode(ids, skip_special_tokens=False),
@@ -462,6 +488,17 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer | None:
 
 def _field(fields, key, default):
     return fields[key].contents() if key in fields else default
+
+
+def token_id_field(fields, key: str, n_tokens: int, path: Path):
+    """A special token's id from the metadata (None if absent), refused naming the key unless it is one of
+    the file's tokens: an id past the vocabulary was put before every prompt and then blamed as "token id
+    99999 at position 0 is outside the model's vocabulary"."""
+    value = _field(fields, key, None)
+    if value is not None and not 0 <= value < n_tokens:
+        raise TokenizerError(f"{path}: {key} = {value} is not a token of the file's vocabulary "
+                             f"(tokenizer.ggml.tokens holds {n_tokens} tokens, ids [0, {n_tokens}))")
+    return value
 
 
 def sentencepiece_bpe(tokens: list, scores: list | None, unk_id, space_prefix: bool, conventions: GGUFConventions):

@@ -99,7 +99,18 @@ def concept_operators(model: Model, concept: str, layer: int) -> torch.Tensor:
     """J^ℓ_t for every position t of the concept prompt: (T_c, d, d), in the model's dtype."""
     checks.instance("model", model, Model, "from minielm.load")
     layer, concept = steering_layer(model, layer), checks.text("concept", concept)
-    return equivalent_linear_map(model, model.tokenizer.encode(concept), layer=layer).operators
+    return equivalent_linear_map(model, encoded(model, "concept", concept), layer=layer).operators
+
+
+def encoded(model: Model, name: str, text: str) -> list:
+    """The token ids of the concept (or the neutral prompt), refused by name if they exceed the positions:
+    the length check further down named neither ("841 tokens exceed ..."), and the prompt was suspected."""
+    ids = model.tokenizer.encode(text)
+    limit = model.config.max_position_embeddings
+    if len(ids) > limit:
+        raise InputError(f"the {name} (--{name}) is {len(ids)} tokens, more than the model's "
+                         f"max_position_embeddings={limit}; shorten it")
+    return ids
 
 
 def paper_edit(operators: torch.Tensor, layer: int, scale: float):
@@ -128,14 +139,14 @@ def paper_edit(operators: torch.Tensor, layer: int, scale: float):
 def activation_difference(model: Model, concept: str, layer: int, neutral: str = NEUTRAL) -> torch.Tensor:
     """v = mean residual stream after `layer` over the concept's tokens minus the neutral prompt's: (d,)."""
 
-    def mean_stream(text):
-        ids = model.tokenizer.encode(text)
+    def mean_stream(name, text):
+        ids = encoded(model, name, text)
         keep = [t for t, i in enumerate(ids) if i != model.tokenizer.bos_id] or [len(ids) - 1]
         with torch.no_grad():
             residual = trace(model, model.embed(ids))[0][layer]  # (T, d)
         return residual[keep].mean(0)
 
-    v = mean_stream(concept) - mean_stream(neutral)  # (d,)
+    v = mean_stream("concept", concept) - mean_stream("neutral", neutral)  # (d,)
     if not v.any():
         raise InputError(f"actadd at layer {layer}: the concept and the neutral prompt give the same mean stream "
                          "(a zero direction); choose another concept or --neutral")

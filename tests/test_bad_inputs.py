@@ -521,6 +521,21 @@ def test_ctrl_c_in_a_real_process(ckpt):
     assert (child.returncode, stderr) == (130, "minielm: interrupted\n")
 
 
+def test_ctrl_c_at_any_moment_of_startup(ckpt):
+    """SIGINT at delays across the whole startup window (torch imports numpy 0.3-0.6 s in, where a
+    Ctrl-C was swallowed: the command ran on, or blamed an intact GGUF file for a half-imported numpy).
+    The prompt is `-` on a pipe nobody writes to, so the command is still running at every delay: the
+    only right answer is the one line and exit 130."""
+    for delay in (0.1, 0.3, 0.4, 0.5, 0.6, 0.8, 1.2):
+        child = subprocess.Popen([sys.executable, "-m", "minielm", "generate", "-", "--model", str(ckpt)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        time.sleep(delay)
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=120)
+        assert (delay, child.returncode, stderr) == (delay, 130, "minielm: interrupted\n")
+
+
 def test_plot_without_a_suffix_is_written_where_named(ckpt, tmp_path):
     """A plot path with no suffix gets exactly that name (PNG), never 'NAME.png' beside it."""
     assert minielm.cli.main(["layers", PROMPT, "--model", str(ckpt), "--plot", str(tmp_path / "figure")]) == 0

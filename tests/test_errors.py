@@ -202,7 +202,7 @@ CASES = [
          lambda d: edit_tensors(d, set_tensor(Q0, torch.zeros(16, 8)))),
     Case("tensor_not_float", CheckpointError, ["tensor 'model.norm.weight' has dtype torch.int32, expected floating"],
          lambda d: edit_tensors(d, set_tensor("model.norm.weight", torch.zeros(16, dtype=torch.int32)))),
-    Case("safetensors_truncated", CheckpointError, ["{dir}/model.safetensors: unreadable safetensors file"], truncate),
+    Case("safetensors_truncated", CheckpointError, ["{dir}/model.safetensors: truncated safetensors file"], truncate),
     Case("safetensors_garbage", CheckpointError, ["{dir}/model.safetensors: unreadable safetensors file"],
          write("model.safetensors", bytes(range(256)) * 40)),
     Case("no_weights", CheckpointError, ["{dir}: no *.safetensors weights file"], delete("model.safetensors")),

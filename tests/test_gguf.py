@@ -7,10 +7,15 @@ reference: the same model with every weight replaced by its dequantized value, b
 without minielm's code (tests/gguf_writer.py). The real Gemma 3 270M file is in test_gguf_gemma3.py.
 """
 
+import functools
+import itertools
+
 import numpy as np
 import pytest
 import torch
 import gguf
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from gguf import GGMLQuantizationType as Q
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
                           MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
@@ -262,7 +267,7 @@ def test_a_streamed_gguf_cut_during_the_run_is_named(streamed_qwen3, when):
     result = subprocess.run([sys.executable, "-c", CUT_CHILD, str(path), when], capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 1, (result.returncode, result.stderr[-2000:])  # not -SIGBUS
-    what = (f"it is now {size // 2} bytes, not {size}; reading tensor 'model.layers.0.input_layernorm.weight'"
+    what = (f"it was truncated to {size // 2} bytes from {size}; reading tensor 'model.layers.0.input_layernorm.weight'"
             if when == "between runs" else "it now ends inside tensor 'blk.0.attn_norm.weight'")
     assert result.stderr == f"{path}: the file changed on disk during this run ({what}); load the checkpoint again\n"
 
@@ -518,3 +523,103 @@ def test_a_gguf_without_a_tokenizer_says_so(f32_qwen3):
     message = str(info.value)
     assert str(f32_qwen3) in message and "no tokenizer metadata" in message and "tokenizer.ggml.tokens" in message
     assert "tokenizer.json" not in message, message
+
+
+def test_a_gguf_cut_short_is_called_truncated(f32_qwen3, tmp_path):
+    """A GGUF cut anywhere, in its header, its tensor table or its data, is "truncated" (it was "not a
+    readable GGUF file (When changing to a larger dtype, its size must be a divisor ...)", numpy's words)."""
+    data = f32_qwen3.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for size in (0, 3, 10, 30, 100, 1000, len(data) // 2, len(data) - 1):
+        cut.write_bytes(data[:size])
+        with pytest.raises(minielm.CheckpointError) as info:
+            minielm.load(cut)
+        assert str(info.value).startswith(f"{cut}: truncated GGUF file ({size} bytes"), (size, str(info.value))
+
+
+@pytest.mark.parametrize("key", ["tokenizer.ggml.bos_token_id", "tokenizer.ggml.unknown_token_id"])
+def test_a_special_token_id_outside_the_vocabulary_names_its_key(key, tmp_path, capsys):
+    """bos_token_id = 99999 in a file of 128 tokens: the key is named (it was "token id 99999 at position 0
+    is outside the model's vocabulary", as if the prompt or the model were at fault)."""
+    model = AutoModelForCausalLM.from_config(FAMILIES["qwen3"][0](), dtype=torch.float32)
+    randomize_(model, 0)
+    tokens = ["<unk>", "<s>", "</s>"] + [chr(97 + i) for i in range(26)] + [f"t{i}" for i in range(99)]
+    V = gguf.GGUFValueType
+    metadata = {"tokenizer.ggml.model": ("llama", V.STRING), "tokenizer.ggml.tokens": (tokens, V.ARRAY),
+                "tokenizer.ggml.scores": ([-float(i) for i in range(128)], V.ARRAY),
+                "tokenizer.ggml.token_type": ([2, 3, 3] + [1] * 125, V.ARRAY),
+                "tokenizer.ggml.bos_token_id": (1, V.UINT32), "tokenizer.ggml.unknown_token_id": (0, V.UINT32),
+                "tokenizer.ggml.add_bos_token": (True, V.BOOL)}
+    path = tmp_path / "special.gguf"
+    write_gguf(model, path, "qwen3", Q.F32, metadata=metadata)
+    assert minielm.cli.main(["generate", "hi", "--model", str(path), "--max-new-tokens", "1"]) == 0
+    metadata[key] = (99999, V.UINT32)
+    write_gguf(model, path, "qwen3", Q.F32, metadata=metadata)
+    capsys.readouterr()
+    assert minielm.cli.main(["generate", "hi", "--model", str(path), "--max-new-tokens", "1"]) == 2
+    assert capsys.readouterr().err == (f"minielm: error: {path}: {key} = 99999 is not a token of the file's "
+                                       "vocabulary (tokenizer.ggml.tokens holds 128 tokens, ids [0, 128))\n")
+
+
+# ---- fuzzing the header and the tensor table, as tests/test_loading.py fuzzes safetensors headers ------
+FUZZ_IDS = [1, 5, 9, 3, 7]
+
+
+@functools.cache
+def fuzz_base(directory) -> tuple:
+    """A small F32 Qwen 3 file: (its bytes, its logits, [(start, length, part)] of every field of its
+    tensor table: name length, name, dimension count, dimensions, type, offset)."""
+    model = AutoModelForCausalLM.from_config(FAMILIES["qwen3"][0](), dtype=torch.float32)
+    randomize_(model, 0)
+    path = directory / "base.gguf"
+    write_gguf(model, path, "qwen3", Q.F32)
+    reader = gguf.GGUFReader(path)
+    table = []
+    for tensor in reader.tensors:
+        start = tensor.field.offset
+        for part, kind in zip(tensor.field.parts, ("name_length", "name", "n_dims", "dims", "type", "offset")):
+            table.append((start, part.nbytes, kind))
+            start += part.nbytes
+    return path.read_bytes(), minielm.load(path).logits(FUZZ_IDS), reader.data_offset, table
+
+
+gguf_edits = st.one_of(
+    st.tuples(st.just("field"), st.integers(0, 10**6), st.one_of(st.integers(0, 2**64 - 1), st.integers(0, 40))),
+    st.tuples(st.just("byte"), st.integers(0, 10**6), st.integers(0, 255)),  # anywhere in header and table
+    st.tuples(st.just("cut"), st.integers(0, 10**6), st.none()),
+)
+fuzzed_files = itertools.count()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(gguf_edits, min_size=1, max_size=3))
+def test_fuzzed_gguf_header_is_a_clean_error_or_the_right_logits(edits, tmp_path_factory):
+    """Random edits of a tensor table's fields (offsets, types, dimensions, names) and byte flips anywhere
+    before the data: a MinielmError, or, where only the table was edited, exactly the logits as written
+    (llama.cpp's checks leave no edit of the table that loads as another model). A flip in the metadata may
+    make another valid model (a rope_freq_base): it must still load or fail as a MinielmError, no other way."""
+    data, logits, data_offset, table = fuzz_base(tmp_path_factory.getbasetemp())
+    data, metadata_touched = bytearray(data), False
+    for kind, where, value in sorted(edits, key=lambda edit: edit[0] == "cut"):  # cuts last
+        if kind == "field":
+            start, length, _ = table[where % len(table)]
+            data[start:start + length] = (value % 2**(8 * length)).to_bytes(length, "little")
+        elif kind == "byte":
+            data[where % data_offset] = value
+            metadata_touched |= where % data_offset < table[0][0]
+        else:
+            del data[where % (len(data) + 1):]
+    path = tmp_path_factory.getbasetemp() / f"fuzzed{next(fuzzed_files)}.gguf"
+    path.write_bytes(data)
+    try:
+        model = minielm.load(path)
+        got = model.logits(FUZZ_IDS)
+    except minielm.MinielmError as err:
+        assert str(err) and "\n" not in str(err)
+        event(f"refused: {' '.join(str(err).removeprefix(f'{path}: ').split()[:3])}")
+        return
+    finally:
+        path.unlink()
+    event("loaded")
+    if not metadata_touched:
+        assert torch.equal(got, logits), f"a fuzzed tensor table loaded as another model: {edits}"

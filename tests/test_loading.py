@@ -192,6 +192,24 @@ def test_fuzzed_header_is_a_clean_error_or_the_declared_bytes(steps, tmp_path):
         assert as_bytes(tensor) == spec_bytes, f"tensor {name!r} differs from the bytes its header declares"
 
 
+def test_a_cut_safetensors_file_is_called_truncated_naming_the_tensor_cut(tmp_path):
+    """A safetensors file cut anywhere says "truncated" and names the first tensor cut short (the library's
+    words came out: "header too small", "incomplete metadata, file not fully covered")."""
+    save_file({"a": torch.zeros(4), "b": torch.ones(8)}, tmp_path / "full.safetensors")
+    data = (tmp_path / "full.safetensors").read_bytes()
+    n = 8 + int.from_bytes(data[:8], "little")  # where the data begins: a's 16 bytes, then b's 32
+    path = tmp_path / "model.safetensors"
+    for size, said in ((0, "shorter than the 8 bytes"), (5, "shorter than the 8 bytes"),
+                       (8, f"its header alone ends at byte {n}"), (n - 1, f"its header alone ends at byte {n}"),
+                       (n, "tensor 'a' is the first cut short"), (n + 15, "tensor 'a' is the first cut short"),
+                       (n + 16, "tensor 'b' is the first cut short"), (n + 47, "tensor 'b' is the first cut short")):
+        path.write_bytes(data[:size])
+        with pytest.raises(CheckpointError) as info:
+            SafetensorsSource(tmp_path)
+        assert str(info.value).startswith(f"{path}: truncated safetensors file ({size} bytes, ") and \
+            said in str(info.value), (size, str(info.value))
+
+
 def test_the_reference_reading_of_the_base_file():
     """The fuzzing's oracle reads the unmutated file as the safetensors library saved it."""
     tensors = spec_reading(mutated_file([]))
@@ -379,7 +397,7 @@ def shipped_copy(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("change, fragment", [
-    ("truncate", "the file changed on disk during this run (it is now 7869848 bytes, not 15739696; reading tensor"),
+    ("truncate", "the file changed on disk during this run (it was truncated to 7869848 bytes from 15739696; reading tensor"),
     ("rewrite", "the file changed on disk during this run (it was rewritten; reading tensor"),
     ("rewrite_keeping_mtime", "the file changed on disk during this run (its status-change time moved: rewritten "
                               "with the modification time restored, or its permissions changed; reading tensor"),

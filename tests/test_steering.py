@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import minielm
+import minielm.cli
 from minielm.linear_map import equivalent_linear_map
 from minielm.errors import InputError
 from minielm.steering import (METHODS, NEUTRAL, Steering, actadd_edit, evaluate, format_table, next_token_log_probs,
@@ -212,3 +213,24 @@ def test_the_table_escapes_what_would_break_its_rows():
                           "rows": [row]})
     assert "\x1b" not in table and "\u202e" not in table  # a terminal's escape sequence, an override of direction
     assert "\\x1b[2Jb \\u202eevil \\| שלום\u200e |" in table  # escaped; a left-to-right mark after the Hebrew
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_concept_too_long_is_named(model, tiny_with_tokenizer, method, capsys):
+    """A concept past the positions is named as the culprit (it was "841 tokens exceed
+    max_position_embeddings=512", which reads as the prompt's fault)."""
+    limit = model.config.max_position_embeddings
+    concept = " light" * (limit + 5)
+    with pytest.raises(minielm.InputError, match=r"^the concept \(--concept\) is \d+ tokens, more than the "
+                                                 rf"model's max_position_embeddings={limit}"):
+        steer(model, concept, "In the beginning", 0, 1.0, max_new_tokens=1, method=method)
+    assert minielm.cli.main(["steer", "In the beginning", "--concept", concept, "--model", str(tiny_with_tokenizer),
+                             "--method", method, "--max-new-tokens", "1"]) == 2
+    assert capsys.readouterr().err.startswith("minielm: error: the concept (--concept) is ")
+
+
+def test_a_neutral_prompt_too_long_is_named(model):
+    limit = model.config.max_position_embeddings
+    with pytest.raises(minielm.InputError, match=r"^the neutral \(--neutral\) is \d+ tokens"):
+        steer(model, "light", "In the beginning", 0, 1.0, max_new_tokens=1, method="actadd",
+                      neutral=" dark" * (limit + 5))

@@ -277,7 +277,7 @@ def test_a_file_cut_under_a_read_ahead_is_named_when_its_layer_is_taken(five_lay
     with pytest.raises(CheckpointError) as info:
         layers[2]
     assert str(info.value).startswith(f"{directory / 'model.safetensors'}: the file changed on disk during this run "
-                                      f"(it is now {size // 2} bytes, not {size}; reading tensor 'model.layers.2.")
+                                      f"(it was truncated to {size // 2} bytes from {size}; reading tensor 'model.layers.2.")
 
 
 EXIT_CHILD = """
