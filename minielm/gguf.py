@@ -60,9 +60,9 @@ class PastTheEnd(Exception):
 
 @functools.lru_cache(maxsize=1)
 def opened_gguf(path: Path, stamp: tuple):
-    import gguf
+    from gguf.gguf_reader import GGUFReader  # the class itself, whatever the package's name is bound to
 
-    class BoundedReader(gguf.GGUFReader):
+    class BoundedReader(GGUFReader):
         """gguf-py's reader, a read past the end of the file raised as PastTheEnd: unchecked, a file cut
         short came out as numpy's words ("When changing to a larger dtype, its size must be a divisor ...",
         "index 0 is out of bounds ...") and never as truncated."""
