@@ -24,7 +24,6 @@ the next one ahead meanwhile, on a background thread, and copies it on a side st
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -36,7 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import Config
-from .model import LayerWeights
+from .model import LAYER_FIELDS, LayerWeights
 from .errors import CheckpointError
 from .families import O_BIAS, QKV_BIASES
 
@@ -578,11 +577,9 @@ class StreamedLayer(Mapping):
         return self.cast[name]
 
     def __getattr__(self, name):  # only for names that are not attributes of the object itself
-        if name in LAYER_WEIGHTS and name in self.__dict__.get("where", ()):
-            return self[name]
-        if name in LAYER_WEIGHTS:
-            return None  # a tensor this family does not have, as in LayerWeights
-        raise AttributeError(name)
+        if name not in LAYER_FIELDS:
+            raise AttributeError(name)
+        return self[name] if name in self.__dict__.get("where", ()) else None  # None: as in LayerWeights
 
     def tensors(self) -> list:
         return [self[name] for name in self.where]
@@ -593,8 +590,6 @@ class StreamedLayer(Mapping):
     def __len__(self):
         return len(self.where)
 
-
-LAYER_WEIGHTS = {f.name for f in dataclasses.fields(LayerWeights)}
 
 
 def weight(layer, name: str) -> torch.Tensor:

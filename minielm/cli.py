@@ -350,6 +350,12 @@ def announce_files(args, **what) -> None:
             print(line, file=sys.stderr)
 
 
+def print_header(model, args, ids) -> None:
+    """The first lines of `check` and `layers`: the model, then the prompt and its length."""
+    print(model_line(model, args))
+    print(f"prompt  {shorten(args.prompt)}  ({len(ids)} tokens)\n")
+
+
 def model_line(model, args) -> str:
     """The header's first line, in every report: the checkpoint and its shape."""
     c = model.config
@@ -458,8 +464,7 @@ def check(args) -> int:
                           "worst_by_column": {c: (None if v != v else v) for c, v in worst.items()},
                           "rows": [{k: (None if v != v else v) for k, v in r.items()} for r in rows]}, indent=1))
         return 0 if passed else 1
-    print(model_line(model, args))
-    print(f"prompt  {shorten(args.prompt)}  ({len(ids)} tokens)\n")
+    print_header(model, args, ids)
     legend("targets")
     legend("check")
     print(f"{'target':<14} {'reconstruction':>15} {'probabilities':>14} {'vs autograd':>12}")
@@ -487,8 +492,7 @@ def layers(args) -> int:
         print(json.dumps({"schema_version": SCHEMA_VERSION, "tokens": [model_token(model, i) for i in ids],
                           "targets": rows}, indent=1, ensure_ascii=False))
         return 0
-    print(model_line(model, args))
-    print(f"prompt  {shorten(args.prompt)}  ({len(ids)} tokens)\n")
+    print_header(model, args, ids)
     legend("targets")
     legend("layers")
     print(f"{'target':<13} {'σ1':>8} {'σ2':>8} {'stable rank':>12} {'rec. error':>11}  "

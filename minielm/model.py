@@ -284,10 +284,7 @@ class Model:
 
     def parameters(self) -> list:
         """Every weight tensor once (the tied unembedding is the embedding)."""
-        tensors = [self.weights["embed"], self.weights["final_norm"]]
-        if self.weights["lm_head"] is not self.weights["embed"]:
-            tensors.append(self.weights["lm_head"])
-        return tensors + [t for layer in self.weights["layers"] for t in layer.tensors()]
+        return [tensor for _, tensor in self.named_weights()]
 
     def fingerprint(self) -> str:
         """sha256 of every weight (by name, with its shape and its bytes in the compute dtype): what an
@@ -424,12 +421,7 @@ class Model:
         """G_t N'_t for row blocks G (T, r, d): the frozen norm's Jacobian N'_t = diag(w̃)/ρ_t (RMSNorm) or
         diag(w)/σ_t · C (LayerNorm; C = I − 11ᵀ/d removes each row's mean) applied on the right of each
         position's rows. G itself where the layer has no such norm (no frozen factor: the identity)."""
-        if inv_rho is None:
-            return G
-        G = G * ((self.config.norm_offset + weight) * inv_rho)[:, None, :]  # G_t diag(w̃)/ρ_t
-        if self.config.family_spec.norm == "layer":
-            G = G - G.mean(-1, keepdim=True)  # · C
-        return G
+        return G if inv_rho is None else self.norm_after(G * inv_rho[:, None, :], weight)  # G_t/ρ_t, then diag, C
 
     def norm_after(self, W, weight):
         """W diag(w̃) (· C for LayerNorm): a matrix W (n, d) that reads a norm's output, the norm's
