@@ -250,10 +250,10 @@ def file_stamp(path: Path) -> tuple:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
-def check_unchanged(path: Path, stamp: tuple, name: str) -> None:
+def check_unchanged(path: Path, stamp: tuple, name: str, again: str = "load the checkpoint again") -> None:
     """A CheckpointError if the file at `path` is no longer the one `file_stamp` saw (`stamp`), naming
-    the tensor being read (`name`): a file cut, rewritten or replaced during a run is an error, never
-    a mix of old and new weights."""
+    the tensor being read (`name`) and what to do (`again`): a file cut, rewritten or replaced during a
+    run is an error, never a mix of old and new weights."""
     now = file_stamp(path)
     if now != stamp:
         (_, inode, size, mtime, _), (_, inode_now, size_now, mtime_now, _) = stamp, now
@@ -264,7 +264,7 @@ def check_unchanged(path: Path, stamp: tuple, name: str) -> None:
                 "its status-change time moved: rewritten with the modification time restored, or its "
                 "permissions changed")
         raise CheckpointError(f"{path}: the file changed on disk during this run ({what}; reading tensor "
-                              f"{name!r}); load the checkpoint again")
+                              f"{name!r}); {again}")
 
 
 # ---- a family's own layout, as nn.Linear's ----------------------------------------------------
