@@ -181,6 +181,25 @@ def test_f64_tensors_are_read_exactly(tmp_path):
     assert err <= 1e-13 and model.dequantized_from == []
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_embedding_is_read_a_block_of_rows_at_a_time(tmp_path, monkeypatch, stream):
+    """As for safetensors (test_loading.py): the embedding and the unembedding (Q4_K blocks here) are read, dequantized
+    and cast a block of rows at a time, never whole, and give the model read whole."""
+    from test_loading import reads_of
+    from minielm.gguf import GGUFSource
+
+    path, _ = gguf_and_reference("llama", Q.Q4_K, tmp_path)
+    whole = minielm.load(path, stream=stream)
+    monkeypatch.setattr(minielm.checkpoint, "BLOCK_BYTES", 5 * 256 * 4)  # 5 rows of d = 256, dequantized to float32
+    reads = reads_of(monkeypatch, GGUFSource)
+    model = minielm.load(path, stream=stream)
+    top = [size for name, size in reads if name in ("model.embed_tokens.weight", "lm_head.weight")]
+    assert len(top) >= 2 * 128 // 5 and max(top) <= 5 * 256 * 4, top
+    for name in ("embed", "lm_head"):
+        assert torch.equal(model.weights[name], whole.weights[name])
+    assert torch.equal(model.logits(PROMPT), whole.logits(PROMPT))
+
+
 @pytest.mark.parametrize("kind_name, kind", [("I8", np.int8), ("I32", np.int32)])
 def test_an_integer_tensor_is_refused_at_load(tmp_path, monkeypatch, kind_name, kind):
     """A type gguf-py cannot dequantize (I8 ... I64): a one-line CheckpointError naming the tensor
