@@ -28,12 +28,13 @@ but it is the dequantized model, not the original one.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import check_unchanged, file_stamp, layer_map
+from .checkpoint import check_unchanged, file_stamp, layer_map, read_into
 from .config import Config
 from .errors import CheckpointError, ConfigError, TokenizerError, show
 from .families import GGUF_ARCHITECTURES, GGUFConventions
@@ -301,29 +302,28 @@ def check_readable(tensor, path: Path, hf_name: str | None = None) -> None:
                               f"not read; expected F64, F32, F16, BF16 or a quantized type that gguf-py dequantizes")
 
 
-def stored(tensor, path: Path) -> np.ndarray:
-    """A GGUF tensor's stored bytes, as gguf-py's view shows them (its dtype and shape), but read from
+def stored(tensor, path: Path, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop of a GGUF tensor's stored bytes (a row: the values of its fastest axis, whole
+    blocks of a quantized type), as gguf-py's view shows them (its dtype and shape), but read from
     the file into memory this process owns rather than through the reader's mapping: a file cut
     meanwhile is then a short read and a CheckpointError, where touching the mapping past the new end
     would end the process (SIGBUS)."""
-    buffer = np.empty(tensor.data.nbytes, np.uint8)
-    with open(path, "rb") as f:
-        f.seek(tensor.data_offset)
-        read = f.readinto(memoryview(buffer))  # buffered: as many reads as it takes, short only at the end
-    if read != buffer.nbytes:
+    shape = (stop - start, *tensor.data.shape[1:])
+    buffer = torch.empty(math.prod(shape) * tensor.data.dtype.itemsize, dtype=torch.uint8)
+    if read_into(path, tensor.data_offset + start * (buffer.numel() // max(1, stop - start)), buffer) != buffer.numel():
         raise CheckpointError(f"{path}: the file changed on disk during this run (it now ends inside tensor "
                               f"{tensor.name!r}); load the checkpoint again")
-    return buffer.view(tensor.data.dtype).reshape(tensor.data.shape)
+    return buffer.numpy().view(tensor.data.dtype).reshape(shape)
 
 
-def dequantize(tensor, path: Path) -> np.ndarray:
-    """A GGUF tensor's values, in memory this process owns (`stored`): F64 as stored, in float64 (gguf-py
-    would not read it); every other type in float32, by gguf-py's reference dequantization. A
-    CheckpointError for a type neither reads."""
+def dequantize(tensor, path: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows start..stop (default: all) of a GGUF tensor's values, in memory this process owns (`stored`):
+    F64 as stored, in float64 (gguf-py would not read it); every other type in float32, by gguf-py's
+    reference dequantization. A CheckpointError for a type neither reads."""
     import gguf
 
     check_readable(tensor, path)
-    data = stored(tensor, path)
+    data = stored(tensor, path, start, len(tensor.data) if stop is None else stop)
     if tensor.tensor_type == gguf.GGMLQuantizationType.F64:
         return data.view(np.float64)  # the stored doubles, not rounded through float32
     values = gguf.quants.dequantize(data, tensor.tensor_type)  # float32, the reference
@@ -366,11 +366,7 @@ class GGUFSource:
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor in HF layout: dequantized, q/k rows un-permuted (llama), norm offset undone (Gemma)."""
-        tensor = self.tensors[self.hf_to_gguf[name]]
-        check_unchanged(self.path, self.stamp, name)  # before: a cut file would be read past its end (SIGBUS)
-        values = dequantize(tensor, self.path)
-        check_unchanged(self.path, self.stamp, name)  # after: a rewrite meanwhile would mix old and new
-        weight = torch.from_numpy(values).reshape(self.info(name)[0])  # (out, in): HF layout
+        weight = self.rows(name, 0, self.info(name)[0][0])  # (out, in): HF layout
         permuted = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
         if self.conventions.qk_rows_permuted and name.endswith(permuted):
             heads = self.config.num_attention_heads if ".q_proj" in name else self.config.num_key_value_heads
@@ -378,6 +374,14 @@ class GGUFSource:
         if self._norm_offset(name):  # 1 + w - 1 is exact in float64 for float32 values (and F64 ones in [0.5, 2])
             weight = weight.to(torch.float64) - self.config.norm_offset
         return weight
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of the tensor in HF layout, dequantized (for a top-level matrix: nothing to undo)."""
+        tensor = self.tensors[self.hf_to_gguf[name]]
+        check_unchanged(self.path, self.stamp, name)  # before: a cut file would be read past its end (SIGBUS)
+        values = dequantize(tensor, self.path, start, stop)
+        check_unchanged(self.path, self.stamp, name)  # after: a rewrite meanwhile would mix old and new
+        return torch.from_numpy(values).reshape(stop - start, *self.info(name)[0][1:])
 
     def quantized_types(self) -> list:
         """The block-quantized GGUF types the file's tensors use (F32, F16, BF16 are exact, not listed)."""

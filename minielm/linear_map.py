@@ -173,7 +173,8 @@ def equivalent_linear_map(model: Model, ids, layer: int | None = None, component
 
 def load_operators(path, model=None) -> EquivalentLinearMap:
     """The EquivalentLinearMap stored at `path` by equivalent_linear_map(..., out=), its tensors
-    memory-mapped (copy-on-write: changing them changes nothing on disk). With the model that
+    memory-mapped from a private copy of the file (copy-on-write: changing them changes nothing on disk;
+    a file cut or rewritten afterwards changes nothing in them; see minielm.operators_file). With the model that
     computed it, logits and probabilities work too; another model is refused: one whose weights'
     fingerprint (Model.fingerprint) differs from the file's, or, for a file written without one,
     whose embedding of the stored ids differs from the stored inputs."""

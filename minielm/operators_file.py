@@ -15,21 +15,31 @@ final offsets; each block of rows of every J_t is then written in place at its b
 offset (os.pwrite), so one process or many (each rank its own rows) fill the same file.
 It is written under PATH.partial, a new file (anything already there is refused, never written
 through), and renamed once complete: a file at PATH is whole.
+
+It is read back by mapping a private copy (`private_copy`), never the file itself: a mapped file
+truncated in place while its map is in use (`truncate`, `cp other.safetensors PATH`) ends the process
+with SIGBUS at the next touch of a page that is gone. The copy has no name (O_TMPFILE, beside the file:
+on btrfs or XFS the kernel shares the blocks and copies nothing), so nothing else can cut it, and
+it is mapped, not read: a map larger than memory still pages from the disk. Its cost (the copy's
+time and disk space; no memory) is measured by tools/bench_load_operators.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import errno
 import mmap
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from . import checks
-from .checkpoint import SAFETENSORS_DTYPES as DTYPES
+from .checkpoint import SAFETENSORS_DTYPES as DTYPES, check_unchanged, file_stamp
 from .distributed import barrier, on_every_rank, rank_and_size
 from .errors import InputError, MinielmError, OutputError
 from .model import Model
@@ -164,16 +174,16 @@ def as_bytes(tensor) -> memoryview:
 
 
 def read(path, model=None) -> tuple[dict, dict]:
-    """The tensors stored at `path` by name, memory-mapped (copy-on-write: changing them changes
-    nothing on disk), and the file's metadata. With a model: a model whose embedding of the stored
-    ids differs from the stored inputs is refused (minielm.load_operators makes the map of them)."""
+    """The tensors stored at `path` by name, memory-mapped from a private copy of the file (changing them
+    changes nothing on disk; changing the file changes nothing in them), and the file's metadata. With
+    a model: a model whose weights' fingerprint differs is refused (minielm.load_operators makes the map of them)."""
     if model is not None:
         checks.instance("model", model, Model, "from minielm.load")
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
         raise InputError(f"{path}: no such operators file")
+    stamp = file_stamp(path)  # before the header: a change from here on is seen once the copy is made
     start, entries = read_header(path)
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    mapped = private_copy(path, stamp)
     tensors = {}
     for name, entry in entries.items():
         if name != "__metadata__":
@@ -183,6 +193,46 @@ def read(path, model=None) -> tuple[dict, dict]:
     if model is not None:
         check_same_model(path, entries["__metadata__"], tensors["ids"].tolist(), tensors["inputs"], model)
     return tensors, entries["__metadata__"]
+
+
+def private_copy(path, stamp: tuple) -> mmap.mmap:
+    """The bytes of the file at `path`, mapped (copy-on-write) from an unnamed copy: a file without a name,
+    in `path`'s directory (the same file system: a reflink where it can share blocks), else in the temporary
+    directory. The file must still be what `file_stamp` saw (`stamp`) once copied: a CheckpointError if it
+    changed meanwhile. An OutputError if no copy can be made (a full disk)."""
+    size = stamp[2]  # file_stamp: (device, inode, size, ...)
+    try:
+        with open(path, "rb") as source, unnamed_file_beside(path) as copy:
+            copy_bytes(source, copy)
+            check_unchanged(path, stamp, "operators", again="load the operators again")  # cut or rewritten meanwhile
+            return mmap.mmap(copy.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot make the private copy that the operators are mapped from, beside it or "
+                          f"in {tempfile.gettempdir()} ({err.strerror or err}; it needs {size} bytes of disk)") from None
+
+
+def unnamed_file_beside(path):
+    """A new file without a name (O_TMPFILE where the system has it), in `path`'s directory, or, where that
+    cannot be written, in the temporary directory; it is gone once closed and unmapped."""
+    try:
+        return tempfile.TemporaryFile(dir=os.path.dirname(os.path.realpath(path)))
+    except OSError:
+        return tempfile.TemporaryFile()
+
+
+def copy_bytes(source, target) -> None:
+    """Copy the file `source` into `target` (both open, at offset 0) inside the kernel, with no buffer in this
+    process (copy_file_range: a reflink on btrfs or XFS); where the system cannot, through a buffer."""
+    copied = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while n := os.copy_file_range(source.fileno(), target.fileno(), 2**30):
+                copied += n
+            return
+        except OSError as err:
+            if copied or err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    shutil.copyfileobj(source, target, 2**24)
 
 
 def write(out, T: int, d: int, dtype, metadata: dict, ids, inputs, output, bias, first_row: int, sweep,

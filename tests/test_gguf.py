@@ -4,7 +4,8 @@ Each test writes a random transformers model as GGUF the way convert_hf_to_gguf.
 q/k rows for `llama`, Gemma's norms with 1 added, tied embeddings without output.weight), and
 compares minielm's logits from the file with Hugging Face's (float64, casts removed) on the
 reference: the same model with every weight replaced by its dequantized value, built in HF layout
-without minielm's code (tests/gguf_writer.py). The real Gemma 3 270M file is in test_gguf_gemma3.py.
+without minielm's code (tests/gguf_writer.py); and, lest the writer and minielm share a wrong convention, with
+transformers' own reading of the same files. The real Gemma 3 270M file is in test_gguf_gemma3.py.
 """
 
 import functools
@@ -22,7 +23,7 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, 
 
 from conftest import PROMPT
 from gguf_writer import permute, write_gguf
-from hf_reference import hf_float64_logits, randomize_
+from hf_reference import _LowPrecisionDetector, float64_everywhere, hf_float64_logits, randomize_
 
 import minielm
 import minielm.cli
@@ -124,6 +125,50 @@ def test_family_matches_hf(family, tmp_path):
     assert minielm.equivalent_linear_map(model, PROMPT).relative_error() < 1e-13
 
 
+# ---- transformers' own GGUF loading as the oracle (issue 26) -------------------------------------------
+# The tests above check minielm's reading against tests/gguf_writer.py's reference: a convention wrong in both (q/k
+# rows permuted the wrong way, Gemma's norm offset, GPT-2's transposes) would pass them. Here transformers reads the
+# same files with its own tensor processors. The architectures it cannot read:
+NOT_IN_TRANSFORMERS = {
+    "mistral": "the converter writes Mistral as `llama`; transformers loads a Mistral config's GGUF tensors through "
+               "gguf-py's name map for 'mistral', which gguf-py does not have (llama covers the q/k permutation)",
+    "gpt_neox": "transformers' GGUF loading does not read the gptneox architecture",
+    "olmo2": "transformers' GGUF loading does not read the olmo2 architecture",
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_reads_the_file_as_minielm_does(family, tmp_path, monkeypatch):
+    """minielm's logits from the writer's file are transformers' from the same file (`from_pretrained(..., gguf_file=)`,
+    in float64 with its float32 casts removed). transformers reads too little of the metadata (no soft-capping,
+    query_pre_attn_scalar, key_length, partial rotary, RoPE scaling, nor GPT-2's context and vocabulary without a
+    tokenizer), so it is given the config; the tensors, and what llama.cpp's converter did to them, are its own
+    reading. Its 1-D tensors are dequantized to float64, as in test_gguf_gemma3.py: it subtracts Gemma's norm
+    offset in the tensor's dtype, which in float32 rounds."""
+    if family in NOT_IN_TRANSFORMERS:
+        pytest.skip(NOT_IN_TRANSFORMERS[family])
+    make_config, arch = FAMILIES[family]
+    qtype = {**FAMILY_TYPES, "llama": Q.Q4_K}[family]
+    model = AutoModelForCausalLM.from_config(make_config(), dtype=torch.float32)
+    randomize_(model, 1)
+    path = tmp_path / f"{family}.gguf"
+    write_gguf(model, path, arch, qtype, seed=1)
+    dequantize = gguf.dequantize  # transformers imports it from the package when it loads
+    monkeypatch.setattr(gguf, "dequantize", lambda data, kind: (lambda v: v.astype(np.float64) if v.ndim == 1 else v)(
+        dequantize(data, kind)))
+    with float64_everywhere():
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, config=make_config(),
+                                                  dtype=torch.float64, attn_implementation="eager").eval()
+    assert all(p.dtype == torch.float64 for p in hf.parameters())
+    detector = _LowPrecisionDetector()
+    with torch.no_grad(), float64_everywhere(), detector:
+        expected = hf(input_ids=torch.tensor([PROMPT]), use_cache=False).logits[0]
+    assert not detector.offenders, sorted(set(detector.offenders))[:5]
+    err = relative_error(minielm.load(path).logits(PROMPT), expected)
+    print(f"{family} {qtype.name}: logits vs transformers' GGUF loading {err:.1e}")
+    assert err <= 1e-12
+
+
 def test_config_from_metadata(tmp_path):
     """What the metadata says (and llama.cpp's Gemma 3 built-ins) arrives in the Config."""
     path, _ = gguf_and_reference("gemma3", Q.Q8_0, tmp_path)
@@ -179,6 +224,25 @@ def test_f64_tensors_are_read_exactly(tmp_path):
     err = relative_error(model.logits(PROMPT), expected)
     print(f"llama F64: logits vs HF {err:.1e}")
     assert err <= 1e-13 and model.dequantized_from == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_embedding_is_read_a_block_of_rows_at_a_time(tmp_path, monkeypatch, stream):
+    """As for safetensors (test_loading.py): the embedding and the unembedding (Q4_K blocks here) are read, dequantized
+    and cast a block of rows at a time, never whole, and give the model read whole."""
+    from test_loading import reads_of
+    from minielm.gguf import GGUFSource
+
+    path, _ = gguf_and_reference("llama", Q.Q4_K, tmp_path)
+    whole = minielm.load(path, stream=stream)
+    monkeypatch.setattr(minielm.checkpoint, "BLOCK_BYTES", 5 * 256 * 4)  # 5 rows of d = 256, dequantized to float32
+    reads = reads_of(monkeypatch, GGUFSource)
+    model = minielm.load(path, stream=stream)
+    top = [size for name, size in reads if name in ("model.embed_tokens.weight", "lm_head.weight")]
+    assert len(top) >= 2 * 128 // 5 and max(top) <= 5 * 256 * 4, top
+    for name in ("embed", "lm_head"):
+        assert torch.equal(model.weights[name], whole.weights[name])
+    assert torch.equal(model.logits(PROMPT), whole.logits(PROMPT))
 
 
 @pytest.mark.parametrize("kind_name, kind", [("I8", np.int8), ("I32", np.int32)])

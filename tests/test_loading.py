@@ -288,6 +288,53 @@ def test_weight_beyond_the_compute_dtype_is_named(small, tmp_path):
     assert minielm.load(directory).weights["layers"][1].w_up[0, 0] == 1e300
 
 
+# ---- the embedding read a block of rows at a time (issue 26) ---------------------------------------
+def reads_of(monkeypatch, source_class) -> list:
+    """[(hf name, bytes)] of every tensor that `source_class`'s get and rows return from now on."""
+    reads = []
+    for method in {"get", "rows"} & set(dir(source_class)):
+        real = getattr(source_class, method)
+
+        def spy(self, name, *rows, real=real):
+            tensor = real(self, name, *rows)
+            reads.append((name, tensor.numel() * tensor.element_size()))
+            return tensor
+        monkeypatch.setattr(source_class, method, spy)
+    return reads
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_embedding_is_never_read_whole(small, monkeypatch, stream):
+    """A 15 GB bf16 embedding was read whole in the file's dtype, checked (torch.isfinite's temporaries of the whole)
+    and then cast: in float64 the 15 GB and the 60 GB were held at once, and under --stream the 15 GB more than once.
+    Now no read of the embedding or the unembedding returns more than a block (BLOCK_BYTES, here 3 rows), and the
+    model is the one read whole."""
+    whole = minielm.load(small, stream=stream)
+    monkeypatch.setattr(minielm.checkpoint, "BLOCK_BYTES", 3 * 32 * 2)  # 3 rows of d = 32 in bf16
+    reads = reads_of(monkeypatch, SafetensorsSource)
+    model = minielm.load(small, stream=stream)
+    top = [size for name, size in reads if name in ("model.embed_tokens.weight", "lm_head.weight")]
+    assert len(top) >= 2 * 128 // 3 and max(top) <= 3 * 32 * 2, top
+    for name in ("embed", "lm_head"):
+        assert model.weights[name].dtype == (torch.bfloat16 if stream else torch.float64)
+        assert torch.equal(model.weights[name], whole.weights[name])
+    assert torch.equal(model.logits(IDS), whole.logits(IDS))
+
+
+def test_a_non_finite_embedding_value_is_counted_over_every_block(small, tmp_path, monkeypatch):
+    """Read in blocks, a non-finite embedding is still named with its count over the whole tensor and its index."""
+    directory = shutil.copytree(small, tmp_path / "ckpt")
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.embed_tokens.weight"][[5, 77, 120], [1, 2, 3]] = torch.tensor([math.inf, math.nan, -math.inf],
+                                                                                 dtype=torch.bfloat16)
+    save_file(tensors, directory / "model.safetensors")
+    monkeypatch.setattr(minielm.checkpoint, "BLOCK_BYTES", 10 * 32 * 2)
+    with pytest.raises(CheckpointError) as info:
+        minielm.load(directory)
+    assert str(info.value) == (f"{directory / 'model.safetensors'}: tensor 'model.embed_tokens.weight' holds "
+                               f"non-finite weights (3 of 4096, the first inf at index [5, 1]); the checkpoint is corrupt")
+
+
 # ---- a tokenizer that belongs to another model ---------------------------------------------------
 def word_level_tokenizer(path: Path, size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers

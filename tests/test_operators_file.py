@@ -242,3 +242,61 @@ def test_operators_of_a_model_that_differs_only_past_the_embedding_are_refused(c
         assert minielm.load_operators(path, model).relative_error() < 1e-13
     older = with_header(path, lambda e: e["__metadata__"].pop("weights"), name="older.safetensors")
     minielm.load_operators(older, minielm.load(checkpoints["llama"]))
+
+
+# ---- a file cut while its map is in use (issue 26) ----------------------------------------------------
+CUT_AFTER_LOADING = """
+import os, sys, torch, minielm
+checkpoint, path, how = sys.argv[1:]
+model = minielm.load(checkpoint)
+if how == "load_operators":
+    minielm.equivalent_linear_map(model, {prompt}, out=path)
+    elm = minielm.load_operators(path, model)
+else:  # the map that equivalent_linear_map(out=) returns
+    elm = minielm.equivalent_linear_map(model, {prompt}, out=path)
+os.truncate(path, os.path.getsize(path) // 3)  # cut in place: the operators' bytes are gone from the file
+try:
+    print(repr(float(elm.operators.sum())), repr(elm.relative_error()))  # touches every J_t
+except minielm.MinielmError as error:
+    print(f"error: {{error}}")
+"""
+
+
+@pytest.mark.parametrize("how", ["load_operators", "out="])
+def test_a_file_cut_after_loading_never_kills_the_process(how, checkpoints, tmp_path):
+    """The map was memory-mapped: a file truncated in place (truncate, `cp other ops.safetensors`) while its map
+    was in use ended the process with SIGBUS, nothing said. Now the map's values are those of the file as it was
+    loaded, or one line says the file changed; never a signal."""
+    model = minielm.load(checkpoints["llama"])
+    expected = minielm.equivalent_linear_map(model, PROMPT)
+    path = tmp_path / "ops.safetensors"
+    child = subprocess.run([sys.executable, "-c", CUT_AFTER_LOADING.format(prompt=PROMPT), str(checkpoints["llama"]),
+                            str(path), how], capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])  # -7: SIGBUS
+    line = child.stdout.strip()
+    if line.startswith("error: "):
+        assert f"{path}: " in line and "changed on disk" in line and "\n" not in line
+    else:
+        total, error = map(float, line.split())
+        assert abs(total - float(expected.operators.sum())) <= 1e-12 * float(expected.operators.abs().sum())
+        assert error < 1e-13
+
+
+def test_a_file_cut_while_it_is_read_is_one_error(checkpoints, tmp_path, monkeypatch):
+    """Cut between its header and its copy (the moment load_operators reads it): one line saying the file changed.
+    The copy the map is made from has no name: nothing is left beside the file."""
+    model = minielm.load(checkpoints["llama"])
+    path = tmp_path / "ops.safetensors"
+    minielm.equivalent_linear_map(model, PROMPT, out=path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ops.safetensors"]
+    copy_bytes = minielm.operators_file.copy_bytes
+
+    def cut_first(source, target):
+        os.truncate(path, os.path.getsize(path) // 2)
+        copy_bytes(source, target)
+
+    monkeypatch.setattr(minielm.operators_file, "copy_bytes", cut_first)
+    with pytest.raises(minielm.MinielmError, match=r"the file changed on disk during this run \(it was truncated to "
+                                                   r"\d+ bytes from \d+; reading tensor 'operators'\); load the "
+                                                   r"operators again"):
+        minielm.load_operators(path, model)
