@@ -488,7 +488,8 @@ def plot_explanation(path, report, S):
     shares = [row["share"] for row in report["per_token"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
     left.semilogy(range(1, len(S) + 1), S, marker=".", lw=1)
-    left.set(title="singular values of [J_1 … J_T]", xlabel="index k", ylabel="σ_k")
+    top = f"top {len(S)} " if report.get("route") == "matrix-free" else ""  # matrix-free: those Lanczos found
+    left.set(title=f"{top}singular values of [J_1 … J_T]", xlabel="index k", ylabel="σ_k")
     left.grid(alpha=0.3)
     colors = ["tab:blue" if s >= 0 else "tab:red" for s in shares]
     right.bar(range(len(shares)), shares, color=colors)
