@@ -31,7 +31,10 @@ from . import checks, distributed, operators_file, progress
 from .config import Config
 from .errors import InputError, MinielmError, OutputError
 from .interpret import (cell, decode_input, decode_output, forward_order, layer_table, model_token, printable,
-                        stable_rank, stacked_svd, svd_ready, token_shares)
+                        stable_rank, stacked, stacked_svd, svd_ready, token_shares)
+from .matrix_free import (DISPLAY_TOL, RANDOM_DIRECTIONS, autograd_fits, autograd_row, default_block, dense_is_too_big,
+                          directional_checks)
+from .spectra import FrozenProducts, top_triplets
 from .layer_maps import all_layer_maps
 from .linear_map import detached_jacobian, equivalent_linear_map
 from .loader import load, resolve_checkpoint, resolve_device, resolve_dtype, shipped_model
@@ -286,6 +289,33 @@ def explain(args) -> int:
     model = load_model(args)
     ids = model.tokenizer.encode(args.prompt)
     tokens = [model_token(model, i) for i in ids]
+    too_big = dense_is_too_big(model, len(ids)) if args.route == "auto" else None
+    if args.route == "matrix-free" or too_big:
+        if args.html:
+            raise InputError(f"--html needs the dense operators, and {too_big or 'the route is matrix-free'}: "
+                             f"drop --html for the matrix-free report, or pass --route dense to assemble them")
+        report, elm = explain_matrix_free(args, model, ids, too_big or "asked for (--route matrix-free)"), None
+    else:
+        report, elm = explain_dense(args, model, ids)
+    if args.plot:
+        with Progress(f"plotting to {args.plot}"):
+            spectrum = (torch.linalg.svdvals(svd_ready(stacked(elm.operators))) if elm is not None
+                        else torch.tensor(report["singular_values"]))  # matrix-free: the top k found
+            plot_explanation(args.plot, report, spectrum.cpu())
+    if args.html:
+        with Progress(f"layer maps, attribution and the report {args.html}"):
+            page = explain_page(model, elm, report)
+            write_text_replacing(args.html, page, "--html")
+    if args.json:
+        print(json.dumps(report, indent=1, ensure_ascii=False))
+    else:
+        print_explanation(report, model)
+    announce_files(args, plot="the spectrum and the shares", html="the HTML report")
+    return 0
+
+
+def explain_dense(args, model, ids):
+    """explain's report from the assembled operators J_t (T, d, d), and the map."""
     with Progress(f"assembling {len(ids)} operators of {model.config.hidden_size}×{model.config.hidden_size}"):
         elm = equivalent_linear_map(model, ids)
     autograd = None  # --no-autograd: the cross-check skipped (null in --json)
@@ -297,43 +327,69 @@ def explain(args) -> int:
         ranks = stable_rank(elm.operators)
         sigma1 = torch.linalg.matrix_norm(svd_ready(elm.operators), ord=2)
     probs = torch.softmax(model.logits(ids)[-1], dim=-1)
+    per_token = [{"share": float(s), "stable_rank": float(r), "sigma1": float(s1)}
+                 for s, r, s1 in zip(token_shares(elm), ranks, sigma1)]
+    exactness = {"relative_error": elm.relative_error(),
+                 "probability_error": float((elm.probabilities() - probs).abs().max()),
+                 "autograd_relative_difference": autograd}
+    report = explanation(args, model, ids, "dense", probs, exactness, per_token, svd.U, svd.S, svd.V)
+    return report, elm
+
+
+def explain_matrix_free(args, model, ids, why: str):
+    """explain's report from products with the map only (minielm/matrix_free.py): the shares and the
+    exactness from one sweep of a few rows and a frozen forward pass, the spectrum by block Lanczos."""
+    with Progress("the forward pass, its factors frozen"):
+        ops = FrozenProducts(model, ids)
+    with Progress(f"exactness along ŷ and {RANDOM_DIRECTIONS} random directions: one sweep of "
+                  f"{RANDOM_DIRECTIONS + 1} rows, one frozen forward pass"):
+        found = directional_checks(ops)
+    autograd, skipped = None, None if args.no_autograd else autograd_fits(model)
+    if not args.no_autograd and skipped is None:
+        with Progress("autograd cross-check along ŷ"):
+            autograd = relative_max(found.rows[0], autograd_row(ops, found.directions[0]))
+    block = default_block(model, args.k)
+    with Progress(f"top {args.k} singular triplets by block Lanczos ({block} rows a step, tol {DISPLAY_TOL:g})"):
+        svd = top_triplets(ops, args.k, block, DISPLAY_TOL)
+    probs = torch.softmax(model.unembed(ops.y), dim=-1)
+    per_token = [{"share": float(s), "stable_rank": None, "sigma1": None} for s in found.shares]
+    exactness = {"relative_error": found.reconstruction_error,
+                 "probability_error": float((torch.softmax(model.unembed(found.reconstruction), dim=-1)
+                                             - probs).abs().max()),
+                 "autograd_relative_difference": autograd,
+                 "directional_error": float(found.errors.max()),
+                 "directions": found.errors.shape[0],
+                 "autograd_skipped": skipped,
+                 "lanczos": {"steps": svd.steps, "block": block, "tol": DISPLAY_TOL,
+                             "largest_residual": float(svd.residuals.max() / svd.S[0])},
+                 "why": why}
+    return explanation(args, model, ids, "matrix-free", probs, exactness, per_token, svd.U, svd.S, svd.V)
+
+
+def explanation(args, model, ids, route, probs, exactness, per_token, U, S, V) -> dict:
+    """explain's report (its --json): the same keys on both routes; the matrix-free route adds its own
+    exactness figures and leaves the per-token stable rank and σ1 null."""
+    tokens = [model_token(model, i) for i in ids]
     top = torch.topk(probs, 5)
-    shares = token_shares(elm)
-    strongest = svd.V.norm(dim=1).argmax(dim=0)  # (k,): the token whose block carries most of v_k
-    report = {
+    strongest = V.norm(dim=1).argmax(dim=0)  # (k,): the token whose block carries most of v_k
+    return {
         "schema_version": SCHEMA_VERSION,
         "model": str(args.model or DEFAULT_MODEL),
         "dtype": str(model.dtype).removeprefix("torch."),
         "dequantized_from": getattr(model, "dequantized_from", []),  # quantized GGUF types, if any
+        "route": route,
         "tokens": tokens,
         "next_token": model_token(model, top.indices[0]),
         "top": [{"token": model_token(model, i), "probability": float(p)} for p, i in zip(top.values, top.indices)],
-        "relative_error": elm.relative_error(),
-        "probability_error": float((elm.probabilities() - probs).abs().max()),
-        "autograd_relative_difference": autograd,
-        "per_token": [{"token": tok, "share": float(s), "stable_rank": float(r), "sigma1": float(s1)}
-                      for tok, s, r, s1 in zip(tokens, shares, ranks, sigma1)],
-        "singular_values": [float(s) for s in svd.S],
-        "decoded": [{"sigma": float(svd.S[k]),
-                     "output_tokens": [t for t, _ in decode_output(model, svd.U[:, k])],
+        **exactness,
+        "per_token": [dict(token=tok, **row) for tok, row in zip(tokens, per_token)],
+        "singular_values": [float(s) for s in S],
+        "decoded": [{"sigma": float(S[k]),
+                     "output_tokens": [t for t, _ in decode_output(model, U[:, k])],
                      "input_position": int(strongest[k]),
-                     "input_tokens": [t for t, _ in decode_input(model, svd.V[strongest[k], :, k])]}
-                    for k in range(len(svd.S))],
+                     "input_tokens": [t for t, _ in decode_input(model, V[strongest[k], :, k])]}
+                    for k in range(len(S))],
     }
-    if args.plot:
-        with Progress(f"plotting to {args.plot}"):
-            plot_explanation(args.plot, report, elm)
-    if args.html:
-
-        with Progress(f"layer maps, attribution and the report {args.html}"):
-            page = explain_page(model, elm, report)
-            write_text_replacing(args.html, page, "--html")
-    if args.json:
-        print(json.dumps(report, indent=1, ensure_ascii=False))
-    else:
-        print_explanation(report, model)
-    announce_files(args, plot="the spectrum and the shares", html="the HTML report")
-    return 0
 
 
 def announce_files(args, **what) -> None:
@@ -370,6 +426,9 @@ def print_explanation(r, model):
         print(f"weights dequantized from GGUF {', '.join(r['dequantized_from'])}: "
               f"the exactness below is for the dequantized model")
     print(f"prompt  {len(r['tokens'])} tokens: {' | '.join(printable(t) for t in r['tokens'])}")
+    free = r.get("route") == "matrix-free"
+    if free:
+        print(f"route   matrix-free, the operators J_t never formed: {r['why']}")
     print("\nnext token")
     legend("next")
     for row in r["top"]:
@@ -377,18 +436,31 @@ def print_explanation(r, model):
     exact = "" if r["dtype"] == "float64" else f"   ({r['dtype']}: not exact, round-off of that dtype)"
     print(f"\nexactness{exact}")
     legend("exactness")
-    print(f"  reconstruction  ‖Σ J_t x_t + b − y‖ / ‖y‖     {r['relative_error']:.1e}")
+    print(f"  reconstruction  ‖Σ J_t x_t + b − y‖ / ‖y‖     {r['relative_error']:.1e}"
+          + ("   (Σ J_t x_t by a frozen forward pass)" if free else ""))
     print(f"  probabilities   max |p_reconstructed − p|     {r['probability_error']:.1e}")
+    if free:
+        print(f"  along u         max |Σ (uᵀJ_t) x_t + uᵀb − uᵀy| / ‖y‖ {r['directional_error']:.1e}"
+              f"   (u = ŷ and {r['directions'] - 1} random directions, one sweep)")
+    J = "ŷᵀJ" if free else "J"
     if r["autograd_relative_difference"] is None:
-        print("  autograd        skipped (--no-autograd): the operators are not cross-checked")
+        print(f"  autograd        {r.get('autograd_skipped') or 'skipped (--no-autograd)'}: the operators are not "
+              "cross-checked")
     else:
-        print(f"  autograd        max |J − J_autograd| / max |J| {r['autograd_relative_difference']:.1e}")
-    print("\nper token      share of y   stable rank      σ1")
+        print(f"  autograd        max |{J} − {J}_autograd| / max |{J}| {r['autograd_relative_difference']:.1e}")
+    print("\nper token      share of y" + ("" if free else "   stable rank      σ1"))
     legend("per_token")
+    if free:
+        print("  # stable rank and σ1 need each whole J_t: not computed on the matrix-free route")
     for t, row in enumerate(r["per_token"]):
-        print(f"  {t:>3} {cell(row['token'], 14)} {row['share']:>8.3f} {row['stable_rank']:>12.2f} {row['sigma1']:>8.3f}")
+        ranks = "" if free else f" {row['stable_rank']:>12.2f} {row['sigma1']:>8.3f}"
+        print(f"  {t:>3} {cell(row['token'], 14)} {row['share']:>8.3f}{ranks}")
     print("\nstacked operator [J_1 … J_T]: top singular values and vectors")
     legend("stacked")
+    if free:
+        lz = r["lanczos"]
+        print(f"  # block Lanczos, {lz['steps']} steps of {lz['block']} row{'s' * (lz['block'] > 1)}: A v = σ u to round-off, "
+              f"‖Aᵀu − σ v‖ ≤ {lz['tol']:g}·σ1 (largest {lz['largest_residual']:.1e}), so each σ is within that of a true one")
     print(f"  {'σ':>8}   {'output side (unembedding)':<40} input side (cosine to embeddings)")
     for row in r["decoded"]:
         out = " ".join(row["output_tokens"])
@@ -410,14 +482,14 @@ def legend(key: str):
     print(f"  # {LEGENDS[key]}")
 
 
-def plot_explanation(path, report, elm):
+def plot_explanation(path, report, S):
+    """The singular values S of [J_1 … J_T] (all of them, or the top k found matrix-free) and the shares."""
     plt = pyplot()
-
-    S = torch.linalg.svdvals(svd_ready(elm.operators).permute(1, 0, 2).reshape(elm.operators.shape[1], -1)).cpu()
     shares = [row["share"] for row in report["per_token"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
     left.semilogy(range(1, len(S) + 1), S, marker=".", lw=1)
-    left.set(title="singular values of [J_1 … J_T]", xlabel="index k", ylabel="σ_k")
+    top = f"top {len(S)} " if report.get("route") == "matrix-free" else ""  # matrix-free: those Lanczos found
+    left.set(title=f"{top}singular values of [J_1 … J_T]", xlabel="index k", ylabel="σ_k")
     left.grid(alpha=0.3)
     colors = ["tab:blue" if s >= 0 else "tab:red" for s in shares]
     right.bar(range(len(shares)), shares, color=colors)
@@ -434,6 +506,7 @@ def plot_explanation(path, report, elm):
 def check(args) -> int:
     model = load_model(args)
     ids = model.tokenizer.encode(args.prompt)
+    refuse_if_too_big(model, ids, "check")
     L = model.config.num_hidden_layers
     rows = []
     with Progress(f"checking the whole model and {L} layers on {len(ids)} tokens"):
@@ -474,6 +547,16 @@ def check(args) -> int:
     return 0 if passed else 1
 
 
+def refuse_if_too_big(model, ids, command: str) -> None:
+    """`layers` and `check` read every layer's dense operators: an InputError, before any of that work,
+    where even the model's own operators would be too big to assemble here."""
+    why = dense_is_too_big(model, len(ids))
+    if why:
+        raise InputError(f"{command} assembles the dense operators of every layer, and {why}: at this size use "
+                         f"`minielm explain` (matrix-free) or minielm.attribution (one sweep per module), or a "
+                         f"shorter prompt")
+
+
 def fmt(x) -> str:
     return "—" if x != x else f"{x:.1e}"
 
@@ -482,6 +565,7 @@ def fmt(x) -> str:
 def layers(args) -> int:
     model = load_model(args)
     ids = model.tokenizer.encode(args.prompt)
+    refuse_if_too_big(model, ids, "layers")
     L = model.config.num_hidden_layers
     with Progress(f"operators of {L} layers and {2 * L} modules in one pass, and their spectra"):
         rows = layer_table(model, ids)
@@ -648,6 +732,10 @@ def build_parser():
     sub.add_argument("-k", type=int, default=5, help="singular triplets to decode (default 5)")
     sub.add_argument("--no-autograd", action="store_true",
                      help="skip the autograd cross-check of the operators (about a third of the time on long prompts)")
+    sub.add_argument("--route", choices=("auto", "dense", "matrix-free"), default="auto",
+                     help="dense: assemble every J_t; matrix-free: products with the map only (the shares, exactness "
+                          "along a few directions, the top k by Lanczos); auto (default): matrix-free when the dense "
+                          "operators would be too costly for this machine")
 
     sub = command("check", check, "exactness report for the whole model and each layer")
     sub.description = ("exactness report for the whole model and each layer. It passes (exit 0) when the worst "

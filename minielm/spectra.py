@@ -78,7 +78,7 @@ class Spectrum:
 
     U: torch.Tensor  # (d, k) output side
     S: torch.Tensor  # (k,)
-    V: torch.Tensor  # (n, k) input side
+    V: torch.Tensor  # (n, k) input side; (T, d, k) from top_triplets
     residuals: torch.Tensor  # (k,): ‖Aᵀu_i − σ_i v_i‖ (A v_i − σ_i u_i is zero by construction)
     steps: int  # blocks: each one sweep and one frozen forward pass
 
@@ -177,11 +177,23 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
     tol = max(1e-12, 100 * torch.finfo(model.dtype).eps) if tol is None else checks.real("tol", tol, 0, low_open=True)
     seed = checks.integer("seed", seed, 0, checks.SEED_LIMIT, why="a torch generator seed")
     if block is None:
-        block = k + 4 if model.device.type == "cuda" else 1
+        block = default_block(model, k)
     block = checks.integer("block", block, 1, why="rows per sweep")
     max_steps = checks.optional_integer("max_steps", max_steps, -(-k // block), why=f"at least k / block blocks of {block} rows")
-    ops = FrozenProducts(model, ids, token)
+    found = top_triplets(FrozenProducts(model, ids, token), k, block, tol, max_steps, seed)
+    return found.U, found.S, found.V
+
+
+def default_block(model: Model, k: int) -> int:
+    """Rows per Lanczos step when the caller does not say: k + 4 on a GPU, 1 on a CPU (see singular_vectors)."""
+    return k + 4 if model.device.type == "cuda" else 1
+
+
+def top_triplets(ops: FrozenProducts, k: int, block: int, tol: float, max_steps: int | None = None,
+                 seed: int = 0) -> Spectrum:
+    """`block_lanczos`'s triplets in the shapes `singular_vectors` returns: U (d, k), S (k,), V (T, d, k)
+    (or (d, k) for one token), each pair's sign chosen so that u_k · y ≥ 0."""
     found = block_lanczos(ops, k, min(block, ops.d), tol, max_steps, seed)
-    V = found.V if token is not None else found.V.reshape(*ops.x.shape, k)  # (d, k) or (T, d, k)
-    U, V = align_signs(found.U, V, ops.y)
-    return U, found.S, V
+    V = found.V if ops.token is not None else found.V.reshape(*ops.x.shape, k)  # (d, k) or (T, d, k)
+    found.U, found.V = align_signs(found.U, V, ops.y)
+    return found

@@ -23,7 +23,7 @@ LAYERS = [
     {"checkpoint", "gguf", "tokenizer", "loader"},
     {"sweep", "fast_sweep"},
     {"linear_map", "operators_file", "distributed", "cost"},
-    {"exact_attribution", "layer_maps", "interpret", "spectra", "steering"},
+    {"exact_attribution", "layer_maps", "interpret", "spectra", "matrix_free", "steering"},
     {"report", "cli", "__main__", "__init__"},
 ]
 
