@@ -14,7 +14,7 @@ import torch
 from . import checks
 from .fast_sweep import fast_sweep
 from .linear_map import checked_ids, target_values, traced
-from .model import Model, times_transposed
+from .model import Model, on_device, times_transposed
 from .progress import progress
 
 
@@ -70,7 +70,7 @@ def attribution(model: Model, ids, token: int | None = None) -> Attribution:
     logits = times_transposed(y, model.weights["lm_head"])  # (V,), before soft-capping
     token = int(logits.argmax()) if token is None else token
     # u = ∂z/∂h^L_T: the unembedding row through the frozen final norm.
-    w_token = model.weights["lm_head"][token].to(x.device, x.dtype)  # (d,)
+    w_token = on_device(model.weights["lm_head"][token], x.device, x.dtype)  # (d,)
     u = w_token @ seed  # (d,)
     table = x.new_zeros(T, L, 2)
     bias = x.new_zeros(L, 2)

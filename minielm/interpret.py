@@ -21,7 +21,7 @@ import torch
 from . import checks
 from .layer_maps import all_layer_maps
 from .linear_map import EquivalentLinearMap, checked_ids
-from .model import Model, times_transposed
+from .model import Model, on_device, times_transposed
 from .progress import progress
 
 
@@ -107,7 +107,7 @@ def check_decoding(model, name, vector, n):
 def embedding_norms(model, chunk=16384) -> torch.Tensor:
     """‖E_i‖ for every embedding row (V,), in the compute dtype, a block of rows at a time."""
     E = model.weights["embed"]
-    return torch.cat([torch.linalg.vector_norm(E[i:i + chunk].to(model.device, model.dtype), dim=1)
+    return torch.cat([torch.linalg.vector_norm(on_device(E[i:i + chunk], model.device, model.dtype), dim=1)
                       for i in range(0, E.shape[0], chunk)])
 
 

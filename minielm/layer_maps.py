@@ -102,7 +102,8 @@ def forward_layer_maps(model: Model, ids) -> dict:
     T, d = x.shape
     H, Hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     K = torch.zeros(T, T, d, d, dtype=x.dtype, device=x.device)  # K[t, s] = ∂h_t/∂x_s
-    K[torch.arange(T), torch.arange(T)] = torch.eye(d, dtype=x.dtype, device=x.device)
+    diagonal = torch.arange(T, device=x.device)
+    K[diagonal, diagonal] = torch.eye(d, dtype=x.dtype, device=x.device)
     result = {}
 
     def add(layer, component, operators):  # operators (T, d, d): ∂target/∂x_s, read off the last row

@@ -200,12 +200,13 @@ def causal_mask(query_pos, key_pos, window=None):
     return allowed
 
 
-def attention_probabilities(u, w, config, layer_type, positions, cache=None, layer=None):
+def attention_probabilities(u, w, config, layer_type, positions, cache=None, layer=None, rotary=None):
     """P: (H, T, S), softmax over keys of the scaled query-key scores.
 
     Everything that shapes P lives here: q/k biases and norms, RoPE, the score
     scale and soft-capping, the causal and sliding-window masks. With P frozen,
-    none of it is part of the linear map.
+    none of it is part of the linear map. `rotary`: the RoPE tables (cos, sin) of these
+    positions for this layer type, if the caller has them (Model.forward makes them once a pass).
     """
     T, H, Hkv, hd = u.shape[0], config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = linear(u, w.wq, w.bq)  # (T, H*hd)
@@ -219,7 +220,7 @@ def attention_probabilities(u, w, config, layer_type, positions, cache=None, lay
         q, _ = rms_norm(q, w.q_norm, offset, eps)
         k, _ = rms_norm(k, w.k_norm, offset, eps)
     if config.family_spec.position == "rope":  # learned positions (GPT-2) are in the input vectors already
-        cos, sin = rotation(config, config.rope_parameters[layer_type], positions, u.dtype)  # (T, rotary_dim)
+        cos, sin = rotary or rotation(config, config.rope_parameters[layer_type], positions, u.dtype)  # (T, rotary_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if cache is not None:
         k = cache.extend("keys", layer, k)  # (S, Hkv, hd)
@@ -235,16 +236,17 @@ def attention_probabilities(u, w, config, layer_type, positions, cache=None, lay
     return torch.softmax(scores, dim=-1)  # (H, T, S), in the compute dtype
 
 
-def attention(u, w, config, layer_type, positions, cache=None, layer=None, probs=None):
+def attention(u, w, config, layer_type, positions, cache=None, layer=None, probs=None, rotary=None):
     """o_t = Σ_{s≤t} P[t,s] W_V u_s per head, then W_O.  A(u) = P.
 
     u: (T, d) -> (T, d); probs: (H, T, S). With P given, u may be a batch (..., T, d), and P
     may hold the last Tq queries only, (H, Tq, S): the output is then theirs, (..., Tq, d).
+    `rotary`: the RoPE tables, if the caller has them (see attention_probabilities).
     """
     T, H, Hkv, hd = u.shape[-2], config.num_attention_heads, config.num_key_value_heads, config.head_dim
     batch = u.shape[:-2]  # () for one input; (b,) for a batch of inputs through the frozen pass
     if probs is None:
-        probs = attention_probabilities(u, w, config, layer_type, positions, cache, layer)
+        probs = attention_probabilities(u, w, config, layer_type, positions, cache, layer, rotary)
     elif cache is not None:
         raise InputError("a frozen forward pass cannot extend a KV cache")
     v = linear(u, w.wv, w.bv).view(*batch, T, Hkv, hd)  # (..., T, Hkv, hd)
@@ -319,12 +321,12 @@ class Model:
         `start`): (T, d), the vectors entering the first block."""
         ids = self.check_ids(ids)
         E = self.weights["embed"]
-        x = E[torch.tensor(ids, device=E.device)].to(self.device, self.dtype)  # (T, d)
+        x = on_device(E[torch.tensor(ids, device=E.device)], self.device, self.dtype)  # (T, d)
         check_finite(x, None, "embedding")
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
         if self.config.family_spec.position == "learned":
-            x = x + self.weights["positions"][start:start + len(ids)].to(self.device, self.dtype)  # (T, d)
+            x = x + on_device(self.weights["positions"][start:start + len(ids)], self.device, self.dtype)  # (T, d)
         return x
 
     def norm(self, h, weight, inv_rho=None, bias=None):
@@ -341,7 +343,7 @@ class Model:
             return plain_mlp(u, w, self.activation_factor, gate)
         return gated_mlp(u, w, self.activation, gate)
 
-    def block(self, i, h, positions, frozen=None, cache=None):
+    def block(self, i, h, positions, frozen=None, cache=None, finite: FiniteChecks | None = None, rotary=None):
         """Decoder layer i: h -> h + N'(Attn(N(h))) -> h + N'(MLP(N(h))), or with the parallel
         residual (GPT-NeoX) h -> h + Attn(N₁(h)) + MLP(N₂(h)).
 
@@ -354,8 +356,12 @@ class Model:
         N is the pre-norm, N' the post-norm, each where the family has it (config.pre_norms,
         config.post_norms, from minielm/families.py); the identity elsewhere.
         Returns the new residual stream (T, d), this layer's factors, and the two
-        branch outputs (attention, MLP) that were added to the stream.
+        branch outputs (attention, MLP) that were added to the stream. Its values are checked
+        finite after each branch: noted in `finite` (read at the end of the forward pass), or here.
+        `rotary`: the pass's RoPE tables by layer type (Model.rotary_tables), if made already.
         """
+        checked_here = finite is None
+        finite = FiniteChecks() if checked_here else finite
         w, config = self.weights["layers"][i], self.config
         given = frozen or FrozenLayer()
         out = FrozenLayer()
@@ -363,18 +369,21 @@ class Model:
 
         pre, post = config.pre_norms, config.post_norms  # the family's norms: before and/or after each branch
         u, out.attn_norm = self.norm(h, w.attn_norm, given.attn_norm, w.attn_norm_bias) if pre else (h, None)
-        a, out.probs = attention(u, w, config, layer_type, positions, cache, i, given.probs)  # (T, d)
+        a, out.probs = attention(u, w, config, layer_type, positions, cache, i, given.probs,
+                                 (rotary or {}).get(layer_type))  # (T, d)
         a, out.attn_post_norm = self.norm(a, w.attn_post_norm, given.attn_post_norm) if post else (a, None)
         h_in = h[..., -a.shape[-2]:, :]  # the stream goes on at the query positions (all, unless frozen fewer)
         h = h_in + a
-        check_finite(h, i, "attention")
+        finite.note(h, f"after the attention of layer {i}")
 
         u = h_in if config.use_parallel_residual else h  # the parallel residual: both branches read the same h
         u, out.mlp_norm = self.norm(u, w.mlp_norm, given.mlp_norm, w.mlp_norm_bias) if pre else (u, None)  # (T, d)
         m, out.gate = self.mlp(u, w, given.gate)  # (T, d)
         m, out.mlp_post_norm = self.norm(m, w.mlp_post_norm, given.mlp_post_norm) if post else (m, None)
         h = h + m
-        check_finite(h, i, "MLP")
+        finite.note(h, f"after the MLP of layer {i}")
+        if checked_here:
+            finite.raise_first()
         return h, out, (a, m)
 
     def forward(self, x, frozen: Frozen | None = None, cache: KVCache | None = None, edit=None,
@@ -386,13 +395,18 @@ class Model:
         `edit(i, h, x) -> h`, if given, may change the residual stream after each layer i,
         and with i = -1 the stream entering layer 0 (steering uses it).
         `states`, if given, receives every intermediate state (see States).
+        Non-finite values are a NumericalError naming the first layer and branch (or edit) that
+        made them, raised at the end of the pass (see FiniteChecks).
         """
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + x.shape[-2], device=x.device)  # (T,)
-        h, layers = (x if edit is None else edited(edit, -1, x, x)), []
+        rotary = self.rotary_tables(positions, start + x.shape[-2]) if frozen is None else None
+        finite = FiniteChecks()
+        h, layers = (x if edit is None else edited(edit, -1, x, x, finite)), []
         for i in progress(range(self.config.num_hidden_layers), "forward", show=False if cache else None):
-            h, factors, (a, m) = self.block(i, h, positions, frozen.layers[i] if frozen else None, cache)
-            h = h if edit is None else edited(edit, i, h, x)
+            h, factors, (a, m) = self.block(i, h, positions, frozen.layers[i] if frozen else None, cache, finite,
+                                            rotary)
+            h = h if edit is None else edited(edit, i, h, x, finite)
             layers.append(factors)
             if states is not None:
                 states.output.append(h)
@@ -401,8 +415,18 @@ class Model:
         if cache is not None:
             cache.length += x.shape[0]
         y, inv_rho = self.final_norm(h, frozen.final_norm if frozen else None)
-        check_finite(y, None, "final norm")
+        finite.note(y, "after the final norm")
+        finite.raise_first()
         return y, Frozen(layers, inv_rho)
+
+    def rotary_tables(self, positions, seq_len: int) -> dict:
+        """The RoPE tables (cos, sin), each (T, rotary_dim), for positions (T,) of a sequence of seq_len, by
+        layer type: made once a pass, not once a layer (longrope's factors cross from the host to the device
+        to make them). Empty for learned positions (GPT-2)."""
+        if self.config.family_spec.position != "rope":
+            return {}
+        return {kind: rotation(self.config, self.config.rope_parameters[kind], positions, self.dtype, seq_len)
+                for kind in set(self.config.layer_types)}
 
     def final_norm(self, h, inv_rho=None):
         """N_f(h): the final norm (its 1/ρ frozen if given), and its factor."""
@@ -482,12 +506,19 @@ def times_transposed(y, W, chunk=16384):
     models) is cast to y's dtype and device a block of rows at a time."""
     if W.dtype == y.dtype and W.device == y.device:
         return y @ W.T
-    return torch.cat([y @ W[i:i + chunk].to(y.device, y.dtype).T for i in range(0, W.shape[0], chunk)], dim=-1)
+    return torch.cat([y @ on_device(W[i:i + chunk], y.device, y.dtype).T for i in range(0, W.shape[0], chunk)], dim=-1)
 
 
-def edited(edit, i, h, x):
-    """edit(i, h, x), checked: a tensor of h's shape and dtype, finite. A hook's mistake is named here, with
-    the layer, rather than surfacing as a raw error, or as non-finite values blamed on the next layer."""
+def on_device(t, device, dtype) -> torch.Tensor:
+    """t in `dtype` on `device`: copied in its own dtype, then cast there. A copy to a GPU that also
+    changed the dtype would cast on the CPU first, and move 4x the bytes of a bf16 weight in float64."""
+    return t.to(device).to(dtype)
+
+
+def edited(edit, i, h, x, finite: FiniteChecks):
+    """edit(i, h, x), checked: a tensor of h's shape and dtype (here), finite (noted in `finite`). A hook's
+    mistake is named with the layer, rather than surfacing as a raw error, or as non-finite values blamed
+    on the next layer. A hook may name itself for that message (`edit.blame`, as steering's do)."""
     where = "before layer 0" if i < 0 else f"after layer {i}"
     result = edit(i, h, x)
     if not isinstance(result, torch.Tensor):
@@ -496,9 +527,29 @@ def edited(edit, i, h, x):
     if result.shape != h.shape or result.dtype != h.dtype:
         raise InputError(f"the edit hook returned a {result.dtype} tensor of shape {tuple(result.shape)} {where}; "
                          f"it must return one of the shape of h, {tuple(h.shape)}, and its dtype, {h.dtype}")
-    if not bool(torch.isfinite(result).all()):
-        raise NumericalError(f"non-finite values returned by the edit hook {where}")
+    blame = getattr(edit, "blame", None)
+    finite.note(result, f"after {blame}" if blame else f"returned by the edit hook {where}")
     return result
+
+
+class FiniteChecks:
+    """Whether values stayed finite, noted during a forward pass and read once, at its end: reading
+    each on the host where it is made would make the host wait for the device after every layer (a
+    GPU then idles while the next layer's work is queued). The first place noted whose values are
+    not finite is named, as an immediate check would have named it; the layers above it have run
+    on non-finite values meanwhile, and their results are dropped with the error."""
+
+    def __init__(self):
+        self.noted = []  # (all of its values finite: a 0-d bool tensor on the compute device, place)
+
+    def note(self, h, place: str):
+        self.noted.append((torch.isfinite(h).all(), place))
+
+    def raise_first(self):
+        """NumericalError naming the first place noted that is not finite; one read on the host."""
+        if self.noted and not bool(torch.stack([ok for ok, _ in self.noted]).all()):
+            place = next(place for ok, place in self.noted if not ok)
+            raise NumericalError(f"non-finite values {place}")
 
 
 def check_finite(h, layer, operation):

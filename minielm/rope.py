@@ -61,9 +61,12 @@ def rotation_switches(config) -> set:
             if p["rope_type"] == "longrope" and p["short_factor"] != p["long_factor"]}
 
 
-def rotation(config, params: dict, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (T, rotary_dim), for integer positions (T,)."""
-    seq_len = int(positions.max()) + 1 if positions.numel() else 0
+def rotation(config, params: dict, positions: torch.Tensor, dtype, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (T, rotary_dim), for integer positions (T,) of a sequence of `seq_len`
+    (default: the largest position + 1, read from `positions`; Model.forward gives it, as reading it
+    would make the host wait for the device)."""
+    if seq_len is None:
+        seq_len = int(positions.max()) + 1 if positions.numel() else 0
     inv_freq, scale = inverse_frequencies(config, params, seq_len, torch.float64, positions.device)
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (T, rotary_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, rotary_dim): rotate_half pairs i and i + dim/2

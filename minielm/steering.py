@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .errors import InputError, NumericalError
+from .errors import InputError
 from .interpret import printable
 from .linear_map import equivalent_linear_map, trace
 from .model import Model
@@ -89,9 +89,9 @@ def steering_edit(operator: torch.Tensor, layer: int, scale: float):
         if i != layer:
             return h
         push = x @ operator.T  # (T, d): S x_p for every position of this call
-        return pushed(h, unit(push), scale, layer)
+        return pushed(h, unit(push), scale)
 
-    return edit
+    return named(edit, layer, scale)
 
 
 # ---- the paper's recipe -------------------------------------------------------------------------------
@@ -130,9 +130,9 @@ def paper_edit(operators: torch.Tensor, layer: int, scale: float):
         pushes = torch.einsum("tij,tj->ti", operators[k % T_c], x)  # (T, d): J_{k mod T_c} x_k
         c = state["sum"] + torch.cumsum(pushes, dim=0)  # (T, d): c_k, the running sum
         state["sum"], state["seen"] = c[-1], state["seen"] + x.shape[0]
-        return pushed(h, unit(c) / 2, scale, layer)
+        return pushed(h, unit(c) / 2, scale)
 
-    return edit
+    return named(edit, layer, scale)
 
 
 # ---- activation addition ---------------------------------------------------------------------------
@@ -159,9 +159,9 @@ def actadd_edit(direction: torch.Tensor, layer: int, scale: float):
     def edit(i, h, x):
         if i != layer:
             return h
-        return pushed(h, unit(direction), scale, layer)
+        return pushed(h, unit(direction), scale)
 
-    return edit
+    return named(edit, layer, scale)
 
 
 # ---- one entry point ----------------------------------------------------------------------------------
@@ -198,13 +198,16 @@ def steer(model: Model, concept: str, prompt: str, layer: int, scale: float, max
     return model.generate(prompt, max_new_tokens, temperature, top_k, seed, edit=edit)
 
 
-def pushed(h: torch.Tensor, direction: torch.Tensor, scale: float, layer: int) -> torch.Tensor:
-    """h + λ‖h‖·direction, the push of every recipe; a NumericalError naming the steering (not the
-    layer above, which would see it first) if that overflows."""
-    h = h + scale * torch.linalg.vector_norm(h, dim=-1, keepdim=True) * direction
-    if not bool(torch.isfinite(h).all()):
-        raise NumericalError(f"non-finite values after steering at layer {layer} with scale {scale:g}")
-    return h
+def pushed(h: torch.Tensor, direction: torch.Tensor, scale: float) -> torch.Tensor:
+    """h + λ‖h‖·direction, the push of every recipe. If that overflows, the forward pass's check of
+    the hook's result (minielm.model.edited) names the steering (`named`), not the layer above."""
+    return h + scale * torch.linalg.vector_norm(h, dim=-1, keepdim=True) * direction
+
+
+def named(edit, layer: int, scale: float):
+    """`edit`, named for the forward pass's message should its push overflow."""
+    edit.blame = f"steering at layer {layer} with scale {scale:g}"
+    return edit
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:
@@ -251,7 +254,8 @@ def measure(model: Model, prompt_ids: list, new: list, concept_ids: list, edit_f
     base = next_token_log_probs(model, seq)[P - 1:-1]  # (N, V): predicting new[0..N-1]
     steered = base if edit_for_scoring is None else next_token_log_probs(model, seq, edit_for_scoring)[P - 1:-1]
     lift = torch.logsumexp(steered[:, concept_ids], -1) - torch.logsumexp(base[:, concept_ids], -1)  # (N,)
-    nll = -base[torch.arange(len(new)), torch.tensor(new)]  # (N,) -log p_unsteered(new_t | ...)
+    steps, new_ids = torch.arange(len(new), device=base.device), torch.tensor(new, device=base.device)
+    nll = -base[steps, new_ids]  # (N,) -log p_unsteered(new_t | ...)
     return {"next_token_lift": float(lift[0]), "continuation_lift": float(lift.mean()),
             "concept_hits": sum(i in set(concept_ids) for i in new), "nll": float(nll.mean()),
             "repetition": repetition_rate(new)}
