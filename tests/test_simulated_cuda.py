@@ -103,7 +103,8 @@ def test_generation_and_steering(cuda, tiny):
 
 
 def test_the_commands_layers_and_explain(cuda, tiny):
-    for argv in (["layers", "In"], ["explain", TEXT, "--no-autograd", "-k", "2"]):  # 2 tokens: the forward mode
+    for argv in (["layers", "In"], ["explain", TEXT, "--no-autograd", "-k", "2"],  # 2 tokens: the forward mode
+                 ["explain", TEXT, "--no-autograd", "-k", "2", "--route", "matrix-free"]):
         with contextlib.redirect_stdout(io.StringIO()) as out:
             assert minielm.cli.main(argv + ["--model", str(tiny), "--device", "cuda", "--quiet"]) == 0
         assert "d=48, 2 layers, float64" in out.getvalue()  # the header (the figures below it are fake)
