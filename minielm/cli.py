@@ -30,8 +30,8 @@ import torch
 from . import checks, distributed, operators_file, progress
 from .config import Config
 from .errors import InputError, MinielmError, OutputError
-from .interpret import (cell, decode_input, decode_output, forward_order, layer_table, model_token, printable,
-                        stable_rank, stacked_svd, svd_ready, token_shares)
+from .interpret import (cell, decode_inputs, decode_outputs, forward_order, layer_table, model_token, printable,
+                        stable_rank, stacked, stacked_svd, svd_ready, token_shares)
 from .layer_maps import all_layer_maps
 from .linear_map import detached_jacobian, equivalent_linear_map
 from .loader import load, resolve_checkpoint, resolve_device, resolve_dtype, shipped_model
@@ -176,6 +176,10 @@ def check_arguments(args) -> None:
     if getattr(args, "k", None) is not None:
         d = config.hidden_size if config else None
         checks.integer("-k", args.k, 1, d, closed=True, why="at most the model's hidden_size" if d else "")
+    if getattr(args, "skip_positions", None) is not None:  # positions past the prompt: once it is tokenized
+        positions = config.max_position_embeddings if config else None
+        args.skip_positions = sorted({checks.integer("--skip-positions", v, 0, positions, why="a position")
+                                      for v in number_list(args.skip_positions, int, "--skip-positions")})
     if getattr(args, "max_new_tokens", None) is not None:
         room = config.max_position_embeddings - 1 if config else None  # at least one prompt token
         checks.integer("--max-new-tokens", args.max_new_tokens, 1, room, closed=True,
@@ -286,6 +290,7 @@ def explain(args) -> int:
     model = load_model(args)
     ids = model.tokenizer.encode(args.prompt)
     tokens = [model_token(model, i) for i in ids]
+    kept = kept_positions(args.skip_positions, len(ids))  # None: all of them
     with Progress(f"assembling {len(ids)} operators of {model.config.hidden_size}×{model.config.hidden_size}"):
         elm = equivalent_linear_map(model, ids)
     autograd = None  # --no-autograd: the cross-check skipped (null in --json)
@@ -293,13 +298,16 @@ def explain(args) -> int:
         with Progress("autograd cross-check"):
             autograd = relative_max(elm.operators, detached_jacobian(model, ids))
     with Progress("singular value decompositions"):
-        svd = stacked_svd(elm, args.k)
+        svd = stacked_svd(elm, args.k, kept)
         ranks = stable_rank(elm.operators)
         sigma1 = torch.linalg.matrix_norm(svd_ready(elm.operators), ord=2)
     probs = torch.softmax(model.logits(ids)[-1], dim=-1)
     top = torch.topk(probs, 5)
     shares = token_shares(elm)
-    strongest = svd.V.norm(dim=1).argmax(dim=0)  # (k,): the token whose block carries most of v_k
+    kept = kept or list(range(len(ids)))
+    block = svd.V.norm(dim=1).argmax(dim=0)  # (k,): the block of v_k with the largest norm, a position in kept
+    outputs = decode_outputs(model, svd.U)  # (d, k): W_U read once for all k
+    inputs = decode_inputs(model, svd.V[block, :, torch.arange(len(svd.S))].T)  # (d, k): v_k's strongest block
     report = {
         "schema_version": SCHEMA_VERSION,
         "model": str(args.model or DEFAULT_MODEL),
@@ -313,19 +321,19 @@ def explain(args) -> int:
         "autograd_relative_difference": autograd,
         "per_token": [{"token": tok, "share": float(s), "stable_rank": float(r), "sigma1": float(s1)}
                       for tok, s, r, s1 in zip(tokens, shares, ranks, sigma1)],
+        "skipped_positions": args.skip_positions or [],  # left out of the stacked operator (--skip-positions)
         "singular_values": [float(s) for s in svd.S],
         "decoded": [{"sigma": float(svd.S[k]),
-                     "output_tokens": [t for t, _ in decode_output(model, svd.U[:, k])],
-                     "input_position": int(strongest[k]),
-                     "input_tokens": [t for t, _ in decode_input(model, svd.V[strongest[k], :, k])]}
+                     "output_tokens": [t for t, _ in outputs[k]],
+                     "input_position": kept[block[k]],
+                     "input_tokens": [t for t, _ in inputs[k]]}
                     for k in range(len(svd.S))],
     }
     if args.plot:
         with Progress(f"plotting to {args.plot}"):
             plot_explanation(args.plot, report, elm)
     if args.html:
-
-        with Progress(f"layer maps, attribution and the report {args.html}"):
+        with Progress(f"logit lens, attribution and the report {args.html}"):
             page = explain_page(model, elm, report)
             write_text_replacing(args.html, page, "--html")
     if args.json:
@@ -334,6 +342,28 @@ def explain(args) -> int:
         print_explanation(report, model)
     announce_files(args, plot="the spectrum and the shares", html="the HTML report")
     return 0
+
+
+def kept_positions(skip, T: int) -> list | None:
+    """The positions whose operators explain's stacked spectrum takes: all but --skip-positions (None: all),
+    each of which must be a position of the T-token prompt, leaving at least one."""
+    if not skip:
+        return None
+    for t in skip:
+        checks.integer("--skip-positions", t, 0, T, why=f"a position in the {T}-token prompt")
+    kept = [t for t in range(T) if t not in skip]
+    if not kept:
+        raise InputError(f"--skip-positions {','.join(map(str, skip))} leaves out every position of the {T}-token prompt")
+    return kept
+
+
+def stacked_title(r) -> str:
+    """'[J_1 … J_T]', or with the positions left out: '[J_1 … J_T] without position 0 (<bos>)'."""
+    skipped = r.get("skipped_positions") or []
+    if not skipped:
+        return "[J_1 … J_T]"
+    named = ", ".join(f"{t} ({printable(r['tokens'][t])})" for t in skipped)
+    return f"[J_1 … J_T] without position{'s' if len(skipped) > 1 else ''} {named}"
 
 
 def announce_files(args, **what) -> None:
@@ -387,7 +417,7 @@ def print_explanation(r, model):
     legend("per_token")
     for t, row in enumerate(r["per_token"]):
         print(f"  {t:>3} {cell(row['token'], 14)} {row['share']:>8.3f} {row['stable_rank']:>12.2f} {row['sigma1']:>8.3f}")
-    print("\nstacked operator [J_1 … J_T]: top singular values and vectors")
+    print(f"\nstacked operator {stacked_title(r)}: top singular values and vectors")
     legend("stacked")
     print(f"  {'σ':>8}   {'output side (unembedding)':<40} input side (cosine to embeddings)")
     for row in r["decoded"]:
@@ -412,12 +442,12 @@ def legend(key: str):
 
 def plot_explanation(path, report, elm):
     plt = pyplot()
-
-    S = torch.linalg.svdvals(svd_ready(elm.operators).permute(1, 0, 2).reshape(elm.operators.shape[1], -1)).cpu()
+    kept = [t for t in range(len(elm.ids)) if t not in report["skipped_positions"]]
+    S = torch.linalg.svdvals(svd_ready(stacked(elm.operators[kept]))).cpu()
     shares = [row["share"] for row in report["per_token"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
     left.semilogy(range(1, len(S) + 1), S, marker=".", lw=1)
-    left.set(title="singular values of [J_1 … J_T]", xlabel="index k", ylabel="σ_k")
+    left.set(title=f"singular values of {stacked_title(report)}", xlabel="index k", ylabel="σ_k")
     left.grid(alpha=0.3)
     colors = ["tab:blue" if s >= 0 else "tab:red" for s in shares]
     right.bar(range(len(shares)), shares, color=colors)
@@ -648,6 +678,9 @@ def build_parser():
     sub.add_argument("-k", type=int, default=5, help="singular triplets to decode (default 5)")
     sub.add_argument("--no-autograd", action="store_true",
                      help="skip the autograd cross-check of the operators (about a third of the time on long prompts)")
+    sub.add_argument("--skip-positions", metavar="LIST",
+                     help="comma-separated positions (0 = the first token) left out of the stacked operator's "
+                          "spectrum, e.g. 0 for an attention sink; the per-token table keeps them")
 
     sub = command("check", check, "exactness report for the whole model and each layer")
     sub.description = ("exactness report for the whole model and each layer. It passes (exit 0) when the worst "

@@ -36,32 +36,33 @@ from .progress import progress
 
 
 class FrozenProducts:
-    """A and Aᵀ on blocks of vectors, for the frozen map of one prompt (or of one token's J_t).
+    """A and Aᵀ on blocks of vectors, for the frozen map of one prompt: the stacked [J_1 … J_T], or
+    the columns of the chosen `positions` alone, [J_p for p in positions] (one token's J_t: [t]).
 
-    Vectors are rows: an input-side block is (b, n), n = T·d (t-major, as in
-    [J_1 … J_T]) or n = d for one token; an output-side block is (b, d).
+    Vectors are rows: an input-side block is (b, n), n = P·d (position-major, as in
+    [J_1 … J_T]), P the number of positions; an output-side block is (b, d).
     """
 
-    def __init__(self, model: Model, ids, token: int | None = None):
+    def __init__(self, model: Model, ids, positions: list | None = None):
         ids = checked_ids(model, ids)
         T, L = len(ids), model.config.num_hidden_layers
         self.model = model
-        self.token = checks.optional_integer("token", token, -T, T, why=f"a position in the {T}-token prompt")
+        self.positions = None if positions is None else checks.positions("positions", positions, T)
         self.x, self.frozen, states, states0 = traced(model, ids)  # x (T, d)
         self.frozen_to_last = self.frozen.at_last_position()  # A V needs y_T only
         self.d = self.x.shape[1]
         # y (d,), the affine part b (d,), and ∂y/∂h^L_T (d, d): the frozen final norm
         self.y, self.bias, self.out_jacobian = target_values(model, states, states0, L - 1, "output")
-        self.n = T * self.d if token is None else self.d
+        self.n = (T if positions is None else len(self.positions)) * self.d
 
     def apply(self, V):
         """A on each row of V (b, n) -> (b, d): one frozen forward pass over the batch of b inputs."""
         b, (T, d) = V.shape[0], self.x.shape
-        if self.token is None:
+        if self.positions is None:
             x = V.view(b, T, d)  # (b, T, d): input v_t at every position
         else:
             x = V.new_zeros(b, T, d)
-            x[:, self.token] = V  # (b, T, d): the input at one position, zero elsewhere
+            x[:, self.positions] = V.view(b, -1, d)  # (b, T, d): the inputs at the chosen positions, zero elsewhere
         return self.model.forward(x, self.frozen_to_last)[0][:, -1] - self.bias  # (b, d): Σ_t J_t v_t
 
     def apply_transposed(self, U):
@@ -69,7 +70,7 @@ class FrozenProducts:
         L = self.model.config.num_hidden_layers
         G = fast_sweep(self.model, self.frozen, U @ self.out_jacobian, L - 1, "output")  # (T, b, d): uᵀ J_t
         G = G.transpose(0, 1)  # (b, T, d)
-        return G.reshape(U.shape[0], -1) if self.token is None else G[:, self.token]
+        return (G if self.positions is None else G[:, self.positions]).reshape(U.shape[0], -1)
 
 
 @dataclass
@@ -155,8 +156,13 @@ def extend(basis, W, room: int, gen: torch.Generator):
 
 
 def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, tol: float | None = None,
-                     max_steps: int | None = None, seed: int = 0, block: int | None = None):
+                     max_steps: int | None = None, seed: int = 0, block: int | None = None,
+                     positions=None):
     """Top-k singular triplets of [J_1 … J_T] (or of J_token), without forming the operators.
+
+    `positions` (a list of positions, e.g. range(1, T) to leave out the first token, an attention
+    sink) takes the chosen columns alone, [J_p for p in positions]: the map of those inputs, the
+    others held at zero. `token=t` is one position, [t].
 
     Block Lanczos with `block` rows per sweep (1 is single-vector Lanczos), stopped
     when every residual ‖Aᵀu_i − σ_i v_i‖ is below tol·σ_1 (default 1e-12 in float64,
@@ -165,10 +171,10 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
     and 1 on a CPU: a CPU already runs the one-row products (GEMMs with T rows) near
     its matmul rate, so b rows cost about b times one, and one row at a time needs
     the fewest rows in all (tools/bench_spectra.py measures both).
-    Returns (U, S, V): U (d, k), S (k,), V (T, d, k) — or (d, k) for one token —
-    with each pair's sign chosen so that u_k · y ≥ 0.
+    Returns (U, S, V): U (d, k), S (k,), V (T, d, k) — (P, d, k) for P positions, (d, k) for one
+    token — with each pair's sign chosen so that u_k · y ≥ 0.
     """
-    checked_ids(model, ids)
+    T = len(checked_ids(model, ids))
     if model.dtype not in (torch.float32, torch.float64):
         raise InputError(f"singular triplets need a float32 or float64 model, not {model.dtype}: "
                          f"load it with dtype=torch.float64")
@@ -180,8 +186,11 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
         block = k + 4 if model.device.type == "cuda" else 1
     block = checks.integer("block", block, 1, why="rows per sweep")
     max_steps = checks.optional_integer("max_steps", max_steps, -(-k // block), why=f"at least k / block blocks of {block} rows")
-    ops = FrozenProducts(model, ids, token)
+    token = checks.optional_integer("token", token, -T, T, why=f"a position in the {T}-token prompt")
+    if token is not None and positions is not None:
+        raise InputError("token and positions both given: token=t is positions=[t] (V then (d, k))")
+    ops = FrozenProducts(model, ids, [token] if token is not None else positions)
     found = block_lanczos(ops, k, min(block, ops.d), tol, max_steps, seed)
-    V = found.V if token is not None else found.V.reshape(*ops.x.shape, k)  # (d, k) or (T, d, k)
+    V = found.V if token is not None else found.V.reshape(-1, ops.d, k)  # (d, k), or (T, d, k) / (P, d, k)
     U, V = align_signs(found.U, V, ops.y)
     return U, found.S, V
