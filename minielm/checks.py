@@ -62,6 +62,20 @@ def optional_integer(name: str, value, low=None, high=None, closed=False, why: s
     return None if value is None else integer(name, value, low, high, closed, why)
 
 
+def positions(name: str, value, T: int) -> list:
+    """Distinct positions of a T-token prompt, each in [-T, T) (negative counts from the end), from a
+    non-empty list, tuple or range of integers: as ints in [0, T), in the order given."""
+    if not isinstance(value, (list, tuple, range)) or len(value) == 0:
+        raise InputError(f"{name} must be a non-empty list of positions in [{-T}, {T}) (the prompt has {T} tokens), "
+                         f"got {show(value)}")
+    found = [integer(f"{name}[{i}]", v, -T, T, why=f"a position in the {T}-token prompt") % T
+             for i, v in enumerate(value)]
+    repeated = sorted({t for t in found if found.count(t) > 1})
+    if repeated:
+        raise InputError(f"{name} names position {repeated[0]} twice, got {show(value)}")
+    return found
+
+
 def real(name: str, value, low=None, high=None, low_open=False) -> float:
     """A finite real number (not a bool, not a complex, not a string) in [low, high] ((low, high] when
     `low_open`), as a float."""

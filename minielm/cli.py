@@ -30,7 +30,7 @@ import torch
 from . import checks, distributed, operators_file, progress
 from .config import Config
 from .errors import InputError, MinielmError, OutputError
-from .interpret import (cell, decode_input, decode_output, forward_order, layer_table, model_token, printable,
+from .interpret import (cell, decode_inputs, decode_outputs, forward_order, layer_table, model_token, printable,
                         stable_rank, stacked, stacked_svd, svd_ready, token_shares)
 from .matrix_free import (DISPLAY_TOL, RANDOM_DIRECTIONS, autograd_fits, autograd_row, default_block, dense_is_too_big,
                           directional_checks)
@@ -179,6 +179,10 @@ def check_arguments(args) -> None:
     if getattr(args, "k", None) is not None:
         d = config.hidden_size if config else None
         checks.integer("-k", args.k, 1, d, closed=True, why="at most the model's hidden_size" if d else "")
+    if getattr(args, "skip_positions", None) is not None:  # positions past the prompt: once it is tokenized
+        positions = config.max_position_embeddings if config else None
+        args.skip_positions = sorted({checks.integer("--skip-positions", v, 0, positions, why="a position")
+                                      for v in number_list(args.skip_positions, int, "--skip-positions")})
     if getattr(args, "max_new_tokens", None) is not None:
         room = config.max_position_embeddings - 1 if config else None  # at least one prompt token
         checks.integer("--max-new-tokens", args.max_new_tokens, 1, room, closed=True,
@@ -288,22 +292,22 @@ def relative_max(a, b) -> float:
 def explain(args) -> int:
     model = load_model(args)
     ids = model.tokenizer.encode(args.prompt)
-    tokens = [model_token(model, i) for i in ids]
+    kept = kept_positions(args.skip_positions, len(ids))  # None: all of them
     too_big = dense_is_too_big(model, len(ids)) if args.route == "auto" else None
     if args.route == "matrix-free" or too_big:
         if args.html:
             raise InputError(f"--html needs the dense operators, and {too_big or 'the route is matrix-free'}: "
                              f"drop --html for the matrix-free report, or pass --route dense to assemble them")
-        report, elm = explain_matrix_free(args, model, ids, too_big or "asked for (--route matrix-free)"), None
+        report, elm = explain_matrix_free(args, model, ids, kept, too_big or "asked for (--route matrix-free)"), None
     else:
-        report, elm = explain_dense(args, model, ids)
+        report, elm = explain_dense(args, model, ids, kept)
     if args.plot:
         with Progress(f"plotting to {args.plot}"):
-            spectrum = (torch.linalg.svdvals(svd_ready(stacked(elm.operators))) if elm is not None
-                        else torch.tensor(report["singular_values"]))  # matrix-free: the top k found
+            spectrum = (torch.linalg.svdvals(svd_ready(stacked(elm.operators[kept or slice(None)])))
+                        if elm is not None else torch.tensor(report["singular_values"]))  # matrix-free: the top k
             plot_explanation(args.plot, report, spectrum.cpu())
     if args.html:
-        with Progress(f"layer maps, attribution and the report {args.html}"):
+        with Progress(f"logit lens, attribution and the report {args.html}"):
             page = explain_page(model, elm, report)
             write_text_replacing(args.html, page, "--html")
     if args.json:
@@ -314,7 +318,7 @@ def explain(args) -> int:
     return 0
 
 
-def explain_dense(args, model, ids):
+def explain_dense(args, model, ids, kept):
     """explain's report from the assembled operators J_t (T, d, d), and the map."""
     with Progress(f"assembling {len(ids)} operators of {model.config.hidden_size}×{model.config.hidden_size}"):
         elm = equivalent_linear_map(model, ids)
@@ -323,7 +327,7 @@ def explain_dense(args, model, ids):
         with Progress("autograd cross-check"):
             autograd = relative_max(elm.operators, detached_jacobian(model, ids))
     with Progress("singular value decompositions"):
-        svd = stacked_svd(elm, args.k)
+        svd = stacked_svd(elm, args.k, kept)
         ranks = stable_rank(elm.operators)
         sigma1 = torch.linalg.matrix_norm(svd_ready(elm.operators), ord=2)
     probs = torch.softmax(model.logits(ids)[-1], dim=-1)
@@ -332,11 +336,11 @@ def explain_dense(args, model, ids):
     exactness = {"relative_error": elm.relative_error(),
                  "probability_error": float((elm.probabilities() - probs).abs().max()),
                  "autograd_relative_difference": autograd}
-    report = explanation(args, model, ids, "dense", probs, exactness, per_token, svd.U, svd.S, svd.V)
+    report = explanation(args, model, ids, kept, "dense", probs, exactness, per_token, svd.U, svd.S, svd.V)
     return report, elm
 
 
-def explain_matrix_free(args, model, ids, why: str):
+def explain_matrix_free(args, model, ids, kept, why: str):
     """explain's report from products with the map only (minielm/matrix_free.py): the shares and the
     exactness from one sweep of a few rows and a frozen forward pass, the spectrum by block Lanczos."""
     with Progress("the forward pass, its factors frozen"):
@@ -350,7 +354,7 @@ def explain_matrix_free(args, model, ids, why: str):
             autograd = relative_max(found.rows[0], autograd_row(ops, found.directions[0]))
     block = default_block(model, args.k)
     with Progress(f"top {args.k} singular triplets by block Lanczos ({block} rows a step, tol {DISPLAY_TOL:g})"):
-        svd = top_triplets(ops, args.k, block, DISPLAY_TOL)
+        svd = top_triplets(ops.restricted_to(kept), args.k, block, DISPLAY_TOL)
     probs = torch.softmax(model.unembed(ops.y), dim=-1)
     per_token = [{"share": float(s), "stable_rank": None, "sigma1": None} for s in found.shares]
     exactness = {"relative_error": found.reconstruction_error,
@@ -363,15 +367,18 @@ def explain_matrix_free(args, model, ids, why: str):
                  "lanczos": {"steps": svd.steps, "block": block, "tol": DISPLAY_TOL,
                              "largest_residual": float(svd.residuals.max() / svd.S[0])},
                  "why": why}
-    return explanation(args, model, ids, "matrix-free", probs, exactness, per_token, svd.U, svd.S, svd.V)
+    return explanation(args, model, ids, kept, "matrix-free", probs, exactness, per_token, svd.U, svd.S, svd.V)
 
 
-def explanation(args, model, ids, route, probs, exactness, per_token, U, S, V) -> dict:
+def explanation(args, model, ids, kept, route, probs, exactness, per_token, U, S, V) -> dict:
     """explain's report (its --json): the same keys on both routes; the matrix-free route adds its own
-    exactness figures and leaves the per-token stable rank and σ1 null."""
+    exactness figures and leaves the per-token stable rank and σ1 null. V (P, d, k): the kept positions."""
     tokens = [model_token(model, i) for i in ids]
     top = torch.topk(probs, 5)
-    strongest = V.norm(dim=1).argmax(dim=0)  # (k,): the token whose block carries most of v_k
+    kept = kept or list(range(len(ids)))
+    block = V.norm(dim=1).argmax(dim=0)  # (k,): the block of v_k with the largest norm, a position in kept
+    outputs = decode_outputs(model, U)  # (d, k): W_U read once for all k
+    inputs = decode_inputs(model, V[block, :, torch.arange(len(S), device=V.device)].T)  # (d, k): v_k's strongest block
     return {
         "schema_version": SCHEMA_VERSION,
         "model": str(args.model or DEFAULT_MODEL),
@@ -383,13 +390,36 @@ def explanation(args, model, ids, route, probs, exactness, per_token, U, S, V) -
         "top": [{"token": model_token(model, i), "probability": float(p)} for p, i in zip(top.values, top.indices)],
         **exactness,
         "per_token": [dict(token=tok, **row) for tok, row in zip(tokens, per_token)],
+        "skipped_positions": args.skip_positions or [],  # left out of the stacked operator (--skip-positions)
         "singular_values": [float(s) for s in S],
         "decoded": [{"sigma": float(S[k]),
-                     "output_tokens": [t for t, _ in decode_output(model, U[:, k])],
-                     "input_position": int(strongest[k]),
-                     "input_tokens": [t for t, _ in decode_input(model, V[strongest[k], :, k])]}
+                     "output_tokens": [t for t, _ in outputs[k]],
+                     "input_position": kept[block[k]],
+                     "input_tokens": [t for t, _ in inputs[k]]}
                     for k in range(len(S))],
     }
+
+
+def kept_positions(skip, T: int) -> list | None:
+    """The positions whose operators explain's stacked spectrum takes: all but --skip-positions (None: all),
+    each of which must be a position of the T-token prompt, leaving at least one."""
+    if not skip:
+        return None
+    for t in skip:
+        checks.integer("--skip-positions", t, 0, T, why=f"a position in the {T}-token prompt")
+    kept = [t for t in range(T) if t not in skip]
+    if not kept:
+        raise InputError(f"--skip-positions {','.join(map(str, skip))} leaves out every position of the {T}-token prompt")
+    return kept
+
+
+def stacked_title(r) -> str:
+    """'[J_1 … J_T]', or with the positions left out: '[J_1 … J_T] without position 0 (<bos>)'."""
+    skipped = r.get("skipped_positions") or []
+    if not skipped:
+        return "[J_1 … J_T]"
+    named = ", ".join(f"{t} ({printable(r['tokens'][t])})" for t in skipped)
+    return f"[J_1 … J_T] without position{'s' if len(skipped) > 1 else ''} {named}"
 
 
 def announce_files(args, **what) -> None:
@@ -455,7 +485,7 @@ def print_explanation(r, model):
     for t, row in enumerate(r["per_token"]):
         ranks = "" if free else f" {row['stable_rank']:>12.2f} {row['sigma1']:>8.3f}"
         print(f"  {t:>3} {cell(row['token'], 14)} {row['share']:>8.3f}{ranks}")
-    print("\nstacked operator [J_1 … J_T]: top singular values and vectors")
+    print(f"\nstacked operator {stacked_title(r)}: top singular values and vectors")
     legend("stacked")
     if free:
         lz = r["lanczos"]
@@ -489,7 +519,7 @@ def plot_explanation(path, report, S):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
     left.semilogy(range(1, len(S) + 1), S, marker=".", lw=1)
     top = f"top {len(S)} " if report.get("route") == "matrix-free" else ""  # matrix-free: those Lanczos found
-    left.set(title=f"{top}singular values of [J_1 … J_T]", xlabel="index k", ylabel="σ_k")
+    left.set(title=f"{top}singular values of {stacked_title(report)}", xlabel="index k", ylabel="σ_k")
     left.grid(alpha=0.3)
     colors = ["tab:blue" if s >= 0 else "tab:red" for s in shares]
     right.bar(range(len(shares)), shares, color=colors)
@@ -736,6 +766,9 @@ def build_parser():
                      help="dense: assemble every J_t; matrix-free: products with the map only (the shares, exactness "
                           "along a few directions, the top k by Lanczos); auto (default): matrix-free when the dense "
                           "operators would be too costly for this machine")
+    sub.add_argument("--skip-positions", metavar="LIST",
+                     help="comma-separated positions (0 = the first token) left out of the stacked operator's "
+                          "spectrum, e.g. 0 for an attention sink; the per-token table keeps them")
 
     sub = command("check", check, "exactness report for the whole model and each layer")
     sub.description = ("exactness report for the whole model and each layer. It passes (exit 0) when the worst "

@@ -13,6 +13,7 @@ import torch
 
 from . import checks
 from .fast_sweep import fast_sweep
+from .layer_maps import reverse_pass
 from .linear_map import checked_ids, target_values, traced
 from .model import Model, on_device, times_transposed
 from .progress import progress
@@ -58,9 +59,10 @@ class Attribution:
 def attribution(model: Model, ids, token: int | None = None) -> Attribution:
     """Split the logit of `token` (default: the top next token) over sources, layers and modules.
 
-    One row-vector reverse sweep per module (r = 1): 2L sweeps, the one from layer ℓ
-    costing about (ℓ + 1)/L of a forward pass, so this is cheap even where the full
-    operators are not.
+    The row u · ∂(module output)/∂x_s of every module, for the one row u = ∂z/∂h^L_T: all 2L of them
+    in one reverse pass over the layers carrying a row per module (minielm.layer_maps.reverse_pass),
+    about the cost of one single-row sweep, so this is cheap even where the full operators are not.
+    With the parallel residual, which that pass does not follow, one single-row sweep per module.
     """
     ids = checked_ids(model, ids)
     token = checks.optional_integer("token", token, 0, model.config.vocab_size, why="the vocabulary")
@@ -72,16 +74,26 @@ def attribution(model: Model, ids, token: int | None = None) -> Attribution:
     # u = ∂z/∂h^L_T: the unembedding row through the frozen final norm.
     w_token = on_device(model.weights["lm_head"][token], x.device, x.dtype)  # (d,)
     u = w_token @ seed  # (d,)
+    rows = module_rows(model, frozen, states, states0, u)  # {(layer, component): (T, d)}
     table = x.new_zeros(T, L, 2)
     bias = x.new_zeros(L, 2)
-    for layer in progress(range(L), "attribution"):
+    for layer in range(L):
         for k, component in enumerate(("attention", "mlp")):
-            G = fast_sweep(model, frozen, u[None, :], layer, component)  # (T, 1, d)
-            table[:, layer, k] = torch.einsum("tj,tj->t", G[:, 0, :], x)
+            table[:, layer, k] = torch.einsum("tj,tj->t", rows[(layer, component)], x)
             bias[layer, k] = u @ states0[component][layer][-1]
     embedding = x.new_zeros(T)
     embedding[-1] = u @ x[-1]
     b_f = model.final_norm(torch.zeros_like(x[-1]), frozen.final_norm[-1])[0]  # the frozen final norm at 0
     return Attribution(token, float(logits[token]), table, embedding, bias, float(w_token @ b_f))
+
+
+def module_rows(model: Model, frozen, states, states0, u) -> dict:
+    """{(layer, component): u · ∂(that module's output at T)/∂x_s, (T, d)} for every attention and MLP."""
+    L = model.config.num_hidden_layers
+    if model.config.use_parallel_residual:
+        return {(layer, c): fast_sweep(model, frozen, u[None, :], layer, c)[:, 0]
+                for layer in progress(range(L), "attribution") for c in ("attention", "mlp")}
+    G, order = reverse_pass(model, frozen, states, states0, u[None, :])  # (T, 3L, d): one row per target
+    return {key: G[:, i] for i, key in enumerate(order)}
 
 

@@ -55,26 +55,29 @@ class Singular:
 
     U: torch.Tensor  # (d, k) output side
     S: torch.Tensor  # (k,)
-    V: torch.Tensor  # (T, d, k) input side, one d-block per token
+    V: torch.Tensor  # (T, d, k) input side, one d-block per token (per chosen position)
 
 
 def align_signs(U, V, y):
-    """Flip each pair (u_k, v_k) so that u_k · y ≥ 0; V is (..., k) with k last."""
+    """Flip each pair (u_k, v_k) so that u_k · y ≥ 0. U is (d, k), or a stack (..., d, k) of them (one
+    per token), V (..., k) with k last, the same stack in front for a stack of U."""
     one = U.new_ones(())  # in U's dtype: a -1.0/1.0 literal would make the signs float32 first
-    signs = torch.where(U.T @ y < 0, -one, one)  # (k,)
+    signs = torch.where(y @ U < 0, -one, one).unsqueeze(-2)  # (..., 1, k)
     return U * signs, V * signs
 
 
-def stacked_svd(elm: EquivalentLinearMap, k: int = 5) -> Singular:
-    """Dense SVD of [J_1 … J_T] (d × T·d), top k."""
+def stacked_svd(elm: EquivalentLinearMap, k: int = 5, positions: list | None = None) -> Singular:
+    """Dense SVD of [J_1 … J_T] (d × T·d), top k; of [J_p for p in positions] (d × P·d) when given,
+    and V is then (P, d, k), block i for position positions[i]."""
     checks.instance("elm", elm, EquivalentLinearMap, "from minielm.equivalent_linear_map")
     T, d, _ = elm.operators.shape
     k = checks.integer("k", k, 1, d, closed=True, why="[J_1 … J_T] has hidden_size singular values")
-    # SVD of the tall Aᵀ = V S Uᵀ (T·d × d): LAPACK is several times faster on it than on the wide A
-    V, S, Uh = torch.linalg.svd(svd_ready(stacked(elm.operators)).T, full_matrices=False)
+    operators = elm.operators if positions is None else elm.operators[checks.positions("positions", positions, T)]
+    # SVD of the tall Aᵀ = V S Uᵀ (P·d × d): LAPACK is several times faster on it than on the wide A
+    V, S, Uh = torch.linalg.svd(svd_ready(stacked(operators)).T, full_matrices=False)
     U, S, V = (t.to(elm.operators.dtype) for t in (Uh.T, S, V))
     k = min(k, S.shape[0])
-    V = V[:, :k].reshape(T, d, k)
+    V = V[:, :k].reshape(operators.shape[0], d, k)
     U, V = align_signs(U[:, :k], V, elm.output)
     return Singular(U, S[:k], V)
 
@@ -82,19 +85,34 @@ def stacked_svd(elm: EquivalentLinearMap, k: int = 5) -> Singular:
 def decode_output(model, u: torch.Tensor, n: int = 5) -> list:
     """The n tokens whose unembedding rows point most along u (d,): [(token, score)]."""
     check_decoding(model, "u", u, n)
-    scores = times_transposed(u, model.weights["lm_head"])  # (V,): W_U u
-    top = torch.topk(scores, n)
-    return [(model_token(model, i), float(s)) for s, i in zip(top.values, top.indices)]
+    return decode_outputs(model, u[:, None], n)[0]
 
 
 def decode_input(model, v: torch.Tensor, n: int = 5) -> list:
     """The n embedding rows most cosine-similar to v (d,): [(token, cosine)]."""
     check_decoding(model, "v", v, n)
-    norms = embedding_norms(model) * torch.linalg.vector_norm(v)  # (V,): ‖E_i‖ ‖v‖
+    return decode_inputs(model, v[:, None], n)[0]
+
+
+def decode_outputs(model, U: torch.Tensor, n: int = 5) -> list:
+    """decode_output of each column of U (d, m), reading the unembedding (V × d) once for all m: a
+    large vocabulary's W_U is read from memory at about the cost of one product with it."""
+    scores = times_transposed(U.T, model.weights["lm_head"])  # (m, V): W_U u_j
+    return top_tokens(model, scores, n)
+
+
+def decode_inputs(model, V: torch.Tensor, n: int = 5) -> list:
+    """decode_input of each column of V (d, m), reading the embeddings (V × d) once for all m."""
+    norms = embedding_norms(model)[None, :] * torch.linalg.vector_norm(V, dim=0)[:, None]  # (m, V): ‖E_i‖ ‖v_j‖
     norms = norms.clamp_min(torch.finfo(norms.dtype).tiny)  # never 0 (1e-300 is 0 in float32): cosine 0, not NaN
-    cosine = times_transposed(v, model.weights["embed"]) / norms  # (V,)
-    top = torch.topk(cosine, n)
-    return [(model_token(model, i), float(c)) for c, i in zip(top.values, top.indices)]
+    return top_tokens(model, times_transposed(V.T, model.weights["embed"]) / norms, n)  # (m, V): cosines
+
+
+def top_tokens(model, scores: torch.Tensor, n: int) -> list:
+    """For each row of scores (m, V): its n largest [(token, score)], largest first."""
+    top = torch.topk(scores, n, dim=1)
+    return [[(model_token(model, i), float(s)) for s, i in zip(values, indices)]
+            for values, indices in zip(top.values, top.indices)]
 
 
 def check_decoding(model, name, vector, n):

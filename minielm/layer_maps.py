@@ -3,7 +3,8 @@
 The maps `minielm.equivalent_linear_map(model, ids, layer=ℓ, component=...)` gives one at a
 time, all 3·L of them at the cost of about one or two: each layer's weights and factors are
 visited once. Two passes can serve (see `all_layer_maps`); both use the fast sweep's
-sublayers (minielm/fast_sweep.py).
+sublayers (minielm/fast_sweep.py). The reverse one carries any rows (`reverse_pass`): the d
+rows of the identity for every operator, or the one row the exact attribution needs.
 """
 
 from __future__ import annotations
@@ -40,51 +41,57 @@ def all_layer_maps(model: Model, ids, mode: str = "auto") -> dict:
 
 
 def reverse_layer_maps(model: Model, ids) -> dict:
-    """All layer and module maps in ONE reverse pass over the layers.
-
-    Each layer's weights and factors are visited once: the pass carries the row
-    blocks of every target above, and seeds the targets of a layer as it reaches
-    it (targets still at the last position only are kept apart until an attention
-    sublayer spreads them over all positions). The flops equal those of separate
-    sweeps, but the GEMMs are taller and the weights are read once.
-    """
+    """All layer and module maps in ONE reverse pass over the layers (`reverse_pass` with the d rows
+    of the identity: every row of every operator)."""
     ids = checked_ids(model, ids)
     x, frozen, states, states0 = traced(model, ids)
-    T, d = x.shape
-    eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    every, last = slice(0, T), slice(T - 1, T)
-    G = x.new_zeros(T, 0, d)  # targets already spread over all positions
-    order, maps = [], {}  # (layer, component) per block of d rows in G
-    scratch = Scratch(x, SCRATCH_BYTES)
-    for layer in progress(reversed(range(model.config.num_hidden_layers)), "reverse pass", model.config.num_hidden_layers):
-        factors = frozen.layers[layer]
-        y, bias, seed = target_values(model, states, states0, layer, "output")
-        N = x.new_zeros(T, d, d)  # this layer's targets, at the last position only
-        N[-1] = seed
-        maps[(layer, "output")] = (y, bias)
-        # MLP sublayer: carry G and N through it, then seed the MLP module's own target
-        mlp_sublayer(model, layer, factors, G, every, scratch)
-        mlp_sublayer(model, layer, factors, N, last, scratch)
-        M = x.new_zeros(T, d, d)
-        M[-1] = eye
-        mlp_sublayer(model, layer, factors, M, last, scratch, residual=False)
-        N = torch.cat([N, M], dim=1)
-        maps[(layer, "mlp")] = target_values(model, states, states0, layer, "mlp")[:2]
-        # attention sublayer: spread N over the positions, then seed the attention module's target
-        attention_sublayer(model, layer, factors, G, scratch)
-        attention_from_last(model, layer, factors, N, scratch)
-        A = x.new_zeros(T, d, d)
-        A[-1] = eye
-        attention_from_last(model, layer, factors, A, scratch, residual=False)
-        maps[(layer, "attention")] = target_values(model, states, states0, layer, "attention")[:2]
-        G = torch.cat([G, N, A], dim=1)
-        order += [(layer, "output"), (layer, "mlp"), (layer, "attention")]
+    d = x.shape[1]
+    G, order = reverse_pass(model, frozen, states, states0, torch.eye(d, dtype=x.dtype, device=x.device))
     result = {}
     for block, key in enumerate(order):
-        y, bias = maps[key]
+        y, bias = target_values(model, states, states0, *key)[:2]
         name = target_name(model, *key)
         result[key] = EquivalentLinearMap(model, ids, G[:, block * d:(block + 1) * d], x, y, bias, frozen, name)
     return result
+
+
+def reverse_pass(model: Model, frozen, states, states0, rows) -> tuple:
+    """rows · ∂target/∂x_s for every layer and module target, in ONE reverse pass over the layers.
+
+    rows (r, d): r = d (the identity) gives every operator; one row u gives what the exact attribution
+    needs, u · (each module's output), for the cost of about one sweep. Each layer's weights and factors
+    are visited (and its norms folded in) once: the pass carries the row blocks of every target above,
+    and seeds the targets of a layer as it reaches it (targets still at the last position only are
+    kept apart until an attention sublayer spreads them over all positions). The flops equal those of
+    separate sweeps, but the GEMMs are taller and the weights are read once.
+    Returns G (T, 3L·r, d), block i holding the rows of target order[i] = (layer, component); a layer
+    output's rows are rows · (the frozen final norm's Jacobian) · ∂h^ℓ_T/∂x_s.
+    """
+    T, (r, d) = frozen.final_norm.shape[0], rows.shape
+    every, last = slice(0, T), slice(T - 1, T)
+    G = rows.new_zeros(T, 0, d)  # targets already spread over all positions
+    order = []  # (layer, component) per block of r rows in G
+    scratch = Scratch(rows, SCRATCH_BYTES)
+    for layer in progress(reversed(range(model.config.num_hidden_layers)), "reverse pass", model.config.num_hidden_layers):
+        factors = frozen.layers[layer]
+        N = rows.new_zeros(T, r, d)  # this layer's targets, at the last position only
+        N[-1] = rows @ target_values(model, states, states0, layer, "output")[2]
+        # MLP sublayer: carry G and N through it, then seed the MLP module's own target
+        mlp_sublayer(model, layer, factors, G, every, scratch)
+        mlp_sublayer(model, layer, factors, N, last, scratch)
+        M = rows.new_zeros(T, r, d)
+        M[-1] = rows
+        mlp_sublayer(model, layer, factors, M, last, scratch, residual=False)
+        N = torch.cat([N, M], dim=1)
+        # attention sublayer: spread N over the positions, then seed the attention module's target
+        attention_sublayer(model, layer, factors, G, scratch)
+        attention_from_last(model, layer, factors, N, scratch)
+        A = rows.new_zeros(T, r, d)
+        A[-1] = rows
+        attention_from_last(model, layer, factors, A, scratch, residual=False)
+        G = torch.cat([G, N, A], dim=1)
+        order += [(layer, "output"), (layer, "mlp"), (layer, "attention")]
+    return G, order
 
 
 def forward_layer_maps(model: Model, ids) -> dict:

@@ -35,11 +35,13 @@ import torch
 from . import checks
 from .exact_attribution import Attribution, attribution
 from .errors import InputError
-from .interpret import (COMPONENTS, align_signs, decode_input, decode_output, forward_order, model_token, svd_ready,
+from .interpret import (COMPONENTS, align_signs, decode_inputs, decode_outputs, forward_order, model_token, svd_ready,
                         token_shares)
-from .layer_maps import all_layer_maps
-from .linear_map import EquivalentLinearMap
+from .linear_map import EquivalentLinearMap, target_name, target_values, traced
 
+# Said in explain --html's exactness section: what the report leaves to the commands that make 3L maps.
+LAYERS_NOTE = ("every layer's and module's own map is not made here: minielm check gives the reconstruction "
+               "error of each, minielm layers their spectra")
 SCHEMA_VERSION = 1  # of the --json output of explain, layers and check (README: "The first result")
 
 # One line per section, shared by the terminal output and the HTML report.
@@ -213,12 +215,15 @@ def token_panels(model, elm, tokens: list, selected: int, k: int = 3) -> str:
     """One panel per token (only `selected` visible): J_t's spectrum and its top k triplets decoded."""
     J = svd_ready(elm.operators)
     U, S, Vh = torch.linalg.svd(J)  # (T, d, d), (T, d), (T, d, d)
+    T, k = len(tokens), min(k, S.shape[1])
+    u, v = align_signs(U[:, :, :k].to(elm.output.dtype), Vh[:, :k].mT.to(elm.output.dtype), elm.output)  # (T, d, k)
+    # every token's triplets decoded together: the unembedding and the embeddings are read once
+    outputs = decode_outputs(model, u.permute(1, 0, 2).reshape(-1, T * k))  # column t·k + i: token t's u_i
+    inputs = decode_inputs(model, v.permute(1, 0, 2).reshape(-1, T * k))
     panels = []
     for t, tok in enumerate(tokens):
-        u, v = align_signs(U[t, :, :k].to(elm.output.dtype), Vh[t, :k].T.to(elm.output.dtype), elm.output)
-        rows = [[f"{float(S[t, i]):.4g}",
-                 esc(" ".join(w for w, _ in decode_output(model, u[:, i]))),
-                 esc(" ".join(w for w, _ in decode_input(model, v[:, i])))] for i in range(min(k, S.shape[1]))]
+        rows = [[f"{float(S[t, i]):.4g}", esc(" ".join(w for w, _ in outputs[t * k + i])),
+                 esc(" ".join(w for w, _ in inputs[t * k + i]))] for i in range(k)]
         spectrum = chart([("σ_k", COLOURS["output"], [float(s) for s in S[t]])],
                          f"singular values of J_{t} ({tok})", log_y=True, x_labels=[str(i + 1) for i in range(S.shape[1])])
         hidden = "" if t == selected else " hidden"
@@ -228,18 +233,20 @@ def token_panels(model, elm, tokens: list, selected: int, k: int = 3) -> str:
     return "".join(panels)
 
 
-def emergence_rows(model, maps: dict, token: int) -> list:
-    """For every target in forward order: `token`'s rank (1 = top) and probability under W_U, and
-    the target's reconstruction error. Targets are the model's own values, elm.output."""
-    rows = []
-    for key in sorted(maps, key=forward_order):
-        elm = maps[key]
-        logits = model.unembed(elm.output)  # (V,)
-        rows.append({"layer": key[0], "component": key[1], "target": elm.target,
-                     "rank": int((logits > logits[token]).sum()) + 1,
-                     "probability": float(torch.softmax(logits, -1)[token]),
-                     "relative_error": elm.relative_error()})
-    return rows
+def emergence_rows(model, ids, token: int) -> list:
+    """For every target in forward order (each layer's residual stream, final norm applied, and each
+    attention and MLP output at the last position): `token`'s rank (1 = top) and probability under W_U.
+    The targets are the model's own values, from one forward pass: no map is needed to read them (each
+    target's own map, and its reconstruction error, is `minielm check`'s)."""
+    _, _, states, states0 = traced(model, ids)
+    targets = sorted([(layer, c) for layer in range(model.config.num_hidden_layers) for c in COMPONENTS],
+                     key=forward_order)
+    y = torch.stack([target_values(model, states, states0, layer, c)[0] for layer, c in targets])  # (3L, d)
+    logits = model.unembed(y)  # (3L, V): W_U read once for all targets
+    ranks = (logits > logits[:, token:token + 1]).sum(dim=1) + 1  # (3L,)
+    probabilities = torch.softmax(logits, dim=1)[:, token]  # (3L,)
+    return [{"layer": layer, "component": c, "target": target_name(model, layer, c), "rank": int(rank),
+             "probability": float(p)} for (layer, c), rank, p in zip(targets, ranks, probabilities)]
 
 
 def emergence_view(rows: list, token_text: str) -> str:
@@ -248,9 +255,8 @@ def emergence_view(rows: list, token_text: str) -> str:
     series = lambda field: [(NAMES[c], COLOURS[c], [by[(i, c)][field] for i in layers]) for c in COMPONENTS]
     charts = (chart(series("rank"), f"rank of {token_text}", log_y=True, invert=True, x_labels=[f"L{i}" for i in layers])
               + chart(series("probability"), f"probability of {token_text}", x_labels=[f"L{i}" for i in layers]))
-    body = table(["target", "rank", "probability", "reconstruction error of the target's map"],
-                 [[esc(r["target"]), str(r["rank"]), f"{r['probability']:.4f}", f"{r['relative_error']:.1e}"]
-                  for r in rows])
+    body = table(["target", "rank", "probability"],
+                 [[esc(r["target"]), str(r["rank"]), f"{r['probability']:.4f}"] for r in rows])
     return f'<div class="charts">{charts}</div><details><summary>as a table</summary>{body}</details>'
 
 
@@ -281,7 +287,7 @@ def identity_text(attr) -> str:
             + (f" and the final LayerNorm's bias ({attr.norm_bias:.6f})" if attr.norm_bias else ""))
 
 
-def exactness_view(figures: dict, rows: list | None = None) -> str:
+def exactness_view(figures: dict, layers_note: bool = False) -> str:
     items = [("reconstruction ‖Σ J_t x_t + b − y‖ / ‖y‖", figures.get("relative_error")),
              ("probabilities max |p_reconstructed − p|", figures.get("probability_error")),
              ("autograd max |J − J_autograd| / max |J|", figures.get("autograd_relative_difference")),
@@ -290,10 +296,8 @@ def exactness_view(figures: dict, rows: list | None = None) -> str:
                  + ([[esc(items[2][0]), "skipped (--no-autograd)"]]  # explain's JSON holds null there
                     if "autograd_relative_difference" in figures and figures["autograd_relative_difference"] is None
                     else []))
-    if rows:
-        worst = max(rows, key=lambda r: r["relative_error"])
-        body += (f"<p>every layer's and module's map ({len(rows)} targets): worst reconstruction error "
-                 f"{worst['relative_error']:.1e} ({esc(worst['target'])})</p>")
+    if layers_note:
+        body += f"<p>{esc(LAYERS_NOTE)}</p>"
     return body
 
 
@@ -388,13 +392,16 @@ def map_sections(model, elm, figures: dict) -> list:
 
 def explain_page(model, elm, figures: dict) -> str:
     """The `explain --html` report. `figures`: explain's JSON (tokens, per_token shares, exactness);
-    with every layer's and module's map (emergence) and the attribution table added here."""
+    with the logit lens through the layers (emergence: one forward pass) and the attribution table (one
+    reverse pass carrying a row per module) added here, both cheap beside the map itself. Every layer's
+    and module's own map is not made (3L maps cost several times the final one): `minielm check` and
+    `minielm layers` make them."""
     tokens = figures["tokens"]
     figures = dict(figures, shares=[row["share"] for row in figures["per_token"]])
     sections = map_sections(model, elm, figures)
     attr = attribution(model, elm.ids)  # of the predicted token
     next_id = attr.token
-    rows = emergence_rows(model, all_layer_maps(model, elm.ids), next_id)
+    rows = emergence_rows(model, elm.ids, next_id)
     figures["attribution_error"] = abs(attr.total() - attr.logit) / (abs(attr.logit) or 1.0)  # relative, as above
     shown = repr(model_token(model, next_id))
     sections += [
@@ -403,7 +410,7 @@ def explain_page(model, elm, figures: dict) -> str:
         section(f"attribution of the logit of {model_token(model, next_id)!r}: source token × layer × module",
                 LEGENDS["attribution"], f'<div class="scroll">{attribution_view(attr, tokens)}</div>'),
     ]
-    sections.append(section("exactness", LEGENDS["exactness"], exactness_view(figures, rows)))
+    sections.append(section("exactness", LEGENDS["exactness"], exactness_view(figures, layers_note=True)))
     top = figures["top"][0]
     title = f"minielm: {' '.join(tokens)[:80]} → {top['token']!r} ({top['probability']:.3f})"
     return page(title, sections)

@@ -22,6 +22,7 @@ single-vector Golub–Kahan–Lanczos.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -36,32 +37,42 @@ from .progress import progress
 
 
 class FrozenProducts:
-    """A and Aᵀ on blocks of vectors, for the frozen map of one prompt (or of one token's J_t).
+    """A and Aᵀ on blocks of vectors, for the frozen map of one prompt: the stacked [J_1 … J_T], or
+    the columns of the chosen `positions` alone, [J_p for p in positions] (one token's J_t: [t]).
 
-    Vectors are rows: an input-side block is (b, n), n = T·d (t-major, as in
-    [J_1 … J_T]) or n = d for one token; an output-side block is (b, d).
+    Vectors are rows: an input-side block is (b, n), n = P·d (position-major, as in
+    [J_1 … J_T]), P the number of positions; an output-side block is (b, d).
     """
 
-    def __init__(self, model: Model, ids, token: int | None = None):
+    def __init__(self, model: Model, ids, positions: list | None = None):
         ids = checked_ids(model, ids)
         T, L = len(ids), model.config.num_hidden_layers
         self.model = model
-        self.token = checks.optional_integer("token", token, -T, T, why=f"a position in the {T}-token prompt")
+        self.positions = None if positions is None else checks.positions("positions", positions, T)
         self.x, self.frozen, states, states0 = traced(model, ids)  # x (T, d)
         self.frozen_to_last = self.frozen.at_last_position()  # A V needs y_T only
         self.d = self.x.shape[1]
         # y (d,), the affine part b (d,), and ∂y/∂h^L_T (d, d): the frozen final norm
         self.y, self.bias, self.out_jacobian = target_values(model, states, states0, L - 1, "output")
-        self.n = T * self.d if token is None else self.d
+        self.n = (T if positions is None else len(self.positions)) * self.d
+
+    def restricted_to(self, positions: list | None) -> FrozenProducts:
+        """The same frozen map (no new forward pass) with the columns of `positions` alone; None: all."""
+        if positions is None:
+            return self
+        other = copy.copy(self)
+        other.positions = checks.positions("positions", positions, self.x.shape[0])
+        other.n = len(other.positions) * self.d
+        return other
 
     def apply(self, V):
         """A on each row of V (b, n) -> (b, d): one frozen forward pass over the batch of b inputs."""
         b, (T, d) = V.shape[0], self.x.shape
-        if self.token is None:
+        if self.positions is None:
             x = V.view(b, T, d)  # (b, T, d): input v_t at every position
         else:
             x = V.new_zeros(b, T, d)
-            x[:, self.token] = V  # (b, T, d): the input at one position, zero elsewhere
+            x[:, self.positions] = V.view(b, -1, d)  # (b, T, d): the inputs at the chosen positions, zero elsewhere
         return self.model.forward(x, self.frozen_to_last)[0][:, -1] - self.bias  # (b, d): Σ_t J_t v_t
 
     def apply_transposed(self, U):
@@ -69,7 +80,7 @@ class FrozenProducts:
         L = self.model.config.num_hidden_layers
         G = fast_sweep(self.model, self.frozen, U @ self.out_jacobian, L - 1, "output")  # (T, b, d): uᵀ J_t
         G = G.transpose(0, 1)  # (b, T, d)
-        return G.reshape(U.shape[0], -1) if self.token is None else G[:, self.token]
+        return (G if self.positions is None else G[:, self.positions]).reshape(U.shape[0], -1)
 
 
 @dataclass
@@ -78,7 +89,7 @@ class Spectrum:
 
     U: torch.Tensor  # (d, k) output side
     S: torch.Tensor  # (k,)
-    V: torch.Tensor  # (n, k) input side; (T, d, k) from top_triplets
+    V: torch.Tensor  # (n, k) input side; (P, d, k) from top_triplets
     residuals: torch.Tensor  # (k,): ‖Aᵀu_i − σ_i v_i‖ (A v_i − σ_i u_i is zero by construction)
     steps: int  # blocks: each one sweep and one frozen forward pass
 
@@ -155,8 +166,13 @@ def extend(basis, W, room: int, gen: torch.Generator):
 
 
 def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, tol: float | None = None,
-                     max_steps: int | None = None, seed: int = 0, block: int | None = None):
+                     max_steps: int | None = None, seed: int = 0, block: int | None = None,
+                     positions=None):
     """Top-k singular triplets of [J_1 … J_T] (or of J_token), without forming the operators.
+
+    `positions` (a list of positions, e.g. range(1, T) to leave out the first token, an attention
+    sink) takes the chosen columns alone, [J_p for p in positions]: the map of those inputs, the
+    others held at zero. `token=t` is one position, [t].
 
     Block Lanczos with `block` rows per sweep (1 is single-vector Lanczos), stopped
     when every residual ‖Aᵀu_i − σ_i v_i‖ is below tol·σ_1 (default 1e-12 in float64,
@@ -165,10 +181,10 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
     and 1 on a CPU: a CPU already runs the one-row products (GEMMs with T rows) near
     its matmul rate, so b rows cost about b times one, and one row at a time needs
     the fewest rows in all (tools/bench_spectra.py measures both).
-    Returns (U, S, V): U (d, k), S (k,), V (T, d, k) — or (d, k) for one token —
-    with each pair's sign chosen so that u_k · y ≥ 0.
+    Returns (U, S, V): U (d, k), S (k,), V (T, d, k) — (P, d, k) for P positions, (d, k) for one
+    token — with each pair's sign chosen so that u_k · y ≥ 0.
     """
-    checked_ids(model, ids)
+    T = len(checked_ids(model, ids))
     if model.dtype not in (torch.float32, torch.float64):
         raise InputError(f"singular triplets need a float32 or float64 model, not {model.dtype}: "
                          f"load it with dtype=torch.float64")
@@ -180,8 +196,12 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
         block = default_block(model, k)
     block = checks.integer("block", block, 1, why="rows per sweep")
     max_steps = checks.optional_integer("max_steps", max_steps, -(-k // block), why=f"at least k / block blocks of {block} rows")
-    found = top_triplets(FrozenProducts(model, ids, token), k, block, tol, max_steps, seed)
-    return found.U, found.S, found.V
+    token = checks.optional_integer("token", token, -T, T, why=f"a position in the {T}-token prompt")
+    if token is not None and positions is not None:
+        raise InputError("token and positions both given: token=t is positions=[t] (V then (d, k))")
+    ops = FrozenProducts(model, ids, [token] if token is not None else positions)
+    found = top_triplets(ops, k, block, tol, max_steps, seed)
+    return found.U, found.S, found.V[0] if token is not None else found.V  # V (d, k) for one token
 
 
 def default_block(model: Model, k: int) -> int:
@@ -191,9 +211,8 @@ def default_block(model: Model, k: int) -> int:
 
 def top_triplets(ops: FrozenProducts, k: int, block: int, tol: float, max_steps: int | None = None,
                  seed: int = 0) -> Spectrum:
-    """`block_lanczos`'s triplets in the shapes `singular_vectors` returns: U (d, k), S (k,), V (T, d, k)
-    (or (d, k) for one token), each pair's sign chosen so that u_k · y ≥ 0."""
+    """`block_lanczos`'s triplets with V as (P, d, k), P the positions of `ops` (T unless chosen), and each
+    pair's sign chosen so that u_k · y ≥ 0."""
     found = block_lanczos(ops, k, min(block, ops.d), tol, max_steps, seed)
-    V = found.V if ops.token is not None else found.V.reshape(*ops.x.shape, k)  # (d, k) or (T, d, k)
-    found.U, found.V = align_signs(found.U, V, ops.y)
+    found.U, found.V = align_signs(found.U, found.V.reshape(-1, ops.d, k), ops.y)
     return found

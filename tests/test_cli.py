@@ -313,6 +313,32 @@ def test_explain_no_autograd_skips_the_cross_check(tiny_with_tokenizer, tmp_path
     assert "skipped (--no-autograd)" in html.read_text()
 
 
+def test_explain_skip_positions_leaves_them_out_of_the_stacked_spectrum(tiny_with_tokenizer, capsys):
+    """--skip-positions 0,2: the stacked section is the SVD of the other positions' operators (computed here
+    from the API's map), its input side never points at a position left out, the per-token table keeps every
+    token, and the text names what was left out."""
+    prompt = "And God said, Let there be"
+    model = minielm.load(tiny_with_tokenizer)
+    ids = model.tokenizer.encode(prompt)
+    operators = minielm.equivalent_linear_map(model, ids).operators
+    args = ["explain", prompt, "--model", str(tiny_with_tokenizer), "--quiet", "--no-autograd", "-k", "4"]
+    assert main(args + ["--skip-positions", "2,0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    kept = [t for t in range(len(ids)) if t not in (0, 2)]
+    expected = torch.linalg.svdvals(torch.cat([operators[t] for t in kept], dim=1))[:4]
+    assert report["singular_values"] == pytest.approx(expected.tolist(), rel=1e-12)
+    assert report["skipped_positions"] == [0, 2] and len(report["per_token"]) == len(ids)
+    assert all(row["input_position"] in kept for row in report["decoded"])
+    assert main(args + ["--skip-positions", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"stacked operator [J_1 … J_T] without position 0 ({model.tokenizer.token(ids[0])}): " in out
+    assert main(args + ["--json"]) == 0  # without the flag: every position, as before
+    report = json.loads(capsys.readouterr().out)
+    assert report["skipped_positions"] == []
+    assert report["singular_values"] == pytest.approx(torch.linalg.svdvals(torch.cat(list(operators), dim=1))[:4].tolist(),
+                                                      rel=1e-12)
+
+
 def test_every_report_names_its_model_and_prompt_and_the_files_written(tiny_with_tokenizer, tmp_path, capsys):
     """layers and check start as explain does (the model, its shape, the prompt: check's default shown);
     --plot and --html end the text with one line naming the file; with --json that line goes to stderr."""
@@ -330,3 +356,54 @@ def test_every_report_names_its_model_and_prompt_and_the_files_written(tiny_with
     captured = capsys.readouterr()
     json.loads(captured.out)  # the JSON alone
     assert f"wrote {plot}" in captured.err
+
+
+# ---- the command's thread settings (minielm/__main__.py's THREAD_DEFAULTS) -----------------------------
+ENTRY = """
+import sys
+import minielm.__main__ as entry
+if sys.argv[1] == "torch first":
+    import torch
+entry.THREAD_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+code = entry.main(["generate", "And God", "--model", sys.argv[2], "--max-new-tokens", "1", "--quiet"])
+import os
+print(os.environ.get("OMP_WAIT_POLICY"))
+sys.exit(code)
+"""
+
+
+def openmp_settings(tiny_with_tokenizer, how: str, **env) -> tuple:
+    """(what OpenMP itself was set to, as its OMP_DISPLAY_ENV=VERBOSE lines on stderr show it, and the
+    command's OMP_WAIT_POLICY afterwards), for the entry point run with THREAD_DEFAULTS = PASSIVE."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    done = subprocess.run([sys.executable, "-c", ENTRY, how, str(tiny_with_tokenizer)], capture_output=True, text=True,
+                          env=dict(base, OMP_DISPLAY_ENV="VERBOSE", **env))
+    assert done.returncode == 0, done.stderr
+    shown = {line.split("=")[0].strip(): line.split("=")[1].strip(" '") for line in done.stderr.splitlines()
+             if line.strip().startswith(("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))}
+    return shown, done.stdout.splitlines()[-1]
+
+
+def test_the_command_sets_its_thread_defaults_before_torch_loads_openmp(tiny_with_tokenizer):
+    """Where the user set nothing, THREAD_DEFAULTS reach OpenMP (GNU OpenMP's spin count drops from its
+    default 300000 to 0 with OMP_WAIT_POLICY=PASSIVE); a user's own setting wins; and a program that
+    imported torch before calling the entry point keeps its environment (it would do nothing then)."""
+    untouched, _ = openmp_settings(tiny_with_tokenizer, "torch first")
+    if "GOMP_SPINCOUNT" not in untouched:
+        pytest.skip("not GNU OpenMP (torch's Linux wheels use it): its settings cannot be read back")
+    assert untouched == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"}  # libgomp's defaults
+    assert openmp_settings(tiny_with_tokenizer, "torch first")[1] == "None"
+    assert openmp_settings(tiny_with_tokenizer, "fresh") == ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
+                                                              "PASSIVE")
+    user, policy = openmp_settings(tiny_with_tokenizer, "fresh", OMP_WAIT_POLICY="ACTIVE")
+    assert user["OMP_WAIT_POLICY"] == "ACTIVE" and policy == "ACTIVE"
+
+
+def test_the_readme_states_the_thread_defaults():
+    from pathlib import Path
+
+    from minielm.__main__ import THREAD_DEFAULTS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in readme.splitlines() if line.startswith("**Threads.**"))
+    assert all(f"`{name}={value}`" in line for name, value in THREAD_DEFAULTS.items()), line

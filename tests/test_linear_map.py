@@ -231,12 +231,13 @@ def test_attribution_sums_to_the_logit(case, T, checkpoints):
     assert (table.table.abs().sum(0) > 0).all() and table.table[0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("case", ["llama", "gemma3_text", "olmo2", "qwen2"])
+@pytest.mark.parametrize("case", ["llama", "gemma3_text", "olmo2", "qwen2", "gpt2", "gpt_neox"])
 @pytest.mark.parametrize("T", [len(PROMPT), 1])
 def test_attribution_cells(case, T, checkpoints):
     """Every cell (source s, layer ℓ, module) against a forward computation: the frozen forward
     pass run on x with every position but s zeroed (less its value at 0) gives module ℓ's output
-    at the last position due to x_s alone; the frozen final norm and the unembedding row read it."""
+    at the last position due to x_s alone; the frozen final norm and the unembedding row read it.
+    GPT-2 (LayerNorm, biases) and GPT-NeoX (the parallel residual, which the attribution sweeps apart) too."""
     model = minielm.load(checkpoints[case])
     token, L = 5, model.config.num_hidden_layers
     table = minielm.attribution(model, PROMPT[:T], token=token)
@@ -244,8 +245,9 @@ def test_attribution_cells(case, T, checkpoints):
     _, _, _, frozen = trace(model, x)
     _, attn0, mlp0, _ = trace(model, torch.zeros_like(x), frozen)  # the affine parts (biases)
 
-    def logit_of(v):  # z = w_token · N_f(v), the final norm frozen at the model's own 1/ρ
-        return float(model.norm(v, model.weights["final_norm"], frozen.final_norm[-1])[0] @ model.weights["lm_head"][token])
+    def logit_of(v):  # z = w_token · N'_f v: the final norm frozen at the model's own 1/ρ, less its bias (LayerNorm)
+        linear = model.final_norm(v, frozen.final_norm[-1])[0] - model.final_norm(torch.zeros_like(v), frozen.final_norm[-1])[0]
+        return float(linear @ model.weights["lm_head"][token])
 
     expected = torch.zeros(T, L, 2, dtype=x.dtype)
     for s in range(T):

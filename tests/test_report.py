@@ -106,3 +106,73 @@ def test_exactness_table_states_the_attribution_error_relative_to_the_logit(repo
     shown = re.search(r"attribution \|total\(\) − z\| / \|z\|</td><td>([^<]*)<", report.read_text(encoding="utf-8"))
     assert shown, "the exactness table has no relative attribution row"
     assert shown.group(1) == f"{abs(attr.total() - attr.logit) / abs(attr.logit):.1e}"
+
+
+def emergence_table(page: str) -> dict:
+    """{target: (rank, probability)} from the report's emergence table ("as a table")."""
+    body = page[page.index("<summary>as a table</summary>"):]
+    body = body[:body.index("</table>")]
+    return {target: (int(rank), float(p))
+            for target, rank, p in re.findall(r"<tr><td>([^<]*)</td><td>(\d+)</td><td>([0-9.]+)</td></tr>", body)}
+
+
+def test_emergence_is_the_logit_lens_of_the_model_itself(report, tiny_with_tokenizer):
+    """The emergence table, read off one forward pass (no map), against Hugging Face's own states: the
+    residual stream after each layer through its final norm and lm_head, and each attention and MLP
+    module's output at the last position through lm_head alone (as it is, no norm)."""
+    from hf_reference import load_hf_float64
+
+    hf = load_hf_float64(tiny_with_tokenizer)
+    ids = minielm.load(tiny_with_tokenizer).tokenizer.encode(PROMPT)
+    modules = {}
+    hooks = [getattr(layer, name).register_forward_hook(
+        lambda module, args, out, key=(i, name): modules.__setitem__(key, (out[0] if isinstance(out, tuple) else out)[0, -1]))
+        for i, layer in enumerate(hf.model.layers) for name in ("self_attn", "mlp")]
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    token = int(out.logits[0, -1].argmax())
+    L = len(hf.model.layers)
+    residual = {f"layer {i}": hf.model.norm(out.hidden_states[i + 1][0, -1]) for i in range(L - 1)}
+    residual["final"] = out.hidden_states[L][0, -1]  # Hugging Face's last hidden state has the final norm applied
+    targets = {**residual, **{f"{'attention' if name == 'self_attn' else 'mlp'} {i}": v
+                              for (i, name), v in modules.items()}}
+    expected = {}
+    with torch.no_grad():
+        for target, h in targets.items():
+            logits = hf.lm_head(h)
+            expected[target] = (int((logits > logits[token]).sum()) + 1, float(torch.softmax(logits, -1)[token]))
+    shown = emergence_table(report.read_text(encoding="utf-8"))
+    assert sorted(shown) == sorted(expected)
+    for target, (rank, p) in expected.items():
+        assert shown[target][0] == rank and shown[target][1] == pytest.approx(p, abs=1e-4), target
+
+
+def test_html_does_not_make_every_layers_map(tiny_with_tokenizer, tmp_path, monkeypatch):
+    """`explain --html` costs about what `explain` costs: it makes the final map only (the emergence is a
+    forward pass, the attribution 2L one-row sweeps), and says where every layer's and module's map is."""
+    import minielm.cli
+    import minielm.layer_maps
+    from minielm.report import LAYERS_NOTE
+
+    def refused(*args, **kwargs):
+        raise AssertionError("explain --html made every layer's and module's map")
+
+    for name in ("all_layer_maps", "forward_layer_maps", "reverse_layer_maps"):
+        monkeypatch.setattr(minielm.layer_maps, name, refused)
+    made = []
+    equivalent_linear_map = minielm.cli.equivalent_linear_map
+    monkeypatch.setattr(minielm.cli, "equivalent_linear_map",
+                        lambda *a, **k: made.append(1) or equivalent_linear_map(*a, **k))
+    path = tmp_path / "report.html"
+    assert minielm.cli.main(["explain", PROMPT, "--model", str(tiny_with_tokenizer), "--html", str(path), "--quiet"]) == 0
+    assert made == [1]
+    assert html_text(path.read_text(encoding="utf-8")).count(LAYERS_NOTE) == 1
+
+
+def html_text(page: str) -> str:
+    """The page's text as a reader sees it: tags dropped, entities decoded."""
+    import html
+
+    return html.unescape(re.sub(r"<[^>]+>", "", page))

@@ -94,3 +94,26 @@ def test_float32_meets_its_own_default_tolerance_and_bf16_is_refused(checkpoints
     assert S.dtype == torch.float32 and float(((S.double() - dense.S) / dense.S).abs().max()) < 1e-4
     with pytest.raises(InputError, match="float32 or float64 model, not torch.bfloat16"):
         singular_vectors(minielm.load(checkpoints["llama"], dtype=torch.bfloat16), PROMPT)
+
+
+@pytest.mark.parametrize("block", [1, 6])
+def test_spectrum_of_chosen_positions_is_the_svd_of_their_operators(block, checkpoints):
+    """positions=[...] takes those columns of [J_1 … J_T] alone (the others held at zero: qwen2's biases
+    must not leak in): the top triplets are the dense SVD of [J_p for p in positions], assembled here
+    from the operators in the order given, V's block i being position positions[i] (negative: from the end).
+    The command's dense path (stacked_svd with positions) gives the same."""
+    model = minielm.load(checkpoints["qwen2"])
+    elm = minielm.equivalent_linear_map(model, PROMPT)
+    T, d = elm.operators.shape[:2]
+    positions = [9, 1, -1, 4]
+    A = torch.cat([elm.operators[9], elm.operators[1], elm.operators[T - 1], elm.operators[4]], dim=1)  # (d, 4d)
+    S = torch.linalg.svdvals(A)
+    U, S_l, V = singular_vectors(model, PROMPT, k=4, positions=positions, block=block)
+    assert U.shape == (d, 4) and V.shape == (4, d, 4)
+    assert float(((S_l - S[:4]) / S[:4]).abs().max()) < 1e-10
+    V_flat = V.reshape(4 * d, 4)  # block i = position positions[i], as the columns of A
+    assert torch.allclose(A @ V_flat, U * S_l, rtol=0, atol=1e-10 * float(S[0]))
+    assert torch.allclose(A.T @ U, V_flat * S_l, rtol=0, atol=1e-10 * float(S[0]))
+    dense = stacked_svd(elm, k=4, positions=positions)
+    assert torch.allclose(dense.S, S[:4], rtol=1e-12, atol=0)
+    assert float((dense.U - U).abs().max()) < 1e-8 and float((dense.V - V).abs().max()) < 1e-8

@@ -3,7 +3,7 @@
     python tools/time_commands.py            # a Markdown table for the README, with the machine named
     python tools/time_commands.py --runs 3   # median of 3 runs per command
 
-Each run is a fresh `python -m minielm.cli ... --quiet` process, so the time includes
+Each run is a fresh `python -m minielm ... --quiet` process, so the time includes
 starting Python, importing torch and loading the model. The load average before and
 after is printed: figures taken on a busy machine say so. The CPU time (user + system)
 of the child is printed beside the wall time: it suffers less from other processes.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,17 +42,31 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def cpu_of_children() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def measure(argv: list, env: dict | None = None) -> dict:
+    """Run `argv` to its end (its output discarded) and measure that one process: wall seconds, CPU
+    seconds (user + system) and peak resident memory in MB, from os.wait4's resource usage of that
+    child alone (RUSAGE_CHILDREN would give the largest peak of every child so far)."""
+    with tempfile.TemporaryFile() as stderr:
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        if child.returncode != 0:
+            stderr.seek(0)
+            raise SystemExit(f"{' '.join(argv)} exited with {child.returncode}: {stderr.read().decode(errors='replace').strip()}")
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_mb": usage.ru_maxrss / 1024}
+
+
+def minielm_command(args: list) -> list:
+    """A fresh `python -m minielm ... --quiet` process, as a person runs the command."""
+    return [sys.executable, "-m", "minielm", *args, "--quiet"]
 
 
 def time_once(args: list, tmp: str) -> tuple:
     """(wall seconds, CPU seconds) of one run."""
-    start, cpu = time.perf_counter(), cpu_of_children()
-    subprocess.run([sys.executable, "-m", "minielm.cli", *[a.format(tmp=tmp) for a in args], "--quiet"],
-                   check=True, capture_output=True)
-    return time.perf_counter() - start, cpu_of_children() - cpu
+    run = measure(minielm_command([a.format(tmp=tmp) for a in args]))
+    return run["wall"], run["cpu"]
 
 
 def main():
