@@ -74,6 +74,18 @@ def test_both_routes_agree_on_the_shipped_model(capsys):
         assert free[key] < 1e-13, key
 
 
+def test_skipped_positions_on_both_routes(capsys):
+    """--skip-positions: the matrix-free route's top σ are the dense route's, from the same columns."""
+    prompt = "And God said, Let there be light"
+    dense = explain_json(capsys, prompt, "-k", "2", "--skip-positions", "0")
+    free = explain_json(capsys, prompt, "-k", "2", "--skip-positions", "0", "--route", "matrix-free")
+    assert free["skipped_positions"] == dense["skipped_positions"] == [0]
+    sigma = dense["singular_values"][0]
+    assert free["singular_values"] == pytest.approx(dense["singular_values"], abs=2 * free["lanczos"]["tol"] * sigma)
+    assert [d["input_position"] for d in free["decoded"]] == [d["input_position"] for d in dense["decoded"]]
+    assert 0 not in [d["input_position"] for d in free["decoded"]]
+
+
 def test_auto_takes_the_matrix_free_route_over_the_bound(capsys, monkeypatch):
     """Over the flop bound `explain` goes matrix-free and says why in its header; `layers` and `check` refuse
     in one line with exit 2, before any work; `--html` too, as it needs the operators."""
