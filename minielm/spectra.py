@@ -29,10 +29,17 @@ import torch
 from . import checks
 from .errors import InputError, NumericalError
 from .interpret import align_signs
+from .checkpoint import StreamedLayers
 from .fast_sweep import fast_sweep
 from .linear_map import checked_ids, target_values, traced
 from .model import Model
 from .progress import progress
+
+
+# Rows a step for a streamed model on a CPU. Measured on Llama 3 8B's shape with 2 layers, T = 32, top 4 to
+# 1e-12 (tools/bench_8b.py, busy 2-core CPU; tools/README.md): b = 1, 2, 4, 8 took 87, 61, 43, 32 steps of
+# 1.48, 2.04, 2.83, 4.26 s: 129, 124, 122, 136 s in all.
+STREAMED_CPU_BLOCK = 4
 
 
 class FrozenProducts:
@@ -54,6 +61,7 @@ class FrozenProducts:
         self.y, self.bias, self.out_jacobian = target_values(model, states, states0, L - 1, "output")
         self.n = T * self.d if token is None else self.d
 
+    @torch.no_grad()  # the products never need gradients: a streamed model's layers then share their cast buffers
     def apply(self, V):
         """A on each row of V (b, n) -> (b, d): one frozen forward pass over the batch of b inputs."""
         b, (T, d) = V.shape[0], self.x.shape
@@ -64,6 +72,7 @@ class FrozenProducts:
             x[:, self.token] = V  # (b, T, d): the input at one position, zero elsewhere
         return self.model.forward(x, self.frozen_to_last)[0][:, -1] - self.bias  # (b, d): Σ_t J_t v_t
 
+    @torch.no_grad()
     def apply_transposed(self, U):
         """Aᵀ on each row of U (b, d) -> (b, n): one reverse sweep carrying the b rows uᵀ ∂y/∂h^L_T."""
         L = self.model.config.num_hidden_layers
@@ -164,7 +173,9 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
     not enough). The model must compute in float32 or float64 (the small SVDs). The default is k + 4 rows on a GPU
     and 1 on a CPU: a CPU already runs the one-row products (GEMMs with T rows) near
     its matmul rate, so b rows cost about b times one, and one row at a time needs
-    the fewest rows in all (tools/bench_spectra.py measures both).
+    the fewest rows in all (tools/bench_spectra.py measures both). A streamed model on a
+    CPU takes STREAMED_CPU_BLOCK rows: each step also casts every layer twice (the pass up,
+    the sweep down), whatever b is, and a block of rows shares that cost (tools/bench_8b.py).
     Returns (U, S, V): U (d, k), S (k,), V (T, d, k) — or (d, k) for one token —
     with each pair's sign chosen so that u_k · y ≥ 0.
     """
@@ -177,7 +188,8 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
     tol = max(1e-12, 100 * torch.finfo(model.dtype).eps) if tol is None else checks.real("tol", tol, 0, low_open=True)
     seed = checks.integer("seed", seed, 0, checks.SEED_LIMIT, why="a torch generator seed")
     if block is None:
-        block = k + 4 if model.device.type == "cuda" else 1
+        streamed = isinstance(model.weights["layers"], StreamedLayers)
+        block = k + 4 if model.device.type == "cuda" else STREAMED_CPU_BLOCK if streamed else 1
     block = checks.integer("block", block, 1, why="rows per sweep")
     max_steps = checks.optional_integer("max_steps", max_steps, -(-k // block), why=f"at least k / block blocks of {block} rows")
     ops = FrozenProducts(model, ids, token)

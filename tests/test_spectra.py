@@ -94,3 +94,18 @@ def test_float32_meets_its_own_default_tolerance_and_bf16_is_refused(checkpoints
     assert S.dtype == torch.float32 and float(((S.double() - dense.S) / dense.S).abs().max()) < 1e-4
     with pytest.raises(InputError, match="float32 or float64 model, not torch.bfloat16"):
         singular_vectors(minielm.load(checkpoints["llama"], dtype=torch.bfloat16), PROMPT)
+
+
+def test_a_streamed_model_on_a_cpu_takes_blocks_of_rows(checkpoints, monkeypatch):
+    """Its steps also cast every layer, whatever the block: the default block differs from a loaded model's
+    (1 row on a CPU), and the triplets are the same."""
+    import minielm.spectra
+
+    blocks, run = [], minielm.spectra.block_lanczos
+    monkeypatch.setattr(minielm.spectra, "block_lanczos", lambda ops, k, block, *rest: blocks.append(block) or
+                        run(ops, k, block, *rest))
+    loaded = singular_vectors(minielm.load(checkpoints["llama"]), PROMPT, k=2)
+    streamed = singular_vectors(minielm.load(checkpoints["llama"], stream=True), PROMPT, k=2)
+    assert blocks == [1, minielm.spectra.STREAMED_CPU_BLOCK] and minielm.spectra.STREAMED_CPU_BLOCK > 1
+    for a, b in zip(loaded, streamed):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10 * float(loaded[1][0]))
