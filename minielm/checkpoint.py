@@ -17,8 +17,10 @@ not a mix of old and new weights. Safetensors files are read with pread, never
 memory-mapped; GGUF files are memory-mapped by gguf-py, so for them only a cut
 made in the middle of one tensor's read can still end the process (SIGBUS).
 
-A streamed model (`StreamedLayers`) reads each layer while it is used; on a GPU it reads
-the next one ahead meanwhile, on a background thread, and copies it on a side stream.
+A streamed model (`StreamedLayers`) reads each layer while it is used and casts it into
+buffers that every layer reuses; it keeps what it read, in the file's dtype, when the
+whole model fits in memory that way (`resident_fits`). On a GPU it reads the next layer
+ahead meanwhile, on a background thread, and copies it on a side stream.
 """
 
 from __future__ import annotations
@@ -516,13 +518,67 @@ def split_parts(tensor, parts):
     return torch.split(tensor, [rows for _, rows in parts])
 
 
+# ---- streaming: resident in the file's dtype when it fits, cast into reused buffers -------------------
+RESIDENT_SHARE = 0.9  # of the memory available at load that a streamed model's resident layers may take
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate without swapping: MemAvailable in /proc/meminfo (Linux: free
+    memory plus the page cache and other memory the kernel can reclaim); elsewhere the free physical pages."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return 0  # unknown: nothing is kept
+
+
+def resident_fits(file_bytes: int, buffer_bytes: int, available: int) -> bool:
+    """Whether a streamed model keeps its layers in memory in the file's dtype: when those `file_bytes`
+    and the cast buffers (`buffer_bytes`, one layer in the compute dtype) take at most RESIDENT_SHARE of
+    the memory `available` at load. Else each use reads its layer from the file again.
+
+    Llama 3 8B in bf16 (14.0 GB of layers, 1.75 GB of float64 buffers) is kept where 17.5 GB are
+    available, as on a 24 GB machine that runs little else."""
+    return file_bytes + buffer_bytes <= RESIDENT_SHARE * available
+
+
+def cast_into(buffer: torch.Tensor, piece: torch.Tensor) -> torch.Tensor:
+    """`piece` (as read, in the file's dtype) cast into `buffer` (the compute dtype, on the compute device),
+    overwriting it: no allocation, no fresh pages. Like `to_compute`, it crosses to the device in the file's
+    dtype and is cast there. Returns the buffer."""
+    return buffer.copy_(piece.to(buffer.device))
+
+
 class StreamedLayers(Sequence):
     """The layers of a streamed model: `layers[i]` is a fresh StreamedLayer each time.
 
     The model code takes a layer once per use (a block of the forward pass, a
-    sublayer of the reverse sweep); each use reads and casts what it needs and frees
-    it when it is dropped, so about one layer is held in the compute dtype at a time.
-    Each tensor's values are checked (finite) the first time it is read.
+    sublayer of the reverse sweep). Each weight it asks for is cast to the compute dtype
+    into that weight's buffer (one per short name, allocated on first use and reused by
+    every layer: no fresh pages per pass), unless the buffer already holds that layer's
+    weight: each layer is cast once per pass (the sweep takes a layer once per sublayer,
+    and at Lanczos' turns the layer a pass ends on is the one the next begins with). A
+    layer's weights are therefore valid until the same weight of another layer is taken:
+    the model code uses them only while it works on that layer, and keeps nothing computed
+    that aliases them (its outputs and frozen factors are new tensors). About one layer is
+    held in the compute dtype. Autograd keeps what a product needs for its backward pass,
+    every layer's weights: in grad mode each use gets casts of its own (as before the
+    buffers), and the computations that never need gradients (the traced pass, the frozen
+    products, the sweeps) run without it. Where the compute dtype is the file's, nothing is
+    cast or copied: the tensor read is used.
+
+    Resident or re-read (`resident`, decided at load by `resident_fits`; it may be set
+    before the first use): a resident model keeps every tensor it reads, in the file's
+    dtype, and never reads it again; else each use reads its tensors from the file again.
+    What is checked when: each tensor's values (finite, and within the compute dtype's range)
+    the first time it is read; the file against its stamp at opening (`check_unchanged`) at
+    every read. A resident model reads each tensor once: what it read is what it uses, and a
+    file changed after that changes nothing (as for a model loaded whole); a change before a
+    tensor's first read is an error at that read. A re-reading model checks the file at every
+    use of every layer.
 
     Read-ahead, on a GPU: taking layer i also starts reading layer i + step on a
     background thread, step being the move from the layer taken before (+1 in a forward
@@ -547,28 +603,67 @@ class StreamedLayers(Sequence):
         self.plans = [[(h, p) for h, i, p in plan if i == layer] for layer in range(num_layers)]
         self.source, self.dtype, self.device = source, dtype, device
         self.checked = set()  # hf names whose values were checked
+        self.kept = {}  # hf name -> the tensor as read, in the file's dtype (a resident model's)
+        self.buffers = {}  # short name -> its buffer in the compute dtype, allocated on first use
+        self.held = {}  # short name -> (layer, tensor): the weight last handed out under that name
         self.taken, self.ready = None, {}  # the layer taken last; its tensors read ahead and not yet used
         self.asked = set()  # the short names that the uses of the layer taken last asked for
         self.ahead = None  # (layer, Future, pid) of the layer being read ahead, by process `pid`
         self.side_stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
         self.read_ahead = self.side_stream is not None  # on a GPU
+        file_bytes = sum(math.prod(source.info(h)[0]) * source.info(h)[1].itemsize for h, i, _ in plan
+                         if i is not None)
+        first = self.plans[0] if self.plans else []
+        buffer_bytes = sum(math.prod(source.info(h)[0]) for h, _ in first) * dtype.itemsize  # one layer
+        self.resident = resident_fits(file_bytes, buffer_bytes, available_memory())
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         i = range(len(self))[i]  # an IndexError past the end, as for a list
-        return StreamedLayer(self, self.plans[i], self.take(i))
+        return StreamedLayer(self, i, self.take(i))
 
     def __len__(self):
         return len(self.plans)
 
     def read(self, hf_name: str) -> torch.Tensor:
-        """The tensor from the source, its values checked on the first read."""
+        """The tensor in the file's dtype: kept from its first read (resident), or read from the source,
+        its values checked on the first read."""
+        if hf_name in self.kept:
+            return self.kept[hf_name]
         if hf_name in self.checked:
-            return self.source.get(hf_name)
-        tensor = read_checked(self.source, hf_name, self.dtype)
-        self.checked.add(hf_name)
+            tensor = self.source.get(hf_name)
+        else:
+            tensor = read_checked(self.source, hf_name, self.dtype)
+            self.checked.add(hf_name)
+        if self.resident:
+            self.kept[hf_name] = tensor
         return tensor
+
+    def weight(self, i: int, name: str, ready: dict, own: dict) -> torch.Tensor:
+        """Layer i's weight `name` in the compute dtype, from the read-ahead (`ready`) or a read; a fused
+        tensor's parts are cast together. Without grad mode: in its buffer (as handed out last, if that was
+        layer i's). In grad mode, where autograd may keep every layer's weights for its backward pass (the
+        detached Jacobian): a cast of its own, kept for the use in `own`, as a loaded model's would be."""
+        shared = not torch.is_grad_enabled()
+        if shared and name in self.held and self.held[name][0] == i:
+            return self.held[name][1]
+        if not shared and name in own:
+            return own[name]
+        hf_name, parts = next((h, p) for h, p in self.plans[i] if any(n == name for n, _ in p))
+        tensor = ready.pop(hf_name) if hf_name in ready else self.read(hf_name)
+        for part, piece in zip((p for p, _ in parts), split_parts(tensor, parts)):
+            if not shared or piece.dtype == self.dtype:  # its own cast; none where the dtype is the compute one
+                cast = to_compute(piece, self.dtype, self.device)
+            else:
+                if part not in self.buffers or self.buffers[part].shape != piece.shape:
+                    self.buffers[part] = torch.empty(piece.shape, dtype=self.dtype, device=self.device)
+                cast = cast_into(self.buffers[part], piece)
+            if shared:
+                self.held[part] = (i, cast)
+            else:
+                own[part] = cast
+        return self.held[name][1] if shared else own[name]
 
     # -- the read-ahead: the next layer read on READER's thread while this one is used --------
     def take(self, i: int) -> dict:
@@ -644,38 +739,33 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 
 class StreamedLayer(Mapping):
-    """One use of a layer: its weights as model.LayerWeights has them (`layer.wq`; also by short
-    name, `layer["wq"]`), each read (or taken from the read-ahead) and cast on first access. A fused
-    tensor (Phi-3's qkv_proj) is read once and all its parts are cast together."""
+    """One use of layer `index`: its weights as model.LayerWeights has them (`layer.wq`; also by short
+    name, `layer["wq"]`), each cast on access (StreamedLayers.weight): into its buffer, valid until the
+    same weight of another layer is taken; in grad mode, into a tensor of its own."""
 
-    def __init__(self, layers: StreamedLayers, plan: list, ready: dict):
-        self.layers, self.ready, self.cast = layers, ready, {}
-        self.where = {name: (hf_name, parts) for hf_name, parts in plan for name, _ in parts}
+    def __init__(self, layers: StreamedLayers, index: int, ready: dict):
+        self.layers, self.index, self.ready, self.own = layers, index, ready, {}
+        self.names = [name for _, parts in layers.plans[index] for name, _ in parts]
 
     def __getitem__(self, name):
+        if name not in self.names:
+            raise KeyError(name)
         self.layers.asked.add(name)
-        if name not in self.cast:
-            hf_name, parts = self.where[name]
-            # read ahead: handed to the first use that asks for it (a later one reads its own)
-            tensor = self.ready.pop(hf_name) if hf_name in self.ready else self.layers.read(hf_name)
-            for part, piece in zip((p for p, _ in parts), split_parts(tensor, parts)):
-                self.cast[part] = to_compute(piece, self.layers.dtype, self.layers.device)
-        return self.cast[name]
+        return self.layers.weight(self.index, name, self.ready, self.own)
 
     def __getattr__(self, name):  # only for names that are not attributes of the object itself
         if name not in LAYER_FIELDS:
             raise AttributeError(name)
-        return self[name] if name in self.__dict__.get("where", ()) else None  # None: as in LayerWeights
+        return self[name] if name in self.__dict__.get("names", ()) else None  # None: as in LayerWeights
 
     def tensors(self) -> list:
-        return [self[name] for name in self.where]
+        return [self[name] for name in self.names]
 
     def __iter__(self):
-        return iter(self.where)
+        return iter(self.names)
 
     def __len__(self):
-        return len(self.where)
-
+        return len(self.names)
 
 
 def weight(layer, name: str) -> torch.Tensor:

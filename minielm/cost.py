@@ -1,8 +1,11 @@
 """What the computations cost: matmul flops and bytes as functions of the shapes.
 
 Counts are 2 × multiply-adds of the matrix products, which dominate; the
-elementwise work is O(T·d + T·f) a layer and left out. `tests/test_cost.py`
-checks these formulas against torch's own flop counter on the real code.
+elementwise work is O(T·d + T·f) a layer and left out. So are the norms'
+diagonals in the sweep, folded into a weight or applied to G's rows, whichever
+`fast_sweep.norms_fold_pays` picks: the same GEMMs follow either way.
+`tests/test_cost.py` checks these formulas against torch's own flop counter on
+the real code.
 
 Notation: T tokens, d = hidden_size, f = intermediate_size, L layers,
 H / Hkv heads of size hd, V = vocab, b = bytes per number (8 in float64).

@@ -4,12 +4,16 @@
 them together to round-off on every family and target); read that one first. What this one
 adds is named here, once, with why it pays and when it applies:
 
-1. Norms folded into the weights (`folded_mlp`, `folded_attention`). A frozen RMSNorm is
-   diag(w̃)/ρ_t: a fixed diagonal times one scalar per token. The diagonal folds into the
-   adjacent weight matrix and the scalar into the per-token factor already there (the MLP
-   gate, the attention probabilities), so the sweep never rescales the large G. A frozen
-   LayerNorm, diag(w)/σ_t · C, folds alike: its centring C is one more fixed matrix, taken
-   into the weight with the diagonal (Model.norm_after, Model.norm_before). Always.
+1. Norms folded into the weights (`mlp_operands`, `attention_operands`). A frozen RMSNorm is
+   diag(w̃)/ρ_t: a fixed diagonal times one scalar per token. The scalar goes into the per-token
+   factor already there (the MLP gate, the attention probabilities), always. The diagonal folds
+   into the adjacent weight matrix (n × d), so the sweep never rescales the large G, where G
+   is large: folding costs n·d multiplies and a new matrix at every sweep, applying the
+   diagonal to the rows of G that meet it costs rows·d (`norms_fold_pays`: fold when rows ≥ n).
+   All operators (r = d rows) fold; a Lanczos step's few rows (b at T positions, against an
+   f × d MLP weight) take the diagonal on their rows. A frozen LayerNorm, diag(w)/σ_t · C,
+   goes alike: its centring C is one more fixed matrix, taken with the diagonal
+   (Model.norm_after, Model.norm_before; on rows, Model.norm_after).
 2. Live positions. At the top of the sweep G is nonzero at the last position only, until the
    target layer's attention spreads it over every source. The target layer's MLP therefore
    runs on one position ("mlp at last") and its attention reads one query ("attention from
@@ -52,6 +56,14 @@ def explicit_mlp_pays(d: int, f: int, r: int) -> bool:
     """Whether r rows go through an MLP faster as G_t M_t, with M_t = W_D diag(φ_t) W_U built
     once (2·d²·f flops, then 2·r·d²), than factored through the f-wide hidden layer (4·r·d·f)."""
     return d * f + r * d < 2 * r * f
+
+
+def norms_fold_pays(f: int, rows: int) -> bool:
+    """Whether a norm's diagonal (and a LayerNorm's centring) next to an MLP goes faster folded into its
+    f × d weight (f·d multiplies, and a new f × d matrix, every sweep) than applied to the `rows` rows of
+    G it meets there (positions × r rows, d wide: rows·d multiplies). The products are the same GEMMs
+    either way (minielm.cost counts them alike)."""
+    return rows >= f
 
 
 def low_rank_pays(d: int, f: int, kv: int, r: int) -> bool:
@@ -143,36 +155,82 @@ def scratch_for(like: torch.Tensor, block_numbers: int) -> Scratch:
 def folded_mlp(model: Model, w: LayerWeights, factors: FrozenLayer, live):
     """W_D (d, f), W_U (f, d) with the norms' diagonals (and a LayerNorm's centring) folded in, and
     the gate (T', f) times the norms' 1/ρ: Post_t W_D diag(φ_t) W_U Pre_t = W_D' diag(φ'_t) W_U'."""
-    W_D, W_U, gate = w.w_down, w.w_up, factors.gate[live]
+    return mlp_operands(model, w, factors, live, math.inf)[:3]
+
+
+def mlp_operands(model: Model, w: LayerWeights, factors: FrozenLayer, live, rows):
+    """W_D, the gate times the norms' 1/ρ, W_U, and the norms' weights left for G's rows (post, pre; None
+    where folded or absent): each diagonal is folded into its weight where that pays for `rows` rows of G
+    (`norms_fold_pays`), else applied to the rows, G_t diag(w̃_post) (C) before W_D and (· W_U) diag(w̃_pre) (C)
+    after W_U: the same matrices, multiplied in another order."""
+    W_D, W_U, post, pre = w.w_down, w.w_up, None, None
+    gate = factors.gate[live]
     if factors.mlp_post_norm is not None:
-        W_D, gate = model.norm_before(W_D, w.mlp_post_norm), gate * factors.mlp_post_norm[live]
+        gate = gate * factors.mlp_post_norm[live]
+        if norms_fold_pays(W_D.shape[1], rows):
+            W_D = model.norm_before(W_D, w.mlp_post_norm)
+        else:
+            post = w.mlp_post_norm
     if factors.mlp_norm is not None:
-        W_U, gate = model.norm_after(W_U, w.mlp_norm), gate * factors.mlp_norm[live]
-    return W_D, gate, W_U
+        gate = gate * factors.mlp_norm[live]
+        if norms_fold_pays(W_U.shape[0], rows):
+            W_U = model.norm_after(W_U, w.mlp_norm)
+        else:
+            pre = w.mlp_norm
+    return W_D, gate, W_U, post, pre
 
 
 def folded_attention(model: Model, w: LayerWeights, factors: FrozenLayer, live):
     """W_O (d, H*hd), W_V (Hkv*hd, d) with the norms' diagonals (and centring) folded in, and P
     (H, T', S) times the post-norm's 1/ρ of each query and the pre-norm's 1/ρ of each source."""
-    W_O, W_V, P = w.wo, w.wv, factors.probs[:, live]
+    return attention_operands(model, w, factors, live, math.inf, math.inf)[:3]
+
+
+def attention_operands(model: Model, w: LayerWeights, factors: FrozenLayer, live, query_rows, source_rows):
+    """W_O, P times the norms' 1/ρ, W_V, and the norms' weights left for G's rows (post, pre; None where
+    folded or absent), as `mlp_operands`: the post-norm's diagonal meets `query_rows` rows of G (before
+    W_O), the pre-norm's `source_rows` rows (after W_V)."""
+    W_O, W_V, P, post, pre = w.wo, w.wv, factors.probs[:, live], None, None
     scales = []  # the per-token 1/ρ: of each query (T', 1), of each source (1, S)
     if factors.attn_post_norm is not None:
-        W_O = model.norm_before(W_O, w.attn_post_norm)
         scales.append(factors.attn_post_norm[live])
+        if norms_fold_pays(W_O.shape[1], query_rows):
+            W_O = model.norm_before(W_O, w.attn_post_norm)
+        else:
+            post = w.attn_post_norm
     if factors.attn_norm is not None:
-        W_V = model.norm_after(W_V, w.attn_norm)
         scales.append(factors.attn_norm[: P.shape[-1]].T)
+        if norms_fold_pays(W_V.shape[0], source_rows):
+            W_V = model.norm_after(W_V, w.attn_norm)
+        else:
+            pre = w.attn_norm
     if scales:  # their (T', S) product first, so that P is copied once
         P = P * math.prod(scales)[None]
-    return W_O, P, W_V
+    return W_O, P, W_V, post, pre
+
+
+def normed_rows(model: Model, G, norm, scratch: Scratch, name: str):
+    """Rows G (n, d) times a norm's diagonal (and centring), G diag(w̃) (C), in scratch; G itself without a norm."""
+    return G if norm is None else model.norm_after(G, norm, out=scratch.get(name, *G.shape))
+
+
+def add_product(model: Model, target, X, W, norm, scratch: Scratch, residual=True):
+    """target += X W, then times the norm's diagonal (and centring) if given: (X W) diag(w̃) (C); without
+    `residual`, target = that. target (n, d), X (n, k), W (k, d)."""
+    if norm is None:
+        return torch.addmm(target, X, W, out=target) if residual else torch.mm(X, W, out=target)
+    Y = torch.mm(X, W, out=scratch.get("X W", *target.shape))
+    model.norm_after(Y, norm, out=Y)
+    return target.add_(Y) if residual else target.copy_(Y)
 
 
 def mlp_sublayer(model: Model, i: int, factors: FrozenLayer, G, live, scratch: Scratch, residual=True):
     """G_t <- G_t (I + M_t) at the live positions, M_t = Post_t W_D diag(φ_t) W_U Pre_t;
     without `residual`, G_t <- G_t M_t (the MLP module's own map)."""
-    W_D, gate, W_U = folded_mlp(model, model.weights["layers"][i], factors, live)
-    (r, d), f, first = G.shape[1:], W_D.shape[1], live.start
+    w = model.weights["layers"][i]
+    (r, d), f, first = G.shape[1:], w.w_down.shape[1], live.start
     if explicit_mlp_pays(d, f, r):
+        W_D, gate, W_U = folded_mlp(model, w, factors, live)
         step = scratch.count(f * d + d * d, min(gate.shape[0], -(-2048 // d)))  # positions whose M_t one GEMM builds
         for a in range(0, gate.shape[0], step):
             c = min(step, gate.shape[0] - a)
@@ -183,17 +241,16 @@ def mlp_sublayer(model: Model, i: int, factors: FrozenLayer, G, live, scratch: S
                 if residual:
                     M[:, k].diagonal().add_(1)  # I + M_t
                 G[t].copy_(torch.mm(G[t], M[:, k], out=scratch.get("G M", r, d)))  # (r, d): G_t (I + M_t)
-    else:
-        step = scratch.count(r * f, gate.shape[0])  # positions at a time: the hidden (step·r, f) fits
-        for a in range(0, gate.shape[0], step):
-            b = min(a + step, gate.shape[0])
-            Ga = G[first + a:first + b].view(-1, d)  # ((b-a)·r, d)
-            X = torch.mm(Ga, W_D, out=scratch.get("G W_D", (b - a) * r, f))  # ((b-a)·r, f): G_t W_D
-            X.view(b - a, r, f).mul_(gate[a:b, None, :])  # · diag(φ_t)
-            if residual:
-                torch.addmm(Ga, X, W_U, out=Ga)  # G_t += G_t W_D diag(φ_t) W_U, the addition fused into the GEMM
-            else:
-                torch.mm(X, W_U, out=Ga)
+        return
+    W_D, gate, W_U, post, pre = mlp_operands(model, w, factors, live, (live.stop - live.start) * r)
+    step = scratch.count(r * f, gate.shape[0])  # positions at a time: the hidden (step·r, f) fits
+    for a in range(0, gate.shape[0], step):
+        b = min(a + step, gate.shape[0])
+        Ga = G[first + a:first + b].view(-1, d)  # ((b-a)·r, d)
+        X = torch.mm(normed_rows(model, Ga, post, scratch, "G Post"), W_D,
+                     out=scratch.get("G W_D", (b - a) * r, f))  # ((b-a)·r, f): G_t Post_t W_D
+        X.view(b - a, r, f).mul_(gate[a:b, None, :])  # · diag(φ_t)
+        add_product(model, Ga, X, W_U, pre, scratch, residual)  # G_t += G_t W_D diag(φ_t) W_U Pre_t
 
 
 def heads(G, W_O, H: int, scratch: Scratch):
@@ -227,15 +284,16 @@ def attention_sublayer(model: Model, i: int, factors: FrozenLayer, G, scratch: S
     Rows are independent, so they go n at a time: the head-sized temporaries, (T, n, H·hd)
     and larger than G's own rows when H·hd > d (Gemma 3), stay within the scratch budget.
     """
-    W_O, P, W_V = folded_attention(model, model.weights["layers"][i], factors, slice(None))
-    (T, r, d), kv = G.shape, W_V.shape[0]
+    (T, r, d) = G.shape
+    W_O, P, W_V, post, pre = attention_operands(model, model.weights["layers"][i], factors, slice(None), T * r, T * r)
+    kv = W_V.shape[0]
     n = scratch.count(T * (d + 2 * W_O.shape[1] + 2 * kv), r)  # rows at a time
     for a in range(0, r, n):
         rows = G if n >= r else scratch.get("rows", T, min(n, r - a), d).copy_(G[:, a:a + n])  # (T, n, d)
-        C = mix(heads(rows, W_O, model.config.num_attention_heads, scratch), P,
+        normed = normed_rows(model, rows.view(-1, d), post, scratch, "G Post").view(rows.shape)
+        C = mix(heads(normed, W_O, model.config.num_attention_heads, scratch), P,
                 model.config.num_key_value_heads, scratch)  # (T, n, kv)
-        target = rows.view(-1, d)
-        torch.addmm(target, C.view(-1, kv), W_V, out=target)  # G_s += C_s W_V'
+        add_product(model, rows.view(-1, d), C.view(-1, kv), W_V, pre, scratch)  # G_s += C_s W_V Pre_s
         if n < r:
             G[:, a:a + n].copy_(rows)
 
@@ -245,15 +303,15 @@ def attention_from_last(model: Model, i: int, factors: FrozenLayer, G, scratch: 
     every source s receives C_s W_V' with C_s = Σ_h P_h[T,s] G_T W_O^h, a chunk of sources at a time.
     Without `residual`, G_T is replaced by its own share (the attention module's own map)."""
     T, r, d = G.shape
-    W_O, P, W_V = folded_attention(model, model.weights["layers"][i], factors, slice(T - 1, T))
-    by_head = heads(G[-1:], W_O, model.config.num_attention_heads, scratch)  # (H, 1, r, hd)
+    W_O, P, W_V, post, pre = attention_operands(model, model.weights["layers"][i], factors, slice(T - 1, T), r, T * r)
+    by_head = heads(normed_rows(model, G[-1], post, scratch, "G Post")[None], W_O,
+                    model.config.num_attention_heads, scratch)  # (H, 1, r, hd)
     if not residual:
         G[-1].zero_()
     step = scratch.count(2 * r * W_V.shape[0], T)
     for a in range(0, T, step):
         C = mix(by_head, P[:, :, a:a + step], model.config.num_key_value_heads, scratch)  # (c, r, kv)
-        target = G[a:a + step].view(-1, d)
-        torch.addmm(target, C.view(-1, W_V.shape[0]), W_V, out=target)  # G_s += C_s W_V'
+        add_product(model, G[a:a + step].view(-1, d), C.view(-1, W_V.shape[0]), W_V, pre, scratch)  # G_s += C_s W_V'
 
 
 def attention_and_mlp_from_last(model: Model, frozen: Frozen, i: int, G, scratch: Scratch):
@@ -298,6 +356,7 @@ def parallel_sublayers(model: Model, i: int, factors: FrozenLayer, G, scratch: S
 
 
 # ---- the sweep ----------------------------------------------------------------------------
+@torch.no_grad()  # no gradient flows through a sweep: a streamed model's layers then share their cast buffers
 def fast_sweep(model: Model, frozen: Frozen, seed, layer: int, component: str, scratch: Scratch | None = None):
     """G (T, r, d) at the inputs, from seed (r, d) = ∂target/∂(point) at the last position: the
     rows of every J_t, as minielm.sweep.reference_sweep computes them, by the steps of `plan`.

@@ -43,6 +43,7 @@ def trace(model: Model, x, frozen: Frozen | None = None):
     return states.output, states.attention, states.mlp, frozen
 
 
+@torch.no_grad()  # no gradient flows from here: a streamed model's layers then share their cast buffers
 def traced(model: Model, ids):
     """x (T, d), the factors, and every intermediate state (States: 'output' = the residual
     stream after each layer, 'attention', 'mlp'), at x and at 0 (the affine part)."""

@@ -156,12 +156,16 @@ def load(path=None, dtype=torch.float64, device="cpu", stream=False) -> Model:
     or a tokenizer whose ids reach past config.json's vocab_size. A checkpoint without a
     tokenizer loads; `model.tokenizer` then raises TokenizerError.
 
-    With `stream=True` each layer is read from the file and cast to `dtype` (and moved
-    to `device`) only while it runs: for models larger than memory in float64. The
-    embedding and unembedding are held in the file's dtype. On a GPU, while a layer
-    runs, the next one is read ahead on a background thread and copied to the GPU on a
-    side stream, where it waits in the file's dtype. Results are the same as without
-    streaming. A file that is truncated or rewritten during the run is a CheckpointError.
+    With `stream=True` each layer is cast to `dtype` (and moved to `device`) only while it
+    runs, into buffers that every layer reuses: for models larger than memory in float64.
+    The embedding and unembedding are held in the file's dtype, and so are the layers
+    once read where they all fit in memory that way (`model.weights["layers"].resident`,
+    decided at load: they and the buffers take at most 90 % of the memory available);
+    else each use reads its layer from the file again. On a GPU, while a layer runs, the
+    next one is read ahead on a background thread and copied to the GPU on a side stream,
+    where it waits in the file's dtype. Results are the same as without streaming. A file
+    truncated or rewritten before a tensor is read (once when resident, at each use
+    otherwise) is a CheckpointError.
     """
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     stream = checks.boolean("stream", stream)

@@ -447,11 +447,12 @@ class Model:
         position's rows. G itself where the layer has no such norm (no frozen factor: the identity)."""
         return G if inv_rho is None else self.norm_after(G * inv_rho[:, None, :], weight)  # G_t/ρ_t, then diag, C
 
-    def norm_after(self, W, weight):
+    def norm_after(self, W, weight, out=None):
         """W diag(w̃) (· C for LayerNorm): a matrix W (n, d) that reads a norm's output, the norm's
-        diagonal (and centring) folded in; its 1/ρ_t stays with the per-token factors."""
-        W = W * (self.config.norm_offset + weight)
-        return W - W.mean(-1, keepdim=True) if self.config.family_spec.norm == "layer" else W
+        diagonal (and centring) folded in; its 1/ρ_t stays with the per-token factors. Rows of G
+        (n, d) take the norm's Jacobian the same way. Written to `out` if given (W itself: in place)."""
+        W = torch.mul(W, self.config.norm_offset + weight, out=out)
+        return W.sub_(W.mean(-1, keepdim=True)) if self.config.family_spec.norm == "layer" else W
 
     def norm_before(self, W, weight):
         """diag(w̃) (C for LayerNorm) W: a matrix W (d, n) whose output a norm reads, folded likewise."""

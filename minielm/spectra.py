@@ -30,10 +30,17 @@ import torch
 from . import checks
 from .errors import InputError, NumericalError
 from .interpret import align_signs
+from .checkpoint import StreamedLayers
 from .fast_sweep import fast_sweep
 from .linear_map import checked_ids, target_values, traced
 from .model import Model
 from .progress import progress
+
+
+# Rows a step for a streamed model on a CPU. Measured on Llama 3 8B's shape with 2 layers, T = 32, top 4 to
+# 1e-12 (tools/bench_8b.py, busy 2-core CPU; tools/README.md): b = 1, 2, 4, 8 took 87, 61, 43, 32 steps of
+# 1.48, 2.04, 2.83, 4.26 s: 129, 124, 122, 136 s in all.
+STREAMED_CPU_BLOCK = 4
 
 
 class FrozenProducts:
@@ -65,6 +72,7 @@ class FrozenProducts:
         other.n = len(other.positions) * self.d
         return other
 
+    @torch.no_grad()  # the products never need gradients: a streamed model's layers then share their cast buffers
     def apply(self, V):
         """A on each row of V (b, n) -> (b, d): one frozen forward pass over the batch of b inputs."""
         b, (T, d) = V.shape[0], self.x.shape
@@ -75,6 +83,7 @@ class FrozenProducts:
             x[:, self.positions] = V.view(b, -1, d)  # (b, T, d): the inputs at the chosen positions, zero elsewhere
         return self.model.forward(x, self.frozen_to_last)[0][:, -1] - self.bias  # (b, d): Σ_t J_t v_t
 
+    @torch.no_grad()
     def apply_transposed(self, U):
         """Aᵀ on each row of U (b, d) -> (b, n): one reverse sweep carrying the b rows uᵀ ∂y/∂h^L_T."""
         L = self.model.config.num_hidden_layers
@@ -180,7 +189,9 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
     not enough). The model must compute in float32 or float64 (the small SVDs). The default is k + 4 rows on a GPU
     and 1 on a CPU: a CPU already runs the one-row products (GEMMs with T rows) near
     its matmul rate, so b rows cost about b times one, and one row at a time needs
-    the fewest rows in all (tools/bench_spectra.py measures both).
+    the fewest rows in all (tools/bench_spectra.py measures both). A streamed model on a
+    CPU takes STREAMED_CPU_BLOCK rows: each step also casts every layer twice (the pass up,
+    the sweep down), whatever b is, and a block of rows shares that cost (tools/bench_8b.py).
     Returns (U, S, V): U (d, k), S (k,), V (T, d, k) — (P, d, k) for P positions, (d, k) for one
     token — with each pair's sign chosen so that u_k · y ≥ 0.
     """
@@ -205,8 +216,11 @@ def singular_vectors(model: Model, ids, k: int = 4, token: int | None = None, to
 
 
 def default_block(model: Model, k: int) -> int:
-    """Rows per Lanczos step when the caller does not say: k + 4 on a GPU, 1 on a CPU (see singular_vectors)."""
-    return k + 4 if model.device.type == "cuda" else 1
+    """Rows per Lanczos step when the caller does not say: k + 4 on a GPU; on a CPU STREAMED_CPU_BLOCK for a
+    streamed model, else 1 (see singular_vectors)."""
+    if model.device.type == "cuda":
+        return k + 4
+    return STREAMED_CPU_BLOCK if isinstance(model.weights["layers"], StreamedLayers) else 1
 
 
 def top_triplets(ops: FrozenProducts, k: int, block: int, tol: float, max_steps: int | None = None,

@@ -268,11 +268,13 @@ def test_an_integer_tensor_is_refused_at_load(tmp_path, monkeypatch, kind_name, 
 
 @pytest.fixture
 def streamed_qwen3(tmp_path):
-    """A small GGUF file (Qwen 3, Q8_0), loaded streamed and run once: (path, model)."""
+    """A small GGUF file (Qwen 3, Q8_0), loaded streamed, reading its layers at every use (a resident model
+    reads them once), and run once: (path, model)."""
     model = AutoModelForCausalLM.from_config(FAMILIES["qwen3"][0](), dtype=torch.float32)
     randomize_(model, 0)
     write_gguf(model, tmp_path / "qwen3.gguf", "qwen3", Q.Q8_0)
     streamed = minielm.load(tmp_path / "qwen3.gguf", stream=True)
+    streamed.weights["layers"].resident = False
     streamed.logits(PROMPT)
     return tmp_path / "qwen3.gguf", streamed
 
@@ -302,6 +304,7 @@ CUT_CHILD = """
 import os, sys, minielm, minielm.gguf
 path, when = sys.argv[1], sys.argv[2]
 model = minielm.load(path, stream=True)
+model.weights["layers"].resident = False  # each use reads the file again
 model.logits([1, 17, 5, 88])
 if when == "between runs":
     os.truncate(path, os.path.getsize(path) // 2)

@@ -470,10 +470,27 @@ def test_loaded_model_does_not_depend_on_the_file(shipped_copy, change):
     assert result.stdout == reference.stdout and len(reference.stdout) > 20
 
 
+@pytest.mark.parametrize("resident", [True, False])
+def test_a_resident_streamed_model_does_not_depend_on_the_file_after_reading_it(shipped_copy, resident):
+    """A streamed model that keeps its layers (the shipped one fits) reads each tensor once: a file cut
+    after the first pass changes nothing, as for a model loaded whole. One that reads its layers again at
+    every use checks the file at every read."""
+    model = minielm.load(shipped_copy, stream=True)
+    model.weights["layers"].resident = resident
+    reference = model.logits(IDS)
+    truncate(shipped_copy / "model.safetensors")
+    if resident:
+        assert torch.equal(model.logits(IDS), reference)
+    else:
+        with pytest.raises(CheckpointError, match="the file changed on disk during this run .it was truncated"):
+            model.logits(IDS)
+
+
 # Here another process truncates the file while the streamed run goes on, at a moment not chosen.
 STREAM_CHILD = """
 import sys, torch, minielm
 model = minielm.load(sys.argv[1], stream=True)
+model.weights["layers"].resident = False  # each use reads its layer again (a resident model reads it once)
 reference = model.logits([1, 17, 5, 88])
 print("ready", flush=True)
 try:

@@ -117,3 +117,18 @@ def test_spectrum_of_chosen_positions_is_the_svd_of_their_operators(block, check
     dense = stacked_svd(elm, k=4, positions=positions)
     assert torch.allclose(dense.S, S[:4], rtol=1e-12, atol=0)
     assert float((dense.U - U).abs().max()) < 1e-8 and float((dense.V - V).abs().max()) < 1e-8
+
+
+def test_a_streamed_model_on_a_cpu_takes_blocks_of_rows(checkpoints, monkeypatch):
+    """Its steps also cast every layer, whatever the block: the default block differs from a loaded model's
+    (1 row on a CPU), and the triplets are the same."""
+    import minielm.spectra
+
+    blocks, run = [], minielm.spectra.block_lanczos
+    monkeypatch.setattr(minielm.spectra, "block_lanczos", lambda ops, k, block, *rest: blocks.append(block) or
+                        run(ops, k, block, *rest))
+    loaded = singular_vectors(minielm.load(checkpoints["llama"]), PROMPT, k=2)
+    streamed = singular_vectors(minielm.load(checkpoints["llama"], stream=True), PROMPT, k=2)
+    assert blocks == [1, minielm.spectra.STREAMED_CPU_BLOCK] and minielm.spectra.STREAMED_CPU_BLOCK > 1
+    for a, b in zip(loaded, streamed):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10 * float(loaded[1][0]))

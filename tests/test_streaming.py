@@ -33,9 +33,10 @@ CHILD = CHILD_PRELUDE + """
 import json, sys, torch
 import minielm
 
-directory, out, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+directory, out, ids, resident = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4] == "resident"
 before = status_mb("VmRSS")
 model = minielm.load(directory, dtype=torch.float64, stream=True)
+model.weights["layers"].resident = resident
 logits = model.logits(ids)
 operators = minielm.equivalent_linear_map(model, ids).operators
 peak = status_mb("VmHWM")
@@ -55,16 +56,21 @@ def big_bf16(tmp_path_factory):
     return directory
 
 
-def test_streamed_run_fits_in_40_percent_and_is_identical(big_bf16, tmp_path):
+@pytest.mark.parametrize("mode", ["re-read", "resident"])
+def test_streamed_run_fits_in_40_percent_and_is_identical(big_bf16, tmp_path, mode):
+    """Re-reading its layers, a streamed run holds about one float64 layer; resident, it holds the file's
+    bf16 bytes (a quarter of float64) more, and nothing else."""
     float64_mb = Shape.of(minielm.load(big_bf16, stream=True).config).params * 8 / 2**20  # the norms left out
     assert float64_mb > 900
+    bound = 0.4 * float64_mb + (float64_mb / 4 if mode == "resident" else 0)
     out = tmp_path / "streamed.pt"
-    result = subprocess.run([sys.executable, "-c", CHILD, str(big_bf16), str(out), json.dumps(IDS)],
+    result = subprocess.run([sys.executable, "-c", CHILD, str(big_bf16), str(out), json.dumps(IDS), mode],
                             capture_output=True, text=True, check=True)
     memory = json.loads(result.stdout.strip().splitlines()[-1])
     extra = memory["peak_mb"] - memory["before_mb"]
-    print(f"streamed logits and operators: {extra:.0f} MB above the imports, for {float64_mb:.0f} MB of float64 weights")
-    assert extra < 0.4 * float64_mb, f"streamed run needed {extra:.0f} MB of {float64_mb:.0f} MB"
+    print(f"streamed logits and operators ({mode}): {extra:.0f} MB above the imports, for {float64_mb:.0f} MB of "
+          f"float64 weights")
+    assert extra < bound, f"streamed run needed {extra:.0f} MB of {float64_mb:.0f} MB"
     streamed = torch.load(out)
     model = minielm.load(big_bf16, dtype=torch.float64)  # the whole model in float64, for comparison
     assert torch.equal(streamed["logits"], model.logits(IDS))
@@ -106,9 +112,11 @@ class Recorded:
         return sorted(n for n, t in self.reads if f".layers.{i}." in n and t.startswith(thread or ""))
 
 
-def recorded(model) -> Recorded:
-    """The model's reads, recorded, with the read-ahead on (on a CPU it is off unless switched on)."""
-    model.weights["layers"].read_ahead = True
+def recorded(model, read_ahead=True, resident=False) -> Recorded:
+    """The model's reads, recorded, with the read-ahead on (on a CPU it is off unless switched on), and
+    re-reading its layers at every use (a resident model reads each tensor once)."""
+    model.weights["layers"].read_ahead = read_ahead
+    model.weights["layers"].resident = resident
     model.weights["layers"].source = Recorded(model.weights["layers"].source)
     return model.weights["layers"].source
 
@@ -181,8 +189,8 @@ def test_a_sweep_reads_ahead_only_what_it_uses(five_layers):
 
 def test_lanczos_turns_find_the_next_layer_read_ahead(five_layers):
     """Lanczos alternates a frozen pass up the layers (A V) and a sweep down them (Aᵀ U). At both turns
-    the next layer is already on its way: in a pass after a sweep, only layer 0, where it turns, is read
-    where it is used, and in a sweep after a pass only the top layer."""
+    nothing is read where it is used: the layer where it turns is still in the cast buffers (a frozen
+    pass and a sweep use the same weights), and the next one is already on its way."""
     from minielm.fast_sweep import fast_sweep
     from minielm.linear_map import traced
 
@@ -199,8 +207,9 @@ def test_lanczos_turns_find_the_next_layer_read_ahead(five_layers):
         return {name.split(".")[2] for name, thread in reads.reads if thread == "MainThread"}
 
     for _ in range(2):
-        assert read_in_use(lambda: fast_sweep(model, frozen, seed, 4, "output")) == {"4"}
-        assert read_in_use(lambda: model.forward(x[None], frozen)) == {"0"}
+        assert read_in_use(lambda: fast_sweep(model, frozen, seed, 4, "output")) == set()
+        with torch.no_grad():  # as FrozenProducts.apply runs it (in grad mode each use casts its own)
+            assert read_in_use(lambda: model.forward(x[None], frozen)) == set()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -278,6 +287,93 @@ def test_a_file_cut_under_a_read_ahead_is_named_when_its_layer_is_taken(five_lay
         layers[2]
     assert str(info.value).startswith(f"{directory / 'model.safetensors'}: the file changed on disk during this run "
                                       f"(it was truncated to {size // 2} bytes from {size}; reading tensor 'model.layers.2.")
+
+
+# ---- resident weights and cast buffers ------------------------------------------------------------
+def test_a_resident_model_reads_each_tensor_once(five_layers):
+    """A streamed model that fits in memory keeps what it read, in the file's dtype: logits, a map, block
+    Lanczos and the detached Jacobian read each tensor once, and give the loaded model's results bit for
+    bit (the singular vectors too: nothing kept across layers, frozen factors or outputs, aliases a cast
+    buffer that a later layer overwrites)."""
+    loaded, streamed = minielm.load(five_layers), minielm.load(five_layers, stream=True)
+    assert streamed.weights["layers"].resident  # 93 kB of bf16 layers: it fits
+    reads = recorded(streamed, read_ahead=False, resident=True)
+    ids = [1, 17, 5, 88, 2, 41, 9, 60]
+    assert torch.equal(loaded.logits(ids), streamed.logits(ids))
+    assert torch.equal(minielm.equivalent_linear_map(loaded, ids).operators,
+                       minielm.equivalent_linear_map(streamed, ids).operators)
+    for a, b in zip(minielm.singular_vectors(loaded, ids, k=2, block=3),
+                    minielm.singular_vectors(streamed, ids, k=2, block=3)):
+        assert torch.equal(a, b)
+    # autograd keeps every layer's weights for its backward pass: in grad mode each use casts its own
+    assert torch.equal(minielm.detached_jacobian(loaded, ids), minielm.detached_jacobian(streamed, ids))
+    names = [name for name, _ in reads.reads]
+    assert len(names) == len(set(names)) == 5 * 9  # every tensor of the five layers, once
+
+
+def test_a_model_that_does_not_fit_reads_its_layers_at_every_use(five_layers, monkeypatch):
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 100_000)  # less than 93 kB of bf16 layers / 0.9
+    model = minielm.load(five_layers, stream=True)
+    layers = model.weights["layers"]
+    assert not layers.resident
+    layers.source = reads = Recorded(layers.source)
+    assert torch.equal(model.logits(IDS), model.logits(IDS))
+    names = [name for name, _ in reads.reads]
+    assert len(names) == 2 * len(set(names)) == 2 * 5 * 9
+
+
+def test_each_layer_is_cast_once_per_pass_into_the_same_buffers(five_layers, monkeypatch):
+    """A Lanczos step (a frozen pass up the layers, a sweep down) casts each weight it uses once a layer,
+    but for the layers where it turns (still in the buffers), and into the buffers the first pass allocated:
+    no new float64 tensor, no fresh pages."""
+    from minielm.spectra import FrozenProducts
+
+    model = minielm.load(five_layers, stream=True)
+    layers, ops = model.weights["layers"], FrozenProducts(model, IDS)  # its forward pass at x casts every weight
+    U, V = torch.randn(3, 32, dtype=torch.float64), torch.randn(3, ops.n, dtype=torch.float64)
+    ops.apply_transposed(U)
+    buffers, casts = dict(layers.buffers), []
+    cast = checkpoint.cast_into
+    monkeypatch.setattr(checkpoint, "cast_into", lambda buffer, piece: casts.append(buffer) or cast(buffer, piece))
+    for _ in range(2):
+        del casts[:]
+        ops.apply(V)
+        ops.apply_transposed(U)
+        assert len(casts) == 6 * (2 * 5 - 2)  # the norms, W_V, W_O, W_U and W_D; five layers up, five down
+        assert layers.buffers.keys() == buffers.keys() and all(layers.buffers[k] is b for k, b in buffers.items())
+        assert all(any(c is b for b in buffers.values()) for c in casts)
+
+
+def test_the_8b_benchmark_builds_a_checkpoint_that_loads_and_is_reused(tmp_path, monkeypatch):
+    """tools/bench_8b.py writes its safetensors shards by hand, a block of rows at a time. At a tiny shape, with
+    small shards and blocks: the safetensors library reads every tensor as minielm does, the weights have the
+    scale asked for, every id decodes, a second build writes nothing, and a shard cut short is written again."""
+    import bench_8b
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(bench_8b, "SHARD_BYTES", 20_000)
+    monkeypatch.setattr(bench_8b, "ROWS", 24)
+    config_json = dict(bench_8b.llama3_8b(layers=2, vocab=300), hidden_size=32, intermediate_size=64,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    bench_8b.build(tmp_path, config_json)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) > 2
+    model = minielm.load(tmp_path, dtype=torch.bfloat16)
+    stored = {k: v for f in files for k, v in load_file(f).items()}
+    assert torch.equal(stored["model.layers.1.mlp.down_proj.weight"], model.weights["layers"][1].w_down)
+    assert torch.equal(stored["lm_head.weight"], model.weights["lm_head"])
+    assert abs(float(model.weights["layers"][1].w_down.double().std()) * 64 ** 0.5 - 1) < 0.1  # N(0, 1/fan_in)
+    assert abs(float(model.weights["final_norm"].double().mean()) - 1) < 0.05  # 1 + N(0, 0.1²)
+    ids = model.tokenizer.encode("In the beginning")
+    assert ids[0] == 256 and model.tokenizer.decode(ids[1:]) == "In the beginning"
+    assert all(model.tokenizer.token(i) for i in range(300))
+    written = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    bench_8b.build(tmp_path, config_json)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == written
+    os.truncate(files[1], files[1].stat().st_size - 2)
+    bench_8b.build(tmp_path, config_json)
+    assert torch.equal(minielm.load(tmp_path, dtype=torch.bfloat16).weights["layers"][1].w_down, stored[
+        "model.layers.1.mlp.down_proj.weight"])
 
 
 EXIT_CHILD = """

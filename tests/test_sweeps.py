@@ -6,8 +6,8 @@ from conftest import PROMPT
 from hf_reference import FAMILIES
 
 import minielm
-from minielm.fast_sweep import (ATTENTION_FROM_LAST, ATTENTION_FROM_LAST_AND_LOW_RANK_MLP, fast_sweep, low_rank_pays,
-                                plan, sweep_in_blocks)
+from minielm.fast_sweep import (ATTENTION_FROM_LAST, ATTENTION_FROM_LAST_AND_LOW_RANK_MLP, explicit_mlp_pays,
+                                fast_sweep, low_rank_pays, norms_fold_pays, plan, sweep_in_blocks)
 from minielm.linear_map import target_values, traced
 from minielm.sweep import reference_sweep
 
@@ -21,19 +21,39 @@ def targets(model):
     return [(layer, component) for layer in range(L) for component in ("output", "attention", "mlp")]
 
 
+BLOCKS = (5, 12)  # few rows: 5 (the norms' diagonals on G's rows) and 12 (at 16 positions: folded, yet factored)
+
+
 @pytest.mark.parametrize("case", list(FAMILIES) + ["llama_mqa", "qwen3_sliding"])
 @pytest.mark.parametrize("T", [len(PROMPT), 1])
 def test_fast_sweep_equals_the_reference_sweep(case, T, checkpoints, edge_checkpoints):
     """On every family and every target (each layer's output, attention and MLP), in one block of all d rows
-    and in blocks of 5 (the last one short), the fast sweep's operators are the reference sweep's."""
+    and in blocks of 5 and 12 (the last one short), the fast sweep's operators are the reference sweep's."""
     model = minielm.load(checkpoints[case] if case in FAMILIES else edge_checkpoints(case))
     x, frozen, states, states0 = traced(model, PROMPT[:T])
     for layer, component in targets(model):
         _, _, seed = target_values(model, states, states0, layer, component)
         reference = reference_sweep(model, frozen, seed, layer, component)
         assert relative(fast_sweep(model, frozen, seed, layer, component), reference) < 1e-14, (layer, component)
-        blocks = sweep_in_blocks(model, frozen, seed, layer, component, block=5)
-        assert relative(blocks, reference) < 1e-14, (layer, component)
+        for block in BLOCKS:
+            blocks = sweep_in_blocks(model, frozen, seed, layer, component, block=block)
+            assert relative(blocks, reference) < 1e-14, (layer, component, block)
+
+
+def test_every_form_of_the_norms_is_tested(checkpoints):
+    """On every family, the comparison above reaches each form an MLP sublayer takes: explicit (all d rows),
+    factored with the norms' diagonals folded into W_D and W_U, and factored with them on G's rows; and each
+    form of the attention's pre-norm: folded into W_V, and on the rows (`norms_fold_pays`)."""
+    for case in FAMILIES:
+        c = minielm.load(checkpoints[case]).config
+        d, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
+        mlp, attention = set(), set()
+        for T in (len(PROMPT), 1):
+            for r in (d, *BLOCKS):
+                for positions in (1, T):  # the MLP at the last position (the top of the sweep), or at every one
+                    mlp.add("explicit" if explicit_mlp_pays(d, f, r) else norms_fold_pays(f, positions * r))
+                attention.add(norms_fold_pays(kv, T * r))
+        assert mlp == {"explicit", True, False} and attention == {True, False}, case
 
 
 def test_the_reference_sweep_is_the_map(checkpoints):
