@@ -4,6 +4,7 @@
     python tools/bench_8b.py --profile-step                 # a few Lanczos steps: reading, casting, norms, products
     python tools/bench_8b.py --profile-step --block 1 2 4 8 # the same for each block size, taken in turn
     python tools/bench_8b.py --blocks 1 2 4 8               # Lanczos to convergence, b rows per step: steps × time
+    python tools/bench_8b.py --explain                      # `minielm explain --stream` as a user runs it: time, RSS, exactness
     python tools/bench_8b.py --layers 2 --vocab 8192 ...    # the same d, f and heads, fewer layers, a smaller vocab
 
 The checkpoint (`build`): Llama 3 8B's config.json (hidden 4096, intermediate 14336, 32 layers, 32 query /
@@ -37,6 +38,7 @@ import math
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -344,6 +346,26 @@ def blocks(directory: Path, sizes: list, k: int, tol: float, max_steps: int) -> 
     return results
 
 
+# ---- minielm explain on the checkpoint, as a user runs it ------------------------------------------------
+def explain(directory: Path, k: int, out: Path) -> dict:
+    """`minielm explain --stream --json` on a 32-token prompt in a child process: its wall time, peak RSS,
+    user and system time and minor page faults (getrusage of the child), and the report's own figures."""
+    prompt = PROMPT[:31]  # byte-level tokenizer: 31 bytes after BOS, T = 32
+    command = [sys.executable, "-m", "minielm", "explain", "--model", str(directory), "--stream", "--json",
+               "--quiet", "-k", str(k), prompt]
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=out)
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"explain failed ({done.returncode}): {done.stderr.strip()}")
+    report = json.loads(done.stdout)
+    keys = ("route", "why", "next_token", "relative_error", "probability_error", "directional_error",
+            "autograd_relative_difference", "autograd_skipped", "lanczos", "singular_values")
+    return {"command": " ".join(command[1:]), "wall_s": wall, "peak_rss_mb": after.ru_maxrss / 1024,
+            "user_s": after.ru_utime - before.ru_utime, "system_s": after.ru_stime - before.ru_stime,
+            "minor_faults": after.ru_minflt - before.ru_minflt, **{key: report.get(key) for key in keys}}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=32)
@@ -360,6 +382,8 @@ def main():
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument("--out", type=Path, default=TOOLS / "results")
     parser.add_argument("--tag", default="", help="added to the results' file name (e.g. 'before')")
+    parser.add_argument("--explain", action="store_true",
+                        help="run `minielm explain --stream` on a 32-token prompt: time, peak RSS, exactness, steps")
     args = parser.parse_args()
     directory = build(args.directory or default_directory(args.layers, args.vocab), llama3_8b(args.layers, args.vocab))
     machine = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -372,6 +396,13 @@ def main():
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"bench_8b_profile_{name}_b{'-'.join(map(str, args.block))}_cpu.json"
         path.write_text(json.dumps({**result, "table": table}, indent=1) + "\n")
+        print(f"raw: {path}")
+    if args.explain:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = {**machine, **explain(directory, args.k, args.out)}
+        print(json.dumps(result, indent=1))
+        path = args.out / f"bench_8b_explain_{name}_cpu.json"
+        path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"raw: {path}")
     if args.blocks:
         result = {**machine, "checkpoint": str(directory), "k": args.k, "tol": args.tol,
