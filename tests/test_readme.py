@@ -102,8 +102,8 @@ def gemma_file(tmp_path_factory) -> Path:
 def test_the_readme_shows_samples():
     text = README.read_text(encoding="utf-8")
     commands = command_samples(text)
-    assert [c.split()[1] for c, _ in commands] == ["explain", "explain", "explain", "generate"]
-    assert [GEMMA_FILE in c for c, _ in commands] == [False, True, True, False]
+    assert [c.split()[1] for c, _ in commands] == ["explain", "explain", "explain"]
+    assert [GEMMA_FILE in c for c, _ in commands] == [False, True, True]
     assert len(pycon_samples(text)) == 2
 
 
