@@ -32,9 +32,9 @@ from .config import Config
 from .errors import InputError, MinielmError, OutputError
 from .interpret import (cell, decode_inputs, decode_outputs, forward_order, layer_table, model_token, printable,
                         stable_rank, stacked, stacked_svd, svd_ready, token_shares)
-from .matrix_free import (DISPLAY_TOL, RANDOM_DIRECTIONS, autograd_fits, autograd_row, default_block, dense_is_too_big,
+from .matrix_free import (DISPLAY_TOL, RANDOM_DIRECTIONS, autograd_fits, autograd_row, dense_is_too_big,
                           directional_checks)
-from .spectra import FrozenProducts, top_triplets
+from .spectra import FrozenProducts, default_block, top_triplets
 from .layer_maps import all_layer_maps
 from .linear_map import detached_jacobian, equivalent_linear_map
 from .loader import load, resolve_checkpoint, resolve_device, resolve_dtype, shipped_model
@@ -328,8 +328,8 @@ def explain_dense(args, model, ids, kept):
             autograd = relative_max(elm.operators, detached_jacobian(model, ids))
     with Progress("singular value decompositions"):
         svd = stacked_svd(elm, args.k, kept)
-        ranks = stable_rank(elm.operators)
         sigma1 = torch.linalg.matrix_norm(svd_ready(elm.operators), ord=2)
+        ranks = stable_rank(elm.operators, sigma1)
     probs = torch.softmax(model.logits(ids)[-1], dim=-1)
     per_token = [{"share": float(s), "stable_rank": float(r), "sigma1": float(s1)}
                  for s, r, s1 in zip(token_shares(elm), ranks, sigma1)]
@@ -348,7 +348,8 @@ def explain_matrix_free(args, model, ids, kept, why: str):
     with Progress(f"exactness along ŷ and {RANDOM_DIRECTIONS} random directions: one sweep of "
                   f"{RANDOM_DIRECTIONS + 1} rows, one frozen forward pass"):
         found = directional_checks(ops)
-    autograd, skipped = None, None if args.no_autograd else autograd_fits(model)
+    autograd = None  # --no-autograd, or a model too big for the backward pass (`skipped` says why)
+    skipped = None if args.no_autograd else autograd_fits(model)
     if not args.no_autograd and skipped is None:
         with Progress("autograd cross-check along ŷ"):
             autograd = relative_max(found.rows[0], autograd_row(ops, found.directions[0]))

@@ -30,10 +30,12 @@ def svd_ready(J: torch.Tensor) -> torch.Tensor:
     return J if J.dtype in (torch.float32, torch.float64) else J.float()  # lower precision on purpose: an exact upcast
 
 
-def stable_rank(J: torch.Tensor) -> torch.Tensor:
-    """‖J‖_F² / σ_1² of each matrix in a stack (..., m, n) -> (...); 0 for a zero matrix (no directions)."""
+def stable_rank(J: torch.Tensor, sigma1: torch.Tensor | None = None) -> torch.Tensor:
+    """‖J‖_F² / σ_1² of each matrix in a stack (..., m, n) -> (...); 0 for a zero matrix (no directions).
+    `sigma1` (...), each matrix's largest singular value, where the caller has it already."""
     J = svd_ready(checks.matrices("J", J))
-    sigma1 = torch.linalg.matrix_norm(J, ord=2)  # (...)
+    if sigma1 is None:
+        sigma1 = torch.linalg.matrix_norm(J, ord=2)  # (...)
     return ratio_or_zero(torch.linalg.matrix_norm(J) ** 2, sigma1 ** 2)
 
 

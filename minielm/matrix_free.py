@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .cost import Shape, assembly_flops
+from .checkpoint import StreamedLayers
+from .cost import Shape, assembly_bytes, assembly_flops
 from .model import Model
-from .spectra import FrozenProducts, default_block  # noqa: F401  (default_block: explain's rows a step)
+from .spectra import FrozenProducts
 
 # Above these many flops (the sweep of d rows that assembles the T operators, the dense SVD
 # beside it) `explain` takes the matrix-free route: about 10 minutes at a 2-core CPU's float64
@@ -49,8 +50,7 @@ def dense_cost(model: Model, T: int) -> tuple[float, int]:
     """(flops, bytes) of the dense route for T tokens: assembling the operators and the SVD of
     [J_1 … J_T] (about 4·T·d³ + 22·d³ for the SVD of a T·d × d matrix)."""
     s, d = Shape.of(model.config), model.config.hidden_size
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    return assembly_flops(s, T) + 4 * T * d ** 3 + 22 * d ** 3, T * d * d * itemsize
+    return assembly_flops(s, T) + 4 * T * d ** 3 + 22 * d ** 3, assembly_bytes(s, T, model.dtype.itemsize)["operators"]
 
 
 def dense_is_too_big(model: Model, T: int) -> str | None:
@@ -118,9 +118,8 @@ def autograd_row(ops: FrozenProducts, u: torch.Tensor) -> torch.Tensor:
 def autograd_fits(model: Model) -> str | None:
     """Why the autograd row is skipped (None if it is not): a streamed model would have to hold every
     layer's weights in the compute dtype at once for the backward pass."""
-    if isinstance(model.weights["layers"], list):
+    if not isinstance(model.weights["layers"], StreamedLayers):
         return None
     s = Shape.of(model.config)
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
     return (f"skipped: the model is streamed, and the backward pass would hold all its layers "
-            f"({s.L * s.layer_params * itemsize / 2**30:.0f} GiB in {str(model.dtype).removeprefix('torch.')})")
+            f"({s.L * s.layer_params * model.dtype.itemsize / 2**30:.0f} GiB in {str(model.dtype).removeprefix('torch.')})")
