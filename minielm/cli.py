@@ -355,7 +355,8 @@ def explain_matrix_free(args, model, ids, kept, why: str):
             autograd = relative_max(found.rows[0], autograd_row(ops, found.directions[0]))
     block = default_block(model, args.k)
     with Progress(f"top {args.k} singular triplets by block Lanczos ({block} rows a step, tol {DISPLAY_TOL:g})"):
-        svd = top_triplets(ops.restricted_to(kept), args.k, block, DISPLAY_TOL)
+        swept = found.rows if kept is None else found.rows[:, kept]  # (r, P, d): Aᵀu, already swept
+        svd = top_triplets(ops.restricted_to(kept), args.k, block, DISPLAY_TOL, start=swept.flatten(1))
     probs = torch.softmax(model.unembed(ops.y), dim=-1)
     per_token = [{"share": float(s), "stable_rank": None, "sigma1": None} for s in found.shares]
     exactness = {"relative_error": found.reconstruction_error,

@@ -101,11 +101,16 @@ class Spectrum:
     V: torch.Tensor  # (n, k) input side; (P, d, k) from top_triplets
     residuals: torch.Tensor  # (k,): ‖Aᵀu_i − σ_i v_i‖ (A v_i − σ_i u_i is zero by construction)
     steps: int  # blocks: each one sweep and one frozen forward pass
+    history: list  # the largest of the top k residuals ÷ σ_1 after each step (none before k Ritz values)
 
 
 def block_lanczos(ops: FrozenProducts, k: int, block: int, tol: float, max_steps: int | None = None,
-                  seed: int = 0) -> Spectrum:
+                  seed: int = 0, start: torch.Tensor | None = None) -> Spectrum:
     """Top-k singular triplets of A by block Golub–Kahan–Lanczos with full reorthogonalization.
+
+    The first block V is `start`'s first b rows (r, n), completed by random rows where r < b; or b random
+    rows. A start of rows Aᵀu already swept for other reasons (matrix_free.directional_checks) is the
+    block of a left start u, at the cost of no product: the Krylov space is then Aᵀ·K(AAᵀ, u).
 
     Each step carries one block of b rows each way:
         A V_newᵀ   = Uᵀ Cᵀ + U_newᵀ Rᵀ     (expand on U; the rest gives the next left block)
@@ -119,12 +124,14 @@ def block_lanczos(ops: FrozenProducts, k: int, block: int, tol: float, max_steps
     """
     d, n = ops.d, ops.n
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    start = torch.randn(block, n, generator=gen, dtype=ops.x.dtype).to(ops.x.device)  # (b, n)
+    given = ops.x.new_zeros(0, n) if start is None else start[:block]
+    random = torch.randn(block - given.shape[0], n, generator=gen, dtype=ops.x.dtype).to(ops.x.device)
+    start = torch.cat([given, random])  # (b, n)
     _, new_V, _ = extend(start.new_zeros(0, n), start, n, gen)  # b orthonormal rows
     U, V = start.new_zeros(0, d), new_V  # (p, d), (q, n)
     M = start.new_zeros(0, 0)  # (p, q'), q' = q − the newest block's rows
     max_steps = max_steps or -(-d // block) + 1  # the left basis fills R^d, and the residuals are then 0
-    residuals, sigma = None, None
+    residuals, sigma, history = None, None, []
     for step in progress(range(1, max_steps + 1), "Lanczos", unit="block"):
         p, q_old = U.shape[0], M.shape[1]
         C, new_U, R = extend(U, ops.apply(new_V), d - p, gen)  # (b, p), (b1, d), (b, b1)
@@ -138,8 +145,9 @@ def block_lanczos(ops: FrozenProducts, k: int, block: int, tol: float, max_steps
         P, sigma, Qh = torch.linalg.svd(M, full_matrices=False)  # the Ritz values σ, and P (p, ·), Qh (·, q)
         if sigma.shape[0] >= k:
             residuals = torch.linalg.vector_norm(S.T @ P[p:, :k], dim=0)  # (k,): ‖Sᵀ P_i[U_new rows]‖
+            history.append(float(residuals.max() / sigma[0]) if sigma[0] > 0 else 0.0)
             if bool((residuals <= tol * sigma[0]).all()):
-                return Spectrum(U.T @ P[:, :k], sigma[:k], V.T @ Qh[:k].T, residuals, step)
+                return Spectrum(U.T @ P[:, :k], sigma[:k], V.T @ Qh[:k].T, residuals, step, history)
         V = torch.cat([V, new_V])
     left = "" if residuals is None else f" (largest residual {float(residuals.max() / sigma[0]):.1e} of σ_1)"
     raise NumericalError(f"top {k} singular triplets not converged to tol={tol:g} in {max_steps} steps "
@@ -224,9 +232,9 @@ def default_block(model: Model, k: int) -> int:
 
 
 def top_triplets(ops: FrozenProducts, k: int, block: int, tol: float, max_steps: int | None = None,
-                 seed: int = 0) -> Spectrum:
+                 seed: int = 0, start: torch.Tensor | None = None) -> Spectrum:
     """`block_lanczos`'s triplets with V as (P, d, k), P the positions of `ops` (T unless chosen), and each
     pair's sign chosen so that u_k · y ≥ 0."""
-    found = block_lanczos(ops, k, min(block, ops.d), tol, max_steps, seed)
+    found = block_lanczos(ops, k, min(block, ops.d), tol, max_steps, seed, start)
     found.U, found.V = align_signs(found.U, found.V.reshape(-1, ops.d, k), ops.y)
     return found

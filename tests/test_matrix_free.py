@@ -107,3 +107,18 @@ def test_a_streamed_model_skips_autograd_and_says_why(capsys, monkeypatch):
     assert cli.main(["explain", "In the beginning", "--stream", "--route", "matrix-free", "-k", "2"]) == 0
     out = capsys.readouterr().out
     assert "autograd        skipped: the model is streamed" in out
+
+
+def test_lanczos_starts_from_the_exactness_sweep(capsys, monkeypatch):
+    """The matrix-free route starts Lanczos from the rows uᵀJ_t its exactness sweep already made (no product
+    spent on them): those of the kept positions under --skip-positions, as the dense operators give them."""
+    prompt, seen, real = "And God said, Let there be light", [], cli.top_triplets
+    monkeypatch.setattr(cli, "top_triplets", lambda ops, *rest, start=None: seen.append(start) or real(ops, *rest, start=start))
+    explain_json(capsys, prompt, "-k", "2", "--skip-positions", "0", "--route", "matrix-free")
+    model = minielm.load()
+    ids = model.tokenizer.encode(prompt)
+    directions = directional_checks(FrozenProducts(model, ids)).directions  # (r, d): ŷ and the random ones
+    dense_rows = torch.einsum("rd,tde->rte", directions, minielm.equivalent_linear_map(model, ids).operators)
+    (start,) = seen
+    assert start.shape == (directions.shape[0], (len(ids) - 1) * model.config.hidden_size)
+    assert torch.allclose(start, dense_rows[:, 1:].flatten(1), rtol=0, atol=1e-13 * float(dense_rows.abs().max()))

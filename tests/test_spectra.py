@@ -70,6 +70,25 @@ def test_the_residual_estimate_is_the_true_residual(block, tiny_with_tokenizer):
     assert torch.allclose(found.residuals, true_transposed, rtol=1e-6, atol=1e-12 * sigma1)
     assert float(true_transposed.max()) <= tol * sigma1 and float(true_forward.max()) < 1e-12 * sigma1
     assert float(true_transposed.max()) > 1e-3 * tol * sigma1  # stopped when tol was met, not long after
+    # the history: the largest residual ÷ σ_1 after each step that had k Ritz values, over tol until the last
+    assert len(found.history) == found.steps - (-(-3 // block) - 1)
+    assert found.history[-1] == pytest.approx(float(found.residuals.max() / found.S[0]), rel=1e-12)
+    assert all(r > tol for r in found.history[:-1])
+
+
+@pytest.mark.parametrize("given", [3, 1])
+def test_lanczos_starts_from_the_rows_given(given, tiny_with_tokenizer):
+    """A start block that spans the top 3 right singular vectors (all 3 given, or 1 given and completed by
+    random rows) converges at once, where a random start takes more steps."""
+    model = minielm.load(tiny_with_tokenizer)
+    ids = model.tokenizer.encode("And God said, Let there be light: and there was light.")
+    A = stacked(minielm.equivalent_linear_map(model, ids).operators)  # (d, T·d)
+    _, _, Vh = torch.linalg.svd(A, full_matrices=False)
+    ops = FrozenProducts(model, ids)
+    block = 3 if given == 3 else 2  # 2: the row given and one random row
+    started = block_lanczos(ops, k=given, block=block, tol=1e-10, start=Vh[:given] * 2.5)  # any scale
+    assert started.steps == 1
+    assert block_lanczos(ops, k=given, block=block, tol=1e-10).steps > 1
 
 
 def test_not_converged_is_a_one_line_error(checkpoints):

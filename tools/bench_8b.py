@@ -57,6 +57,7 @@ import minielm.model  # noqa: E402
 from minielm.checkpoint import TOP_LEVEL, expected_shapes, layer_map  # noqa: E402
 from minielm.config import Config  # noqa: E402
 from minielm.cost import Shape, frozen_product_flops, sweep_flops  # noqa: E402
+from minielm.matrix_free import directional_checks  # noqa: E402
 from minielm.spectra import FrozenProducts, block_lanczos  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "minielm-bench"
@@ -323,26 +324,32 @@ def profile_table(result: dict) -> str:
 
 
 # ---- the block size -------------------------------------------------------------------------------------
-def blocks(directory: Path, sizes: list, k: int, tol: float, max_steps: int) -> list:
-    """Block Lanczos to convergence (top k, tol) with each block size: steps, seconds, seconds a step."""
+def blocks(directory: Path, sizes: list, k: int, tol: float, max_steps: int, starts: list) -> list:
+    """Block Lanczos to convergence (top k, tol) with each block size and each start ('random': b random
+    rows; 'directional': the rows Aᵀu of explain's exactness sweep, u = ŷ and 3 random directions, as
+    `explain` starts): steps, seconds, seconds a step, and the largest residual ÷ σ1 after each step."""
     model, ids = load(directory)
     print(f"{directory}: {model.config.num_hidden_layers} layers, T = {len(ids)}, resident: "
           f"{getattr(model.weights['layers'], 'resident', False)}, {torch.get_num_threads()} threads", flush=True)
     ops = FrozenProducts(model, ids)
+    swept = directional_checks(ops).rows  # (r, T, d): the sweep explain makes before Lanczos
     results = []
     for b in sizes:
-        before = usage()
-        try:
-            found = block_lanczos(ops, k, b, tol, max_steps)
-            steps, converged = found.steps, True
-        except minielm.NumericalError as err:
-            steps, converged = max_steps, str(err)
-        spent = since(before)
-        results.append({"block": b, "steps": steps, "converged": converged, **spent,
-                        "seconds_per_step": spent["wall"] / steps, "rows": steps * b})
-        print(f"b = {b}: {steps} steps ({steps * b} rows), {spent['wall']:.1f} s, "
-              f"{spent['wall'] / steps:.2f} s a step, "
-              f"{spent['system']:.1f} s system, {spent['minor_faults']:,} faults; converged: {converged}", flush=True)
+        for start in starts:
+            before = usage()
+            given = swept.reshape(swept.shape[0], -1) if start == "directional" else None
+            try:
+                found = block_lanczos(ops, k, b, tol, max_steps, start=given)
+                steps, converged, history = found.steps, True, found.history
+            except minielm.NumericalError as err:
+                steps, converged, history = max_steps, str(err), None
+            spent = since(before)
+            results.append({"block": b, "start": start, "steps": steps, "converged": converged, **spent,
+                            "seconds_per_step": spent["wall"] / steps, "rows": steps * b, "history": history})
+            print(f"b = {b}, {start} start: {steps} steps ({steps * b} rows), {spent['wall']:.1f} s, "
+                  f"{spent['wall'] / steps:.2f} s a step, "
+                  f"{spent['system']:.1f} s system, {spent['minor_faults']:,} faults; converged: {converged}; "
+                  f"largest residual ÷ σ1 by step: {' '.join(f'{r:.0e}' for r in history or [])}", flush=True)
     return results
 
 
@@ -377,6 +384,8 @@ def main():
     parser.add_argument("--block", type=int, nargs="+", default=[1], help="rows a profiled step carries (several: "
                         "taken in turn)")
     parser.add_argument("--blocks", type=int, nargs="+", help="run Lanczos to convergence with each block size")
+    parser.add_argument("--start", nargs="+", default=["random"], choices=["random", "directional"],
+                        help="with --blocks: Lanczos' first block (several: each in turn)")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--tol", type=float, default=1e-12)
     parser.add_argument("--max-steps", type=int, default=400)
@@ -406,7 +415,7 @@ def main():
         print(f"raw: {path}")
     if args.blocks:
         result = {**machine, "checkpoint": str(directory), "k": args.k, "tol": args.tol,
-                  "runs": blocks(directory, args.blocks, args.k, args.tol, args.max_steps),
+                  "runs": blocks(directory, args.blocks, args.k, args.tol, args.max_steps, args.start),
                   "peak_rss_mb": status_mb("VmHWM")}
         path = args.out / f"bench_8b_blocks_{name}_cpu.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
