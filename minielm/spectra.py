@@ -39,7 +39,8 @@ from .progress import progress
 
 # Rows a step for a streamed model on a CPU. Measured on Llama 3 8B's shape with 2 layers, T = 32, top 4 to
 # 1e-12 (tools/bench_8b.py, busy 2-core CPU; tools/README.md): b = 1, 2, 4, 8 took 87, 61, 43, 32 steps of
-# 1.48, 2.04, 2.83, 4.26 s: 129, 124, 122, 136 s in all.
+# 1.48, 2.04, 2.83, 4.26 s: 129, 124, 122, 136 s in all. With 32 layers, top 4 to 1e-4 (idle): b = 2, 4, 8 took
+# 30, 19, 14 steps: 589, about 607, 804 s.
 STREAMED_CPU_BLOCK = 4
 
 
