@@ -355,8 +355,8 @@ def explain_matrix_free(args, model, ids, kept, why: str):
             autograd = relative_max(found.rows[0], autograd_row(ops, found.directions[0]))
     block = default_block(model, args.k)
     with Progress(f"top {args.k} singular triplets by block Lanczos ({block} rows a step, tol {DISPLAY_TOL:g})"):
-        swept = found.rows if kept is None else found.rows[:, kept]  # (r, P, d): Aᵀu, already swept
-        svd = top_triplets(ops.restricted_to(kept), args.k, block, DISPLAY_TOL, start=swept.flatten(1))
+        kept_ops = ops.restricted_to(kept)
+        svd = top_triplets(kept_ops, args.k, block, DISPLAY_TOL, start=kept_ops.columns(found.rows))  # Aᵀu, swept
     probs = torch.softmax(model.unembed(ops.y), dim=-1)
     per_token = [{"share": float(s), "stable_rank": None, "sigma1": None} for s in found.shares]
     exactness = {"relative_error": found.reconstruction_error,
@@ -367,7 +367,7 @@ def explain_matrix_free(args, model, ids, kept, why: str):
                  "directions": found.errors.shape[0],
                  "autograd_skipped": skipped,
                  "lanczos": {"steps": svd.steps, "block": block, "tol": DISPLAY_TOL,
-                             "largest_residual": float(svd.residuals.max() / svd.S[0])},
+                             "largest_residual": svd.history[-1]},
                  "why": why}
     return explanation(args, model, ids, kept, "matrix-free", probs, exactness, per_token, svd.U, svd.S, svd.V)
 

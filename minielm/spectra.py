@@ -55,13 +55,16 @@ class FrozenProducts:
     def __init__(self, model: Model, ids, positions: list | None = None):
         ids = checked_ids(model, ids)
         T, L = len(ids), model.config.num_hidden_layers
-        self.model = model
-        self.positions = None if positions is None else checks.positions("positions", positions, T)
+        self.model, self.d = model, model.config.hidden_size
+        self.choose(positions, T)  # checked before the forward pass
         self.x, self.frozen, states, states0 = traced(model, ids)  # x (T, d)
         self.frozen_to_last = self.frozen.at_last_position()  # A V needs y_T only
-        self.d = self.x.shape[1]
         # y (d,), the affine part b (d,), and ∂y/∂h^L_T (d, d): the frozen final norm
         self.y, self.bias, self.out_jacobian = target_values(model, states, states0, L - 1, "output")
+
+    def choose(self, positions: list | None, T: int) -> None:
+        """Take the columns of `positions` (of a T-token prompt) alone, None: all; sets `positions` and n."""
+        self.positions = None if positions is None else checks.positions("positions", positions, T)
         self.n = (T if positions is None else len(self.positions)) * self.d
 
     def restricted_to(self, positions: list | None) -> FrozenProducts:
@@ -69,9 +72,12 @@ class FrozenProducts:
         if positions is None:
             return self
         other = copy.copy(self)
-        other.positions = checks.positions("positions", positions, self.x.shape[0])
-        other.n = len(other.positions) * self.d
+        other.choose(positions, self.x.shape[0])
         return other
+
+    def columns(self, rows):
+        """Rows over every position (b, T, d) -> their chosen columns (b, n), as Aᵀ gives them."""
+        return (rows if self.positions is None else rows[:, self.positions]).reshape(rows.shape[0], -1)
 
     @torch.no_grad()  # the products never need gradients: a streamed model's layers then share their cast buffers
     def apply(self, V):
@@ -89,8 +95,7 @@ class FrozenProducts:
         """Aᵀ on each row of U (b, d) -> (b, n): one reverse sweep carrying the b rows uᵀ ∂y/∂h^L_T."""
         L = self.model.config.num_hidden_layers
         G = fast_sweep(self.model, self.frozen, U @ self.out_jacobian, L - 1, "output")  # (T, b, d): uᵀ J_t
-        G = G.transpose(0, 1)  # (b, T, d)
-        return (G if self.positions is None else G[:, self.positions]).reshape(U.shape[0], -1)
+        return self.columns(G.transpose(0, 1))  # (b, n) from (b, T, d)
 
 
 @dataclass
@@ -132,7 +137,7 @@ def block_lanczos(ops: FrozenProducts, k: int, block: int, tol: float, max_steps
     U, V = start.new_zeros(0, d), new_V  # (p, d), (q, n)
     M = start.new_zeros(0, 0)  # (p, q'), q' = q − the newest block's rows
     max_steps = max_steps or -(-d // block) + 1  # the left basis fills R^d, and the residuals are then 0
-    residuals, sigma, history = None, None, []
+    history = []  # the largest residual ÷ σ_1 after each step
     for step in progress(range(1, max_steps + 1), "Lanczos", unit="block"):
         p, q_old = U.shape[0], M.shape[1]
         C, new_U, R = extend(U, ops.apply(new_V), d - p, gen)  # (b, p), (b1, d), (b, b1)
@@ -147,10 +152,10 @@ def block_lanczos(ops: FrozenProducts, k: int, block: int, tol: float, max_steps
         if sigma.shape[0] >= k:
             residuals = torch.linalg.vector_norm(S.T @ P[p:, :k], dim=0)  # (k,): ‖Sᵀ P_i[U_new rows]‖
             history.append(float(residuals.max() / sigma[0]) if sigma[0] > 0 else 0.0)
-            if bool((residuals <= tol * sigma[0]).all()):
+            if history[-1] <= tol:
                 return Spectrum(U.T @ P[:, :k], sigma[:k], V.T @ Qh[:k].T, residuals, step, history)
         V = torch.cat([V, new_V])
-    left = "" if residuals is None else f" (largest residual {float(residuals.max() / sigma[0]):.1e} of σ_1)"
+    left = f" (largest residual {history[-1]:.1e} of σ_1)" if history else ""
     raise NumericalError(f"top {k} singular triplets not converged to tol={tol:g} in {max_steps} steps "
                          f"of {block} rows{left}")
 

@@ -337,7 +337,7 @@ def blocks(directory: Path, sizes: list, k: int, tol: float, max_steps: int, sta
     for b in sizes:
         for start in starts:
             before = usage()
-            given = swept.reshape(swept.shape[0], -1) if start == "directional" else None
+            given = ops.columns(swept) if start == "directional" else None
             try:
                 found = block_lanczos(ops, k, b, tol, max_steps, start=given)
                 steps, converged, history = found.steps, True, found.history
